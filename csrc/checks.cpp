@@ -1,0 +1,163 @@
+#include "checks.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <sstream>
+
+namespace dsa {
+
+std::string shape_str(const at::Tensor& t) {
+  std::ostringstream s;
+  s << t.sizes();
+  return s.str();
+}
+
+at::ScalarType score_dtype(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor last_dim_contiguous(const at::Tensor& t) {
+  return t.dim() > 0 && t.stride(-1) != 1 && t.size(-1) > 1 ? t.contiguous() : t;
+}
+
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank, const char* layout) {
+  TORCH_CHECK(t.dim() == rank, op, ": expected ", name, " to be a ", rank, "-D tensor ", layout,
+              ", got shape ", shape_str(t));
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": expected ", name,
+              " to be float64, float32, bfloat16 or float16, got ", t.scalar_type());
+}
+
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": expected ", name, " to have the dtype of ",
+              ref_name, " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": expected ", name, " on the device of ", ref_name,
+              " (", ref.device(), "), got ", t.device());
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+               const char* what) {
+  TORCH_CHECK(t.size(dim) == expected, op, ": expected ", name, ".size(", dim, ") == ", expected, " (",
+              what, "), got shape ", shape_str(t));
+}
+
+
+IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                 const at::Tensor& w, bool causal) {
+  check_rank(op, "q_idx", q_idx, 4, "[B, T, Hi, Di]");
+  check_rank(op, "k_idx", k_idx, 3, "[B, S, Di]");
+  check_rank(op, "w", w, 3, "[B, T, Hi]");
+  check_float(op, "q_idx", q_idx);
+  check_same_dtype(op, "k_idx", k_idx, "q_idx", q_idx);
+  TORCH_CHECK(w.scalar_type() == q_idx.scalar_type() || w.scalar_type() == at::kFloat, op,
+              ": expected w to be float32 or the dtype of q_idx (", q_idx.scalar_type(), "), got ",
+              w.scalar_type());
+  check_same_device(op, "k_idx", k_idx, "q_idx", q_idx);
+  check_same_device(op, "w", w, "q_idx", q_idx);
+  IndexerDims d{q_idx.size(0), q_idx.size(1), k_idx.size(1), q_idx.size(2), q_idx.size(3)};
+  check_dim(op, "k_idx", k_idx, 0, d.B, "batch B of q_idx");
+  check_dim(op, "k_idx", k_idx, 2, d.Di, "head dim Di of q_idx");
+  check_dim(op, "w", w, 0, d.B, "batch B of q_idx");
+  check_dim(op, "w", w, 1, d.T, "length T of q_idx");
+  check_dim(op, "w", w, 2, d.Hi, "heads Hi of q_idx");
+  TORCH_CHECK(d.Hi > 0 && d.Di > 0, op, ": expected q_idx to have Hi > 0 heads of Di > 0 dims, got shape ",
+              shape_str(q_idx));
+  TORCH_CHECK(!causal || d.S >= d.T, op, ": causal attention needs S >= T (queries are aligned to the last ",
+              "keys), got T=", d.T, " from q_idx and S=", d.S, " from k_idx");
+  return d;
+}
+
+void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t k) {
+  check_rank(op, "logits", logits, 3, "[B, T, S]");
+  check_float(op, "logits", logits);
+  TORCH_CHECK_VALUE(k >= 1, op, ": expected k >= 1, got k=", k);
+  TORCH_CHECK_VALUE(k <= INT32_MAX, op, ": expected k to fit in int32, got k=", k);
+}
+
+AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& indices) {
+  check_rank(op, "q", q, 4, "[B, T, H, Dqk]");
+  check_rank(op, "k", k, 4, "[B, S, Hkv, Dqk]");
+  check_rank(op, "v", v, 4, "[B, S, Hkv, Dv]");
+  check_float(op, "q", q);
+  check_same_dtype(op, "k", k, "q", q);
+  check_same_dtype(op, "v", v, "q", q);
+  TORCH_CHECK(indices.scalar_type() == at::kInt, op, ": expected indices to be int32, got ",
+              indices.scalar_type());
+  check_same_device(op, "k", k, "q", q);
+  check_same_device(op, "v", v, "q", q);
+  check_same_device(op, "indices", indices, "q", q);
+  AttentionDims d{};
+  d.B = q.size(0);
+  d.T = q.size(1);
+  d.H = q.size(2);
+  d.Dqk = q.size(3);
+  d.S = k.size(1);
+  d.Hkv = k.size(2);
+  d.Dv = v.size(3);
+  check_dim(op, "k", k, 0, d.B, "batch B of q");
+  check_dim(op, "k", k, 3, d.Dqk, "head dim Dqk of q");
+  check_dim(op, "v", v, 0, d.B, "batch B of q");
+  check_dim(op, "v", v, 1, d.S, "length S of k");
+  check_dim(op, "v", v, 2, d.Hkv, "kv heads Hkv of k");
+  TORCH_CHECK(d.H > 0 && d.Hkv > 0 && d.H % d.Hkv == 0, op, ": expected the H=", d.H,
+              " query heads of q to be a positive multiple of the Hkv=", d.Hkv, " kv heads of k");
+  TORCH_CHECK(d.Dqk > 0 && d.Dv > 0, op, ": expected Dqk > 0 and Dv > 0, got q ", shape_str(q), " and v ",
+              shape_str(v));
+  TORCH_CHECK(indices.dim() == 3 || indices.dim() == 4, op,
+              ": expected indices to be [B, T, k] or [B, T, Hkv, k], got shape ", shape_str(indices));
+  d.per_kv_head_indices = indices.dim() == 4;
+  check_dim(op, "indices", indices, 0, d.B, "batch B of q");
+  check_dim(op, "indices", indices, 1, d.T, "length T of q");
+  if (d.per_kv_head_indices) check_dim(op, "indices", indices, 2, d.Hkv, "kv heads Hkv of k");
+  d.K = indices.size(-1);
+  TORCH_CHECK_VALUE(d.K >= 1, op, ": expected indices to hold k >= 1 entries per row, got shape ",
+                    shape_str(indices));
+  return d;
+}
+
+void check_index_values(const char* op, const at::Tensor& indices, int64_t S) {
+  if (indices.numel() == 0) return;
+  const auto bad = at::logical_or(indices.lt(-1), indices.ge(S));
+  if (!bad.any().item<bool>()) return;
+  const auto first = bad.nonzero()[0].cpu();  // coordinates of the first bad entry
+  auto elem = indices;
+  std::ostringstream where;
+  for (int64_t i = 0; i < first.size(0); ++i) {
+    const int64_t c = first[i].item<int64_t>();
+    where << (i ? ", " : "") << c;
+    elem = elem.select(0, c);
+  }
+  TORCH_CHECK_INDEX(false, op, ": expected every index to be -1 or in [0, S=", S, "), got ",
+                    elem.item<int64_t>(), " at indices[", where.str(), "]");
+}
+
+namespace {
+std::atomic<bool>& index_check_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("DSA_EXT_CHECK_INDICES");
+    return env != nullptr && env[0] == '1';
+  }()};
+  return flag;
+}
+}  // namespace
+
+bool index_checks_enabled() { return index_check_flag().load(); }
+void set_index_checks(bool enabled) { index_check_flag().store(enabled); }
+
+}  // namespace dsa

@@ -1,0 +1,62 @@
+// Argument validation and shape logic shared by every backend (CPU, CUDA) and the LibTorch
+// library. Each check names the operator and argument, what was expected and what came.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+
+namespace dsa {
+
+struct IndexerDims {
+  int64_t B, T, S, Hi, Di;
+};
+
+struct AttentionDims {
+  int64_t B, T, S, H, Hkv, Dqk, Dv, K;
+  bool per_kv_head_indices;  // indices [B,T,Hkv,K] instead of [B,T,K]
+};
+
+// "[2, 3, 4]"
+std::string shape_str(const at::Tensor& t);
+
+// Building blocks for an operator's argument checks; each raises with the operator's name, the
+// argument's name, what was expected and what came.
+bool is_supported_float(at::ScalarType t);
+void check_rank(const char* op, const char* name, const at::Tensor& t, int64_t rank, const char* layout);
+void check_float(const char* op, const char* name, const at::Tensor& t);
+void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                      const at::Tensor& ref);
+void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                       const at::Tensor& ref);
+// t.size(dim) == expected; `what` says where the expected size comes from.
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+               const char* what);
+
+// Scores, lse and losses are float32, or float64 when the inputs are float64.
+at::ScalarType score_dtype(at::ScalarType input);
+
+// The kernels address the last dimension as contiguous; any other stride may be arbitrary
+// (v = kv[..., :512] works without a copy). Copies only when the last stride is not 1.
+at::Tensor last_dim_contiguous(const at::Tensor& t);
+
+IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                 const at::Tensor& w, bool causal);
+
+void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t k);
+
+AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                            const at::Tensor& v, const at::Tensor& indices);
+
+// Every entry of an int32 index tensor is -1 or in [0, S). Always run on CPU; on CUDA only when
+// index checking is switched on (it synchronises the stream), see set_index_checks.
+void check_index_values(const char* op, const at::Tensor& indices, int64_t S);
+
+// The CUDA index-range check. Off by default: CUDA kernels treat any out-of-range index as -1
+// and never read out of bounds either way. DSA_EXT_CHECK_INDICES=1 in the environment or
+// dsa_ext.set_index_checks(True) switches it on.
+bool index_checks_enabled();
+void set_index_checks(bool enabled);
+
+}  // namespace dsa

@@ -1,0 +1,64 @@
+// Host-side preparation shared by every backend: validate the arguments (checks.h), bring the
+// last dimensions to stride 1, allocate the outputs and fill the params block. A backend's
+// operator is then "prepare, launch its kernel, return the call's outputs".
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "checks.h"
+#include "params.h"
+
+namespace dsa {
+
+struct IndexerLogitsCall {
+  at::Tensor q, k, w, logits;
+  IndexerParams p;
+};
+IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
+                                         double scale, bool causal);
+
+struct IndexerLogitsBwdCall {
+  at::Tensor q, k, w, grad_logits, grad_q, grad_k, grad_w;
+  IndexerBwdParams p;
+};
+IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logits, const at::Tensor& q_idx,
+                                                     const at::Tensor& k_idx, const at::Tensor& w, double scale,
+                                                     bool causal);
+// grad_w in the dtype w came in (the kernels write the score dtype)
+at::Tensor finish_grad_w(const IndexerLogitsBwdCall& call, const at::Tensor& w);
+
+struct TopkCall {
+  at::Tensor logits, out;
+  TopkParams p;
+};
+TopkCall prepare_topk(const at::Tensor& logits, int64_t k);
+
+struct IndexerTopkCall {
+  at::Tensor q, k, w, out;
+  IndexerParams p;
+  int64_t topk;
+};
+IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
+                                     int64_t topk, double scale, bool causal);
+
+struct SparseAttentionCall {
+  at::Tensor q, k, v, indices, out, lse;
+  SparseAttentionParams p;
+};
+SparseAttentionCall prepare_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             const at::Tensor& indices, double scale);
+
+struct SparseAttentionBwdCall {
+  SparseAttentionCall fwd;
+  at::Tensor grad_out, grad_lse, grad_q, grad_k, grad_v;
+  SparseAttentionBwdParams p;
+};
+SparseAttentionBwdCall prepare_sparse_attention_backward(const at::Tensor& grad_out,
+                                                         const c10::optional<at::Tensor>& grad_lse,
+                                                         const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& indices,
+                                                         const at::Tensor& out, const at::Tensor& lse,
+                                                         double scale);
+
+}  // namespace dsa

@@ -1,0 +1,25 @@
+// The operator schemas of the `dsa` library, defined once. Kernels register per backend next to
+// their code (csrc/cpu, csrc/cuda); fake kernels and autograd are registered from Python
+// (dsa_ext/ops.py). The semantics of every operator are fixed by shared/DESIGN.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dsa, m) {
+  // Lightning indexer: logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j,:] . k_idx[b,s,:]),
+  // -inf where s is masked (causal, bottom-right aligned). float32 out (float64 for float64 in).
+  m.def("indexer_logits(Tensor q_idx, Tensor k_idx, Tensor w, float scale, bool causal) -> Tensor");
+  m.def(
+      "indexer_logits_backward(Tensor grad_logits, Tensor q_idx, Tensor k_idx, Tensor w, "
+      "float scale, bool causal) -> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
+
+  // Deterministic top-k: ties go to the lower position, rows ascending, -1 padding.
+  m.def("topk_indices(Tensor logits, int k) -> Tensor");
+
+  // Fused indexer + top-k, streaming over keys: [B, T, S] never exists.
+  m.def("indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int k, float scale, bool causal) -> Tensor");
+
+  // Attention over the gathered keys indices[b,t,(hkv,)i]; returns (out, lse).
+  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
+      "Tensor indices, Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

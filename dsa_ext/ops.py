@@ -1,0 +1,195 @@
+"""Typed entry points of the ``torch.ops.dsa`` operators, their fake kernels (shape and dtype
+only, for torch.compile and meta tensors) and their autograd formulas.
+
+Conventions (shared/DESIGN.md): batch-first tensors whose last dimension is contiguous; causal
+alignment is bottom-right (query t sees keys s <= t + S - T); index tensors are int32 with -1 for
+an empty slot; scores, lse and losses are float32 (float64 for float64 inputs).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention"]
+
+_ops = torch.ops.dsa
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _indexer_scale(q_idx: Tensor, scale: Optional[float]) -> float:
+    if scale is not None:
+        return float(scale)
+    if q_idx.dim() != 4:  # the operator raises the shape error
+        return 1.0
+    return float((q_idx.shape[2] * q_idx.shape[3]) ** -0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
+                   causal: bool = True) -> Tensor:
+    """Lightning-indexer scores of every (query, key) pair.
+
+    ``logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j,:] . k_idx[b,s,:])``, ``-inf``
+    where key s is masked (causal: ``s > t + S - T``).
+
+    Args:
+        q_idx: ``[B, T, Hi, Di]`` float64, float32, bfloat16 or float16: indexer queries.
+        k_idx: ``[B, S, Di]``, q_idx's dtype: one indexer key per token, shared by all Hi heads.
+        w: ``[B, T, Hi]`` float32 or q_idx's dtype: per-query head weights.
+        scale: multiplies every score; default ``(Hi * Di) ** -0.5``.
+        causal: mask keys after each query (bottom-right aligned; needs S >= T).
+
+    Returns:
+        ``[B, T, S]`` float32 (float64 for float64 inputs). Differentiable in q_idx, k_idx, w.
+    """
+    return _ops.indexer_logits(q_idx, k_idx, w, _indexer_scale(q_idx, scale), bool(causal))
+
+
+def topk_indices(logits: Tensor, k: int) -> Tensor:
+    """Positions of the k highest scores of each row, deterministically.
+
+    Ties go to the lower position; each row lists its positions in ascending order followed by
+    ``-1`` padding when fewer than k scores are valid (``-inf`` and NaN are never selected), so a
+    causal row with fewer than k visible keys is exactly dense.
+
+    Args:
+        logits: ``[B, T, S]`` float64, float32, bfloat16 or float16.
+        k: number of positions per row, ``k >= 1`` (k > S is allowed: padded with -1).
+
+    Returns:
+        ``[B, T, k]`` int32. Not differentiable.
+    """
+    return _ops.topk_indices(logits, int(k))
+
+
+def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optional[float] = None,
+                 causal: bool = True) -> Tensor:
+    """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), k)`` without ever
+    materialising the ``[B, T, S]`` logits: scores stream through a running selection, memory is
+    O(B*T*k).
+
+    Args:
+        q_idx: ``[B, T, Hi, Di]``; k_idx: ``[B, S, Di]``; w: ``[B, T, Hi]``, as in
+            :func:`indexer_logits`.
+        k: positions per row, ``k >= 1``.
+        scale: default ``(Hi * Di) ** -0.5``.
+        causal: bottom-right causal mask (needs S >= T).
+
+    Returns:
+        ``[B, T, k]`` int32, ascending positions then -1 padding. Not differentiable.
+    """
+    return _ops.indexer_topk(q_idx, k_idx, w, int(k), _indexer_scale(q_idx, scale), bool(causal))
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None,
+                     return_lse: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Softmax attention of each query over the keys its index row selects (no other mask).
+
+    Query head h reads kv head ``h // (H // Hkv)`` (MHA: Hkv == H; GQA; MQA: Hkv == 1). An index
+    of -1 is an empty slot; duplicates count once per occurrence; a row with no valid index gets
+    output 0 and lse -inf (with zero gradients).
+
+    Args:
+        q: ``[B, T, H, Dqk]`` float64, float32, bfloat16 or float16.
+        k: ``[B, S, Hkv, Dqk]``, q's dtype. Any strides with a contiguous last dimension.
+        v: ``[B, S, Hkv, Dv]``, q's dtype; may be a view of k's storage (``kv[..., :Dv]``).
+        indices: ``[B, T, K]`` int32 (one row serves every head) or ``[B, T, Hkv, K]``;
+            entries -1 or in ``[0, S)``.
+        scale: score scale, default ``Dqk ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp of the scores.
+
+    Returns:
+        out ``[B, T, H, Dv]`` in q's dtype, and with ``return_lse`` the lse ``[B, T, H]`` float32
+        (float64 for float64 inputs). Differentiable in q, k, v (also through lse).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5 if q.dim() == 4 else 1.0
+    out, lse = _ops.sparse_attention(q, k, v, indices, float(scale))
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: output metadata only
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("dsa::indexer_logits")
+def _indexer_logits_fake(q_idx, k_idx, w, scale, causal):
+    return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]),
+                           dtype=_score_dtype(q_idx.dtype))
+
+
+@torch.library.register_fake("dsa::indexer_logits_backward")
+def _indexer_logits_backward_fake(grad_logits, q_idx, k_idx, w, scale, causal):
+    return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
+
+
+@torch.library.register_fake("dsa::topk_indices")
+def _topk_indices_fake(logits, k):
+    return logits.new_empty((logits.shape[0], logits.shape[1], k), dtype=torch.int32)
+
+
+@torch.library.register_fake("dsa::indexer_topk")
+def _indexer_topk_fake(q_idx, k_idx, w, k, scale, causal):
+    return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k), dtype=torch.int32)
+
+
+@torch.library.register_fake("dsa::sparse_attention")
+def _sparse_attention_fake(q, k, v, indices, scale):
+    B, T, H = q.shape[:3]
+    out = q.new_empty((B, T, H, v.shape[-1]))
+    lse = q.new_empty((B, T, H), dtype=_score_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("dsa::sparse_attention_backward")
+def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, lse, scale):
+    return (q.new_empty(q.shape),
+            k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _indexer_logits_setup(ctx, inputs, output):
+    q_idx, k_idx, w, scale, causal = inputs
+    ctx.save_for_backward(q_idx, k_idx, w)
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _indexer_logits_backward(ctx, grad_logits):
+    q_idx, k_idx, w = ctx.saved_tensors
+    gq, gk, gw = _ops.indexer_logits_backward(grad_logits, q_idx, k_idx, w, ctx.scale, ctx.causal)
+    return gq, gk, gw, None, None
+
+
+torch.library.register_autograd("dsa::indexer_logits", _indexer_logits_backward,
+                                setup_context=_indexer_logits_setup)
+
+
+def _sparse_attention_setup(ctx, inputs, output):
+    q, k, v, indices, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, indices, out, lse)
+    ctx.scale = scale
+
+
+def _sparse_attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, indices, out, lse = ctx.saved_tensors
+    gq, gk, gv = _ops.sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, ctx.scale)
+    return gq, gk, gv, None, None
+
+
+torch.library.register_autograd("dsa::sparse_attention", _sparse_attention_backward,
+                                setup_context=_sparse_attention_setup)
