@@ -87,14 +87,15 @@ def apply_partial_rope(x: Tensor, positions: Tensor, rope_dim: int, theta: float
     if rope_dim == 0:
         return x
     half = rope_dim // 2
-    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[..., None] * inv_freq  # [(B,) T, half]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=acc) / half)
+    angles = positions.to(acc)[..., None] * inv_freq  # [(B,) T, half]
     if angles.dim() == 2:
         angles = angles[None]
     angles = angles.reshape(angles.shape[0], angles.shape[1], *([1] * (x.dim() - 3)), half)
     cos, sin = angles.cos(), angles.sin()
-    x1 = x[..., :half].float()
-    x2 = x[..., half:rope_dim].float()
+    x1 = x[..., :half].to(acc)
+    x2 = x[..., half:rope_dim].to(acc)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     return torch.cat((rotated, x[..., rope_dim:]), dim=-1)
 
@@ -157,7 +158,7 @@ class LightningIndexer(nn.Module):
             positions = torch.arange(S, device=x.device)
         q_pos = positions[..., S - T:]
         q = self.wq(q_in).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_norm(self.wk(x))
+        k = self.k_norm(self.wk(x)).to(q.dtype)  # autocast runs LayerNorm in float32
         q = apply_partial_rope(q, q_pos, self.rope_dim, self.rope_theta)
         k = apply_partial_rope(k, positions, self.rope_dim, self.rope_theta)
         if self.hadamard is not None:
@@ -290,8 +291,9 @@ class DSAAttention(nn.Module):
         self._mode = mode
 
     def reset_recall(self) -> None:
-        # [sum over queries, number of queries] for all queries and for queries with > k keys
-        self.recall_sums = torch.zeros(4, dtype=torch.float64)
+        # sums over queries of: recall, 1, and the best recall any k keys reach, for all queries
+        # and for the queries that see more than k keys (see recall_stats)
+        self.recall_sums = torch.zeros(6, dtype=torch.float64)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden_states: Tensor,
                 positions: Optional[Tensor] = None, scale: Optional[float] = None,
@@ -339,9 +341,11 @@ class DSAAttention(nn.Module):
         p = head_mean_attention(q, k, scale, _support(None, B, T, S, True, q.device))
         captured = p.gather(-1, indices.clamp_min(0).long()) * (indices >= 0)
         recall = captured.sum(-1).double()  # [B, T]
-        hard = (torch.arange(T, device=q.device) + (S - T) + 1 > self.topk).expand(B, T)
-        self.recall_sums += torch.stack([recall.sum(), torch.tensor(float(recall.numel())),
-                                         recall[hard].sum(), hard.sum().double()]).cpu()
+        oracle = p.topk(min(self.topk, S), dim=-1).values.sum(-1).double()
+        hard = (torch.arange(T, device=q.device) + (S - T) + 1 > self.topk).expand(B, T).double()
+        sums = [recall.sum(), torch.ones_like(recall).sum(), oracle.sum()]
+        sums += [(x * hard).sum() for x in (recall, torch.ones_like(recall), oracle)]
+        self.recall_sums += torch.stack(sums).cpu()
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, topk={self.topk}"
@@ -425,10 +429,14 @@ def param_groups(model: nn.Module, lr: float, indexer_lr: Optional[float] = None
 
 class recall_stats:
     """Context manager measuring indexer recall: inside it, every DSA core also computes the
-    dense head-mean attention p_t (the KL target) and the indexer's top-k S_t, and accumulates
-    sum_{s in S_t} p_t(s) per query. ``result()`` after the block: per-layer mean over queries
-    (``all``) and over the queries that see more than k keys (``hard``: the rows where the
-    selection matters; the others are exactly dense and score 1)."""
+    dense head-mean attention p_t (the KL target, from the q and k the forward computes) and the
+    indexer's top-k S_t, and accumulates recall_t = sum_{s in S_t} p_t(s).
+
+    ``result()`` after the block, per layer: ``all`` the mean of recall_t over every query;
+    ``hard`` over the queries that see more than k keys (the rows where the selection matters,
+    the others are exactly dense and score 1); ``oracle``/``oracle_hard`` the same means for the
+    best possible k keys (the top-k of p_t itself), the ceiling of any indexer. The raw sums
+    (``self.sums`` [layers, 6]) add up across processes."""
 
     def __init__(self, model: nn.Module):
         self.mods = dsa_modules(model)
@@ -443,10 +451,14 @@ class recall_stats:
     def __exit__(self, *exc):
         for m in self.mods:
             m.record_recall = False
-        self.sums = torch.stack([m.recall_sums for m in self.mods])  # [L, 4]
+        self.sums = torch.stack([m.recall_sums for m in self.mods])  # [layers, 6]
         return False
 
     def result(self, sums: Optional[Tensor] = None) -> Dict[str, List[float]]:
         s = self.sums if sums is None else sums
-        ratio = lambda a, b: [float(x / y) if y > 0 else 1.0 for x, y in zip(a.tolist(), b.tolist())]
-        return {"all": ratio(s[:, 0], s[:, 1]), "hard": ratio(s[:, 2], s[:, 3])}
+
+        def ratio(num, den):
+            return [float(x / y) if y > 0 else 1.0 for x, y in zip(num.tolist(), den.tolist())]
+
+        return {"all": ratio(s[:, 0], s[:, 1]), "oracle": ratio(s[:, 2], s[:, 1]),
+                "hard": ratio(s[:, 3], s[:, 4]), "oracle_hard": ratio(s[:, 5], s[:, 4])}
