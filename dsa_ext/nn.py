@@ -164,7 +164,8 @@ class LightningIndexer(nn.Module):
         if self.hadamard is not None:
             q = q @ self.hadamard.to(q.dtype)
             k = k @ self.hadamard.to(k.dtype)
-        w = F.linear(q_in[:, -T:].float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        with torch.autocast(x.device.type, enabled=False):  # the weights stay float32 under autocast
+            w = F.linear(q_in.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
         return q, k, w
 
     def extra_repr(self) -> str:
@@ -215,7 +216,7 @@ def _materialised_indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale
     support = _support(indices, B, T, S, causal, q.device)
     with torch.no_grad():
         p = head_mean_attention(q.detach(), k.detach(), attn_scale, support)
-    logits = ops.indexer_logits(q_idx, k_idx, w, idx_scale, causal).to(p.dtype)
+    logits = reference.indexer_logits(q_idx, k_idx, w, idx_scale, causal).to(p.dtype)
     nonempty = support.any(-1, keepdim=True)
     # rows with an empty support take a harmless all-zero row: p is 0 there, so the loss is 0
     logits = torch.where(support, logits, torch.full_like(logits, float("-inf")))
