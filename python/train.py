@@ -43,21 +43,24 @@ from dsa_ext import nn as dsa_nn  # noqa: E402
 from dsa_ext import decoder as dsa_decoder  # noqa: E402
 
 PRESETS: Dict[str, Dict] = {
-    # 2-core CPU, < 10 minutes: 2-layer byte-level model, S = 1024, k = 128 (k/S = 1/8)
-    "cpu": dict(arch="decoder", d_model=128, n_layers=2, n_heads=4, seq_len=1024, topk=128,
-                batch_size=8, pretrain_steps=150, warmup_steps=60, sparse_steps=40,
-                lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, indexer_heads=4, indexer_dim=32,
-                rope_dim=16, eval_every=10, val_windows=16, recall_windows=4, ckpt_every=50),
+    # 2-core CPU, < 10 minutes: 2-layer byte-level model, S = 512, k = 64 (k/S = 1/8)
+    "cpu": dict(arch="decoder", d_model=128, n_layers=2, n_heads=4, seq_len=512, topk=64,
+                batch_size=8, pretrain_steps=300, warmup_steps=100, sparse_steps=60,
+                lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, weight_decay=0.0, indexer_heads=4,
+                indexer_dim=32, rope_dim=16, eval_every=20, val_windows=16, recall_windows=8,
+                ckpt_every=50),
     # one GPU (or torchrun on several): 8 layers, S = 4096, k = 512
     "gpu": dict(arch="decoder", d_model=512, n_layers=8, n_heads=8, seq_len=4096, topk=512,
                 batch_size=16, pretrain_steps=3000, warmup_steps=500, sparse_steps=1000,
-                lr=1e-3, continue_lr=3e-4, warmup_lr=1e-3, indexer_heads=8, indexer_dim=64,
-                rope_dim=32, eval_every=100, val_windows=64, recall_windows=16, ckpt_every=250),
+                lr=1e-3, continue_lr=3e-4, warmup_lr=1e-3, weight_decay=0.1, indexer_heads=8,
+                indexer_dim=64, rope_dim=32, eval_every=100, val_windows=64, recall_windows=16,
+                ckpt_every=250),
     # tests: seconds
     "tiny": dict(arch="decoder", d_model=32, n_layers=2, n_heads=2, seq_len=128, topk=16,
                  batch_size=2, pretrain_steps=3, warmup_steps=3, sparse_steps=3,
-                 lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, indexer_heads=2, indexer_dim=16,
-                 rope_dim=8, eval_every=2, val_windows=2, recall_windows=2, ckpt_every=2),
+                 lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, weight_decay=0.0, indexer_heads=2,
+                 indexer_dim=16, rope_dim=8, eval_every=2, val_windows=2, recall_windows=2,
+                 ckpt_every=2),
 }
 STAGES = ("pretrain", "warmup", "sparse", "dense_baseline")
 # data stream of each stage: the baseline reads exactly the sparse stage's batches
@@ -81,6 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                       ("topk", int), ("batch_size", int), ("pretrain_steps", int),
                       ("warmup_steps", int), ("sparse_steps", int), ("lr", float),
                       ("continue_lr", float), ("warmup_lr", float), ("indexer_lr", float),
+                      ("weight_decay", float),
                       ("indexer_heads", int), ("indexer_dim", int), ("rope_dim", int),
                       ("kl_weight", float), ("eval_every", int), ("val_windows", int),
                       ("recall_windows", int), ("ckpt_every", int)):
@@ -376,7 +380,7 @@ def main(argv=None) -> Dict:
         dense.load_state_dict(torch.load(args.init, map_location=env.device, weights_only=False)["model"])
     elif not args.init:
         stages["pretrain"] = run_stage(Stage(
-            "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=0.1), args.lr),
+            "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),
             args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus)
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     val_pretrained = val_loss(dense, val, env)
