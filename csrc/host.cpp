@@ -6,13 +6,6 @@ namespace dsa {
 
 namespace {
 
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
-                      at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", shape_str(t));
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
-}
-
 IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                              double scale, bool causal) {
   IndexerParams p{};
