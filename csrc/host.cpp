@@ -4,8 +4,6 @@
 
 namespace dsa {
 
-namespace {
-
 IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                              double scale, bool causal) {
   IndexerParams p{};
@@ -21,12 +19,9 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   return p;
 }
 
-// w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
   return w.to(score_dtype(q_idx.scalar_type())).contiguous();
 }
-
-}  // namespace
 
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          double scale, bool causal) {

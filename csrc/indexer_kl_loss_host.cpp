@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 
 #include "checks.h"
+#include "host.h"
 
 namespace dsa {
 
@@ -58,29 +59,21 @@ IndexerKlLossCall kl_loss_call(const KlLossDims& d, const at::Tensor& q_idx, con
   IndexerKlLossCall c;
   c.q_idx = last_dim_contiguous(q_idx);
   c.k_idx = last_dim_contiguous(k_idx);
-  c.w = w.to(score_dtype(q_idx.scalar_type())).contiguous();  // small, read once per row
+  c.w = score_weights(w, q_idx);
   c.q = last_dim_contiguous(q);
   c.k = last_dim_contiguous(k);
   if (indices.has_value()) c.indices = last_dim_contiguous(*indices);
   auto& p = c.p;
   p = IndexerKlLossParams{};
-  p.q_idx = c.q_idx.data_ptr();
-  p.k_idx = c.k_idx.data_ptr();
-  p.w = c.w.data_ptr();
+  p.idx = indexer_params(d.idx, c.q_idx, c.k_idx, c.w, idx_scale, causal);
   p.q = c.q.data_ptr();
   p.k = c.k.data_ptr();
   p.indices = c.indices.defined() ? c.indices.data_ptr<int32_t>() : nullptr;
-  p.B = d.idx.B, p.T = d.idx.T, p.S = d.idx.S, p.Hi = d.idx.Hi, p.Di = d.idx.Di;
   p.H = d.H, p.Hkv = d.Hkv, p.Dqk = d.Dqk, p.K = d.K;
-  p.qi_sb = c.q_idx.stride(0), p.qi_st = c.q_idx.stride(1), p.qi_sh = c.q_idx.stride(2);
-  p.ki_sb = c.k_idx.stride(0), p.ki_ss = c.k_idx.stride(1);
   p.q_sb = c.q.stride(0), p.q_st = c.q.stride(1), p.q_sh = c.q.stride(2);
   p.k_sb = c.k.stride(0), p.k_ss = c.k.stride(1), p.k_sh = c.k.stride(2);
   if (c.indices.defined()) p.i_sb = c.indices.stride(0), p.i_st = c.indices.stride(1);
-  p.idx_scale = idx_scale;
   p.attn_scale = attn_scale;
-  p.causal = causal;
-  p.causal_offset = d.idx.S - d.idx.T;
   return c;
 }
 

@@ -18,30 +18,26 @@
 
 #include <cstdint>
 
+#include "params.h"
+
 namespace dsa {
 
 // Pointers are untyped (each kernel casts them to the dtype it was dispatched for); strides are in
 // elements; the last dimension of every tensor is contiguous. q_idx, k_idx, q and k share one dtype.
 struct IndexerKlLossParams {
-  const void* q_idx;        // [B, T, Hi, Di]
-  const void* k_idx;        // [B, S, Di]
-  const void* w;            // [B, T, Hi] score dtype, contiguous
+  IndexerParams idx;        // q_idx, k_idx, w (score dtype), idx_scale, and the dense form's causal mask
   const void* q;            // [B, T, H, Dqk]
   const void* k;            // [B, S, Hkv, Dqk]
-  const int32_t* indices;   // [B, T, K], entries -1 or in [0, S); nullptr: dense (every causal key)
+  const int32_t* indices;   // [B, T, K], entries -1 or in [0, S); nullptr: dense (every visible key)
   void* loss;               // [B, T] score dtype, contiguous
   void* idx_lse;            // [B, T] score dtype, contiguous
   void* attn_lse;           // [B, T, H] score dtype, contiguous; written unless attn_lse_given
   bool attn_lse_given;      // attn_lse already holds the caller's lse: the kernel only reads it
-  int64_t B, T, S, Hi, Di, H, Hkv, Dqk, K;
-  int64_t qi_sb, qi_st, qi_sh;
-  int64_t ki_sb, ki_ss;
+  int64_t H, Hkv, Dqk, K;   // K = 0 in the dense form
   int64_t q_sb, q_st, q_sh;
   int64_t k_sb, k_ss, k_sh;
   int64_t i_sb, i_st;
-  double idx_scale, attn_scale;  // double so float64 inputs keep full precision
-  bool causal;
-  int64_t causal_offset;  // S - T: in the dense form query t sees keys s <= t + causal_offset
+  double attn_scale;
 };
 
 struct IndexerKlLossBwdParams {
@@ -51,11 +47,6 @@ struct IndexerKlLossBwdParams {
   void* grad_k_idx;         // [B, S, Di] contiguous, input dtype
   void* grad_w;             // [B, T, Hi] contiguous, score dtype (the op converts it to w's dtype)
 };
-
-// Number of support elements of row t in the dense form (causal: keys 0..t+S-T; else all S).
-inline int64_t dense_support_size(const IndexerKlLossParams& p, int64_t t) {
-  return p.causal ? t + p.causal_offset + 1 : p.S;
-}
 
 struct IndexerKlLossCall {
   at::Tensor q_idx, k_idx, w, q, k, indices;  // inputs as the kernel reads them

@@ -1,21 +1,24 @@
 // CPU kernels of dsa::indexer_kl_loss and dsa::indexer_kl_loss_backward (semantics in
-// indexer_kl_loss_host.h). Memory is O(B*T*(H+Hi)) plus per-thread scratch: each query row
-// streams over its support in blocks of kKeyBlock keys and keeps only running statistics.
+// indexer_kl_loss_host.h). Extra memory is O(B*T*(H+Hi)) plus per-thread tiles: a work item is a
+// tile of queries that streams over its keys kKeyBlock at a time and keeps only per-query
+// running statistics. Dense form: up to kQueryBlock consecutive queries share the key blocks,
+// each using the prefix it sees; sparse form: one query and its valid index entries, gathered.
+// Both logit tiles come from GEMMs (indexer: IndexerTile; attention: one GEMM per kv head).
 //
-// Forward, per row:
+// Forward, per query:
 //   pass A (skipped when the caller gives attn_lse): per-head online log-sum-exp of the
 //     attention logits a_h(s) -> attn_lse[t, h];
 //   pass B: indexer logits I(s), target p(s) = mean_h exp(a_h(s) - attn_lse[t,h]) and, online
 //     against the running max m of I: lI = sum exp(I - m), A1 = sum p log p, A2 = sum p (I - m),
-//     P = sum p (A2 is shifted by -(m' - m) * P when the max grows). Then
+//     P = sum p (when the max grows to m', lI is rescaled and A2 shifted by -(m' - m) * P). Then
 //     idx_lse = m + log lI and KL = sum p (log p - I + idx_lse) = A1 - A2 + P log lI.
-// Backward, per row (one pass, both lse saved by the forward): dL/dI(s) = g * (softmax_I(s) - p(s))
-// on the support, then the chain rule of I = idx_scale * sum_j w_j relu(q_idx_j . k_idx_s).
-// dk_idx sums over query rows: each thread chunk accumulates into its own buffer and the buffers
-// are added in chunk order, so the result is deterministic for a given thread count.
+// Backward, per query (one pass, both lse saved by the forward): dL/dI(s) = g (softmax_I(s) - p(s))
+// on the support, then the indexer's chain rule on the tile (IndexerTile::dots_to_grad, two GEMMs).
+// dk_idx sums over queries: each thread chunk accumulates into its own buffer (over the batches
+// its items span) and the buffers are added in chunk order: deterministic for a thread count.
 //
-// The structure (row-parallel, key blocks, online statistics, a second pass only for the
-// attention lse) is the one a CUDA kernel uses with a query tile per block.
+// A CUDA kernel keeps this structure: a query tile per block, key tiles through shared memory,
+// the same online statistics, a second sweep only for the attention lse.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -25,185 +28,176 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
-#include "indexer_kl_loss_host.h"
-#include "vec_math.h"
+#include "../indexer_kl_loss_host.h"
+#include "indexer_tiles.h"
 
 namespace dsa::cpu {
 namespace {
 
-// Keys whose logits are computed before the softmax statistics consume them as vectors.
-constexpr int64_t kKeyBlock = 64;
+// A work item: queries [t0, t0 + tq) of batch b.
+struct Item {
+  int64_t b, t0, tq;
+};
 
-// Rows are flattened as r = b * T + t. A row costs about its support size, which grows with t
-// under the causal mask: split the rows into n contiguous ranges of about equal cost.
-std::vector<int64_t> balanced_row_splits(const IndexerKlLossParams& p, int64_t n) {
-  const int64_t rows = p.B * p.T;
-  auto cost = [&](int64_t r) { return 1 + (p.indices ? p.K : dense_support_size(p, r % p.T)); };
+int64_t item_count(const IndexerKlLossParams& p) {
+  return p.indices ? p.idx.B * p.idx.T : p.idx.B * ((p.idx.T + kQueryBlock - 1) / kQueryBlock);
+}
+
+Item item_at(const IndexerKlLossParams& p, int64_t i) {
+  if (p.indices) return {i / p.idx.T, i % p.idx.T, 1};
+  const int64_t blocks = (p.idx.T + kQueryBlock - 1) / kQueryBlock;
+  const int64_t b = i / blocks, t0 = (i % blocks) * kQueryBlock;
+  return {b, t0, std::min(kQueryBlock, p.idx.T - t0)};
+}
+
+// Splits the items into n contiguous ranges of about equal work (a causal tile's keys grow with
+// t, so equal item counts would leave the first threads idle). splits[c]..splits[c+1] is chunk c.
+std::vector<int64_t> balanced_splits(const IndexerKlLossParams& p, int64_t n) {
+  const int64_t items = item_count(p);
+  auto cost = [&](int64_t i) {
+    const Item it = item_at(p, i);
+    return 1 + it.tq * (p.indices ? p.K : block_visible_keys(p.idx, it.t0, it.tq));
+  };
   int64_t total = 0;
-  for (int64_t r = 0; r < rows; ++r) total += cost(r);
+  for (int64_t i = 0; i < items; ++i) total += cost(i);
   std::vector<int64_t> splits{0};
   int64_t done = 0;
-  for (int64_t r = 0; r < rows; ++r) {
-    done += cost(r);
+  for (int64_t i = 0; i < items; ++i) {
+    done += cost(i);
     while (static_cast<int64_t>(splits.size()) < n && done * n >= total * static_cast<int64_t>(splits.size()))
-      splits.push_back(r + 1);
+      splits.push_back(i + 1);
   }
-  while (static_cast<int64_t>(splits.size()) <= n) splits.push_back(rows);
+  while (static_cast<int64_t>(splits.size()) <= n) splits.push_back(items);
   return splits;
 }
 
-// Runs fn(chunk, row_begin, row_end) for n cost-balanced chunks of rows, one chunk per task.
+// Runs fn(chunk, item_begin, item_end) for every non-empty chunk, one chunk per task.
 template <typename Fn>
-void for_each_row_chunk(const std::vector<int64_t>& splits, const Fn& fn) {
-  const int64_t n = static_cast<int64_t>(splits.size()) - 1;
-  at::parallel_for(0, n, 1, [&](int64_t cb, int64_t ce) {
+void for_each_chunk(const std::vector<int64_t>& splits, const Fn& fn) {
+  at::parallel_for(0, static_cast<int64_t>(splits.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c)
       if (splits[c] < splits[c + 1]) fn(c, splits[c], splits[c + 1]);
   });
 }
 
-// One query row at a time: its inputs in acc_t, its support as a stream of key blocks, and the
-// logits of the current block. Scratch only; one per thread.
-template <typename scalar_t>
-class KlRow {
+// The keys of an item, kKeyBlock at a time. Dense: contiguous blocks [s0, s0 + ns) up to the keys
+// the tile's last query sees; query t uses a prefix of each. Sparse: the valid entries of the
+// query's index row, gathered (a duplicate is one entry per occurrence).
+class KeyStream {
  public:
-  using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
+  explicit KeyStream(const IndexerKlLossParams& p) : p_(p), keys_(p.indices ? kKeyBlock : 0) {}
 
-  explicit KlRow(const IndexerKlLossParams& p)
-      : p_(p),
-        G_(p.H / p.Hkv),
-        q_idx_(p.Hi * p.Di),
-        w_(p.Hi),
-        q_(p.H * p.Dqk),
-        keys_(kKeyBlock),
-        k_idx_rows_(kKeyBlock),
-        I_(kKeyBlock),
-        dots_(p.Hi * kKeyBlock),
-        a_(p.H * kKeyBlock),
-        prob_(kKeyBlock) {
-    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-      k_idx_conv_.resize(kKeyBlock * p.Di);
-      k_conv_.resize(p.Hkv * p.Dqk);
-    }
-  }
-
-  // Loads row (b, t): q_idx, w * idx_scale and q * attn_scale in acc_t; rewinds the support.
-  void start(int64_t b, int64_t t) {
-    b_ = b, t_ = t;
-    const auto* qi = static_cast<const scalar_t*>(p_.q_idx) + b * p_.qi_sb + t * p_.qi_st;
-    for (int64_t j = 0; j < p_.Hi; ++j) load_row(qi + j * p_.qi_sh, q_idx_.data() + j * p_.Di, p_.Di);
-    const auto* w = static_cast<const acc_t*>(p_.w) + (b * p_.T + t) * p_.Hi;
-    for (int64_t j = 0; j < p_.Hi; ++j) w_[j] = w[j] * static_cast<acc_t>(p_.idx_scale);
-    const auto* q = static_cast<const scalar_t*>(p_.q) + b * p_.q_sb + t * p_.q_st;
-    for (int64_t h = 0; h < p_.H; ++h) {
-      load_row(q + h * p_.q_sh, q_.data() + h * p_.Dqk, p_.Dqk);
-      scale_row(q_.data() + h * p_.Dqk, static_cast<acc_t>(p_.attn_scale), p_.Dqk);
-    }
+  void reset(const Item& it) {
+    it_ = it;
+    cursor_ = 0, s0 = 0, ns = 0;
     if (p_.indices) {
-      slots_ = p_.indices + b * p_.i_sb + t * p_.i_st;
+      slots_ = p_.indices + it.b * p_.i_sb + it.t0 * p_.i_st;
       end_ = p_.K;
     } else {
-      slots_ = nullptr;
-      end_ = dense_support_size(p_, t);
+      end_ = block_visible_keys(p_.idx, it.t0, it.tq);
     }
-    rewind();
   }
 
-  void rewind() { cursor_ = 0; }
-
-  // Fills keys() with the next support elements (at most kKeyBlock) and returns how many; 0 when
-  // the support is exhausted. Sparse rows skip empty slots; a duplicate is one element per slot.
-  int64_t next_block() {
-    int64_t n = 0;
-    if (!slots_) {
-      for (; n < kKeyBlock && cursor_ < end_; ++n) keys_[n] = cursor_++;
-      return n;
+  // Advances to the next block; false when the item has no more keys.
+  bool next() {
+    if (!p_.indices) {
+      s0 = cursor_;
+      ns = std::min(kKeyBlock, end_ - cursor_);
+      cursor_ += ns;
+      return ns > 0;
     }
-    for (; n < kKeyBlock && cursor_ < end_; ++cursor_) {
+    ns = 0;
+    for (; ns < kKeyBlock && cursor_ < end_; ++cursor_) {
       const int64_t s = slots_[cursor_];
-      if (s >= 0 && s < p_.S) keys_[n++] = s;  // never trust an index tensor with an address
+      if (s >= 0 && s < p_.idx.S) keys_[ns++] = s;  // never address memory with an unchecked index
     }
-    return n;
+    return ns > 0;
   }
 
-  // I(s) for the n keys of the block, and with keep_dots the raw q_idx_j . k_idx_s in dots(j).
-  void indexer_logits(int64_t n, bool keep_dots) {
-    for (int64_t i = 0; i < n; ++i) {
-      const auto* k = static_cast<const scalar_t*>(p_.k_idx) + b_ * p_.ki_sb + keys_[i] * p_.ki_ss;
-      const acc_t* key = k_idx_rows_[i] = acc_row(k, k_idx_conv_.data() + i * p_.Di, p_.Di);
-      acc_t logit = 0;
-      for (int64_t j = 0; j < p_.Hi; ++j) {
-        const acc_t d = dot(q_idx_.data() + j * p_.Di, key, p_.Di);
-        if (keep_dots) dots_[j * kKeyBlock + i] = d;
-        logit += w_[j] * std::max(d, acc_t(0));
-      }
-      I_[i] = logit;
-    }
+  // How many of the block's keys (a prefix) the tile's query t sees.
+  int64_t visible(int64_t t) const {
+    return p_.indices ? ns : std::clamp<int64_t>(visible_keys(p_.idx, it_.t0 + t) - s0, 0, ns);
   }
 
-  // a_h(s) for the n keys of the block, head h in a(h).
-  void attention_logits(int64_t n) {
-    const auto* k = static_cast<const scalar_t*>(p_.k) + b_ * p_.k_sb;
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t* key = k + keys_[i] * p_.k_ss;
-      for (int64_t hk = 0; hk < p_.Hkv; ++hk) {
-        const acc_t* kh = acc_row(key + hk * p_.k_sh, k_conv_.data() + hk * p_.Dqk, p_.Dqk);
-        for (int64_t g = 0; g < G_; ++g) {
-          const int64_t h = hk * G_ + g;
-          a_[h * kKeyBlock + i] = dot(q_.data() + h * p_.Dqk, kh, p_.Dqk);
-        }
-      }
-    }
+  template <typename Tile>
+  void load_into(Tile& tile) const {
+    if (p_.indices)
+      tile.gather_keys(it_.b, keys_.data(), ns);
+    else
+      tile.load_keys(it_.b, s0, ns);
   }
 
-  // prob(i) = mean_h exp(a_h(s_i) - lse[h]), the target distribution on the block's keys.
-  void target_probabilities(int64_t n, const acc_t* lse) {
-    std::fill(prob_.begin(), prob_.begin() + n, acc_t(0));
-    for (int64_t h = 0; h < p_.H; ++h) {
-      const Vec l(lse[h]);
-      at::vec::map2([&](Vec acc, Vec a) { return acc + (a - l).exp(); }, prob_.data(), prob_.data(),
-                    a_.data() + h * kKeyBlock, n);
-    }
-    const Vec inv_h(acc_t(1) / static_cast<acc_t>(p_.H));
-    at::vec::map([&](Vec x) { return x * inv_h; }, prob_.data(), prob_.data(), n);
-  }
+  bool gathered() const { return p_.indices != nullptr; }
+  const int64_t* keys() const { return keys_.data(); }
 
-  int64_t b() const { return b_; }
-  int64_t key(int64_t i) const { return keys_[i]; }
-  const acc_t* q_idx_head(int64_t j) const { return q_idx_.data() + j * p_.Di; }
-  acc_t scaled_w(int64_t j) const { return w_[j]; }
-  acc_t* I() { return I_.data(); }
-  acc_t* a(int64_t h) { return a_.data() + h * kKeyBlock; }
-  acc_t* prob() { return prob_.data(); }
-  acc_t dots(int64_t j, int64_t i) const { return dots_[j * kKeyBlock + i]; }
-
-  // k_idx[b, s_i] in acc_t, valid after indexer_logits(n) for i < n.
-  const acc_t* k_idx_row(int64_t i) const { return k_idx_rows_[i]; }
+  int64_t s0 = 0, ns = 0;
 
  private:
-  static const acc_t* acc_row(const scalar_t* src, acc_t* scratch, int64_t n) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      return src;
-    } else {
-      load_row(src, scratch, n);
-      return scratch;
+  const IndexerKlLossParams& p_;
+  Item it_{};
+  const int32_t* slots_ = nullptr;
+  int64_t cursor_ = 0, end_ = 0;
+  std::vector<int64_t> keys_;
+};
+
+// Attention logits a_h(s) = attn_scale * q[t,h] . k[s, h / G] of a query tile against a key
+// block, one GEMM per kv head over the G heads that share it. Per-thread scratch.
+template <typename scalar_t>
+struct AttentionTile {
+  using acc_t = acc_type<scalar_t>;
+  const IndexerKlLossParams& p;
+  const int64_t G;
+  std::vector<acc_t> q;       // [Hkv][tq][G][Dqk], times attn_scale
+  std::vector<acc_t> k;       // [Hkv][ns][Dqk]
+  std::vector<acc_t> logits;  // [Hkv][tq][G][ns]
+  int64_t tq = 0, ns = 0;
+
+  explicit AttentionTile(const IndexerKlLossParams& params)
+      : p(params),
+        G(params.H / params.Hkv),
+        q(kQueryBlock * params.H * params.Dqk),
+        k(kKeyBlock * params.Hkv * params.Dqk),
+        logits(kQueryBlock * params.H * kKeyBlock) {}
+
+  void load_queries(int64_t b, int64_t t0, int64_t n) {
+    tq = n;
+    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_sb;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t h = 0; h < p.H; ++h) {
+        acc_t* dst = q.data() + (((h / G) * tq + t) * G + h % G) * p.Dqk;
+        load_row(base + (t0 + t) * p.q_st + h * p.q_sh, dst, p.Dqk);
+        scale_row(dst, static_cast<acc_t>(p.attn_scale), p.Dqk);
+      }
+  }
+
+  void load_keys(int64_t b, int64_t s0, int64_t n) {
+    ns = n;
+    for (int64_t s = 0; s < n; ++s) load_key(b, s0 + s, s);
+  }
+
+  void gather_keys(int64_t b, const int64_t* keys, int64_t n) {
+    ns = n;
+    for (int64_t s = 0; s < n; ++s) load_key(b, keys[s], s);
+  }
+
+  void compute_logits() {
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
+      auto out = blob(logits.data() + hk * tq * G * ns, {tq * G, ns});
+      at::mm_out(out, blob(q.data() + hk * tq * G * p.Dqk, {tq * G, p.Dqk}),
+                 blob(k.data() + hk * ns * p.Dqk, {ns, p.Dqk}).t());
     }
   }
 
-  const IndexerKlLossParams& p_;
-  const int64_t G_;
-  int64_t b_ = 0, t_ = 0;
-  const int32_t* slots_ = nullptr;
-  int64_t cursor_ = 0, end_ = 0;
-  std::vector<acc_t> q_idx_, w_, q_;
-  std::vector<int64_t> keys_;
-  std::vector<const acc_t*> k_idx_rows_;
-  std::vector<acc_t> I_, dots_, a_, prob_;
-  std::vector<acc_t> k_idx_conv_, k_conv_;
+  // a_h of the tile's query t over the block's keys.
+  const acc_t* row(int64_t t, int64_t h) const { return logits.data() + (((h / G) * tq + t) * G + h % G) * ns; }
+
+ private:
+  void load_key(int64_t b, int64_t key, int64_t s) {
+    const auto* src = static_cast<const scalar_t*>(p.k) + b * p.k_sb + key * p.k_ss;
+    for (int64_t hk = 0; hk < p.Hkv; ++hk) load_row(src + hk * p.k_sh, k.data() + (hk * ns + s) * p.Dqk, p.Dqk);
+  }
 };
 
 template <typename acc_t>
@@ -213,75 +207,124 @@ acc_t block_max(const acc_t* x, int64_t n) {
 }
 
 template <typename acc_t>
+acc_t block_sum(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](Vec u, Vec v) { return u + v; }, x, n);
+}
+
+template <typename acc_t>
 acc_t block_sum_exp(const acc_t* x, acc_t shift, int64_t n) {
   using Vec = at::vec::Vectorized<acc_t>;
   const Vec m(shift);
-  return at::vec::map_reduce_all<acc_t>([&](Vec v) { return (v - m).exp(); },
-                                        [](Vec u, Vec v) { return u + v; }, x, n);
+  return at::vec::map_reduce_all<acc_t>([&](Vec v) { return (v - m).exp(); }, [](Vec u, Vec v) { return u + v; }, x,
+                                        n);
 }
 
-// Pass A: attention lse of every head over the row's support, into lse[0:H].
-template <typename scalar_t, typename acc_t>
-void attention_lse_pass(KlRow<scalar_t>& row, int64_t H, acc_t* lse, std::vector<acc_t>& max,
-                        std::vector<acc_t>& sum) {
-  std::fill(max.begin(), max.end(), neg_inf<acc_t>());
-  std::fill(sum.begin(), sum.end(), acc_t(0));
-  row.rewind();
-  for (int64_t n; (n = row.next_block()) > 0;) {
-    row.attention_logits(n);
-    for (int64_t h = 0; h < H; ++h) {
-      const acc_t m = std::max(max[h], block_max(row.a(h), n));
-      sum[h] = sum[h] * std::exp(max[h] - m) + block_sum_exp(row.a(h), m, n);
-      max[h] = m;
-    }
+// Online log-sum-exp over blocks of one sequence of logits.
+template <typename acc_t>
+struct OnlineLse {
+  acc_t max = neg_inf<acc_t>(), sum = 0;
+  void add(const acc_t* x, int64_t n) {
+    const acc_t m = std::max(max, block_max(x, n));
+    sum = sum * std::exp(max - m) + block_sum_exp(x, m, n);
+    max = m;
   }
-  for (int64_t h = 0; h < H; ++h) lse[h] = sum[h] > 0 ? max[h] + std::log(sum[h]) : neg_inf<acc_t>();
+  acc_t lse() const { return sum > 0 ? max + std::log(sum) : neg_inf<acc_t>(); }
+};
+
+// The KL sums of one query (see the file comment), fed block by block.
+template <typename acc_t>
+struct OnlineKl {
+  acc_t m = neg_inf<acc_t>(), lI = 0, A1 = 0, A2 = 0, P = 0;
+  int64_t support = 0;
+
+  // I[0:n]: indexer logits; prob[0:n]: target probabilities of the same keys.
+  void add(const acc_t* I, const acc_t* prob, int64_t n) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const acc_t bm = block_max(I, n);
+    if (bm > m) {
+      if (support > 0) {
+        lI *= std::exp(m - bm);
+        A2 -= (bm - m) * P;
+      }
+      m = bm;
+    }
+    const Vec vm(m), tiny(std::numeric_limits<acc_t>::min());  // p log p -> 0 as p -> 0
+    lI += block_sum_exp(I, m, n);
+    A2 += at::vec::map2_reduce_all<acc_t>([&](Vec pr, Vec x) { return pr * (x - vm); },
+                                          [](Vec u, Vec v) { return u + v; }, prob, I, n);
+    A1 += at::vec::map_reduce_all<acc_t>([&](Vec pr) { return pr * at::vec::maximum(pr, tiny).log(); },
+                                         [](Vec u, Vec v) { return u + v; }, prob, n);
+    P += block_sum(prob, n);
+    support += n;
+  }
+  acc_t idx_lse() const { return support > 0 ? m + std::log(lI) : neg_inf<acc_t>(); }
+  acc_t loss() const { return support > 0 ? A1 - A2 + P * std::log(lI) : acc_t(0); }
+};
+
+// prob[0:n] = mean_h exp(a_h - lse[h]) for the tile's query t: the target on the block's keys.
+template <typename scalar_t, typename acc_t>
+void target_probabilities(const AttentionTile<scalar_t>& tile, int64_t t, int64_t n, const acc_t* lse,
+                          acc_t* prob) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const int64_t H = tile.p.H;
+  std::fill(prob, prob + n, acc_t(0));
+  for (int64_t h = 0; h < H; ++h) {
+    const Vec l(lse[h]);
+    at::vec::map2([&](Vec acc, Vec a) { return acc + (a - l).exp(); }, prob, prob, tile.row(t, h), n);
+  }
+  const Vec inv_h(acc_t(1) / static_cast<acc_t>(H));
+  at::vec::map([&](Vec x) { return x * inv_h; }, prob, prob, n);
 }
 
 template <typename scalar_t>
 void kl_loss_forward(const IndexerKlLossParams& p) {
   using acc_t = acc_type<scalar_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  const int64_t rows = p.B * p.T;
-  if (rows == 0) return;
-  const auto splits = balanced_row_splits(p, std::min<int64_t>(at::get_num_threads(), rows));
-  for_each_row_chunk(splits, [&](int64_t, int64_t rb, int64_t re) {
-    KlRow<scalar_t> row(p);
-    std::vector<acc_t> head_max(p.H), head_sum(p.H);
-    const Vec tiny(std::numeric_limits<acc_t>::min());  // p log p -> 0 as p -> 0
-    for (int64_t r = rb; r < re; ++r) {
-      row.start(r / p.T, r % p.T);
-      acc_t* lse = static_cast<acc_t*>(p.attn_lse) + r * p.H;
-      if (!p.attn_lse_given) attention_lse_pass(row, p.H, lse, head_max, head_sum);
-      // Pass B: indexer lse and the KL sums, online against the running max m of I.
-      acc_t m = neg_inf<acc_t>(), lI = 0, A1 = 0, A2 = 0, P = 0;
-      int64_t support = 0;
-      row.rewind();
-      for (int64_t n; (n = row.next_block()) > 0; support += n) {
-        row.indexer_logits(n, false);
-        row.attention_logits(n);
-        row.target_probabilities(n, lse);
-        const acc_t* I = row.I();
-        const acc_t* prob = row.prob();
-        const acc_t bm = block_max(I, n);
-        if (bm > m) {
-          if (support > 0) {
-            lI *= std::exp(m - bm);
-            A2 -= (bm - m) * P;
-          }
-          m = bm;
+  const int64_t items = item_count(p);
+  if (items == 0) return;
+  const auto splits = balanced_splits(p, std::min<int64_t>(at::get_num_threads(), items));
+  for_each_chunk(splits, [&](int64_t, int64_t ib, int64_t ie) {
+    IndexerTile<scalar_t> itile(p.idx);
+    AttentionTile<scalar_t> atile(p);
+    KeyStream keys(p);
+    std::vector<OnlineLse<acc_t>> heads(kQueryBlock * p.H);
+    std::vector<OnlineKl<acc_t>> kl(kQueryBlock);
+    std::vector<acc_t> I(kKeyBlock), prob(kKeyBlock);
+    for (int64_t i = ib; i < ie; ++i) {
+      const Item it = item_at(p, i);
+      const int64_t row0 = it.b * p.idx.T + it.t0;
+      acc_t* lse = static_cast<acc_t*>(p.attn_lse) + row0 * p.H;  // [tq, H]
+      itile.load_queries(it.b, it.t0, it.tq);
+      atile.load_queries(it.b, it.t0, it.tq);
+      if (!p.attn_lse_given) {  // pass A
+        std::fill(heads.begin(), heads.end(), OnlineLse<acc_t>{});
+        for (keys.reset(it); keys.next();) {
+          keys.load_into(atile);
+          atile.compute_logits();
+          for (int64_t t = 0; t < it.tq; ++t)
+            if (const int64_t n = keys.visible(t))
+              for (int64_t h = 0; h < p.H; ++h) heads[t * p.H + h].add(atile.row(t, h), n);
         }
-        const Vec vm(m);
-        lI += block_sum_exp(I, m, n);
-        A2 += at::vec::map2_reduce_all<acc_t>([&](Vec pr, Vec x) { return pr * (x - vm); },
-                                              [](Vec u, Vec v) { return u + v; }, prob, I, n);
-        A1 += at::vec::map_reduce_all<acc_t>([&](Vec pr) { return pr * at::vec::maximum(pr, tiny).log(); },
-                                             [](Vec u, Vec v) { return u + v; }, prob, n);
-        P += at::vec::reduce_all<acc_t>([](Vec u, Vec v) { return u + v; }, prob, n);
+        for (int64_t th = 0; th < it.tq * p.H; ++th) lse[th] = heads[th].lse();
       }
-      const bool empty = support == 0;
-      static_cast<acc_t*>(p.idx_lse)[r] = empty ? neg_inf<acc_t>() : m + std::log(lI);
-      static_cast<acc_t*>(p.loss)[r] = empty ? acc_t(0) : A1 - A2 + P * std::log(lI);
+      std::fill(kl.begin(), kl.end(), OnlineKl<acc_t>{});  // pass B
+      for (keys.reset(it); keys.next();) {
+        keys.load_into(itile);
+        itile.compute_dots();
+        keys.load_into(atile);
+        atile.compute_logits();
+        for (int64_t t = 0; t < it.tq; ++t) {
+          const int64_t n = keys.visible(t);
+          if (n == 0) continue;
+          itile.scores(it.b, it.t0, t, n, I.data());
+          target_probabilities(atile, t, n, lse + t * p.H, prob.data());
+          kl[t].add(I.data(), prob.data(), n);
+        }
+      }
+      for (int64_t t = 0; t < it.tq; ++t) {
+        static_cast<acc_t*>(p.idx_lse)[row0 + t] = kl[t].idx_lse();
+        static_cast<acc_t*>(p.loss)[row0 + t] = kl[t].loss();
+      }
     }
   });
 }
@@ -291,74 +334,87 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
   using acc_t = acc_type<scalar_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   const auto& p = bp.fwd;
-  const int64_t rows = p.B * p.T, key_row = p.S * p.Di;
-  const auto splits = balanced_row_splits(p, std::min<int64_t>(at::get_num_threads(), rows));
+  const auto& ip = p.idx;
+  const int64_t items = item_count(p), key_rows = ip.S * ip.Di;
+  const auto splits = balanced_splits(p, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
   const int64_t chunks = static_cast<int64_t>(splits.size()) - 1;
-  // dk_idx partial sums of chunk c over the batches its rows span: [b_first(c) .. b_last(c)].
+  // Chunk c's partial dk_idx over the batches its items span, [first_b(c), last_b(c)] x [S, Di].
   std::vector<std::vector<acc_t>> dk(chunks);
-  auto b_first = [&](int64_t c) { return splits[c] / p.T; };
-  auto b_last = [&](int64_t c) { return (splits[c + 1] - 1) / p.T; };
+  auto first_b = [&](int64_t c) { return item_at(p, splits[c]).b; };
+  auto last_b = [&](int64_t c) { return item_at(p, splits[c + 1] - 1).b; };
 
-  for_each_row_chunk(splits, [&](int64_t c, int64_t rb, int64_t re) {
-    dk[c].assign((b_last(c) - b_first(c) + 1) * key_row, acc_t(0));
-    KlRow<scalar_t> row(p);
-    std::vector<acc_t> dq(p.Hi * p.Di), dw(p.Hi);
-    for (int64_t r = rb; r < re; ++r) {
+  for_each_chunk(splits, [&](int64_t c, int64_t ib, int64_t ie) {
+    dk[c].assign((last_b(c) - first_b(c) + 1) * key_rows, acc_t(0));
+    IndexerTile<scalar_t> itile(ip);
+    AttentionTile<scalar_t> atile(p);
+    KeyStream keys(p);
+    std::vector<acc_t> dq(kQueryBlock * ip.Hi * ip.Di), dw(kQueryBlock * ip.Hi);
+    std::vector<acc_t> I(kKeyBlock), dI(kKeyBlock), dk_gathered(kKeyBlock * ip.Di);
+    for (int64_t i = ib; i < ie; ++i) {
+      const Item it = item_at(p, i);
+      const int64_t row0 = it.b * ip.T + it.t0;
+      const auto* g = static_cast<const acc_t*>(bp.grad_loss) + row0;
+      const auto* idx_lse = static_cast<const acc_t*>(p.idx_lse) + row0;
+      const auto* lse = static_cast<const acc_t*>(p.attn_lse) + row0 * p.H;
+      acc_t* dk_batch = dk[c].data() + (it.b - first_b(c)) * key_rows;
       std::fill(dq.begin(), dq.end(), acc_t(0));
       std::fill(dw.begin(), dw.end(), acc_t(0));
-      const acc_t g = static_cast<const acc_t*>(bp.grad_loss)[r];
-      if (g != acc_t(0)) {
-        row.start(r / p.T, r % p.T);
-        const acc_t* lse = static_cast<const acc_t*>(p.attn_lse) + r * p.H;
-        const Vec idx_lse(static_cast<const acc_t*>(p.idx_lse)[r]), vg(g);
-        acc_t* dk_batch = dk[c].data() + (row.b() - b_first(c)) * key_row;
-        for (int64_t n; (n = row.next_block()) > 0;) {
-          row.indexer_logits(n, true);
-          row.attention_logits(n);
-          row.target_probabilities(n, lse);
-          acc_t* dI = row.prob();  // dL/dI = g * (softmax_I - p), written over p
-          at::vec::map2([&](Vec pr, Vec x) { return vg * ((x - idx_lse).exp() - pr); }, dI, dI, row.I(), n);
-          for (int64_t i = 0; i < n; ++i) {
-            const acc_t* k_idx = row.k_idx_row(i);
-            acc_t* dk_key = dk_batch + row.key(i) * p.Di;
-            for (int64_t j = 0; j < p.Hi; ++j) {
-              const acc_t d = row.dots(j, i);
-              if (!(d > acc_t(0))) continue;  // relu'(d) = 0 for d <= 0, as torch's relu
-              const acc_t coef = dI[i] * row.scaled_w(j);
-              axpy(dq.data() + j * p.Di, coef, k_idx, p.Di);
-              axpy(dk_key, coef, row.q_idx_head(j), p.Di);
-              dw[j] += dI[i] * d;
-            }
+      const bool any_grad = std::any_of(g, g + it.tq, [](acc_t x) { return x != acc_t(0); });
+      itile.load_queries(it.b, it.t0, it.tq);
+      atile.load_queries(it.b, it.t0, it.tq);
+      for (keys.reset(it); any_grad && keys.next();) {
+        keys.load_into(itile);
+        itile.compute_dots();
+        keys.load_into(atile);
+        atile.compute_logits();
+        for (int64_t t = 0; t < it.tq; ++t) {
+          const int64_t n = g[t] != acc_t(0) ? keys.visible(t) : 0;
+          if (n > 0) {  // dL/dI = g (softmax_I - p), then into dL/d(dots) in place
+            itile.scores(it.b, it.t0, t, n, I.data());
+            target_probabilities(atile, t, n, lse + t * p.H, dI.data());
+            const Vec vg(g[t]), vlse(idx_lse[t]);
+            at::vec::map2([&](Vec pr, Vec x) { return vg * ((x - vlse).exp() - pr); }, dI.data(), dI.data(),
+                          I.data(), n);
           }
+          itile.dots_to_grad(it.b, it.t0, t, dI.data(), n, dw.data() + t * ip.Hi);
+        }
+        const auto grad_dots = blob(itile.dots.data(), {it.tq * ip.Hi, keys.ns});
+        const auto q_rows = blob(itile.q.data(), {it.tq * ip.Hi, ip.Di});
+        blob(dq.data(), {it.tq * ip.Hi, ip.Di}).addmm_(grad_dots, blob(itile.k.data(), {keys.ns, ip.Di}));
+        if (!keys.gathered()) {
+          blob(dk_batch + keys.s0 * ip.Di, {keys.ns, ip.Di}).addmm_(grad_dots.t(), q_rows);
+        } else {  // scatter: a key listed twice receives both contributions
+          auto gathered = blob(dk_gathered.data(), {keys.ns, ip.Di});
+          at::mm_out(gathered, grad_dots.t(), q_rows);
+          for (int64_t s = 0; s < keys.ns; ++s)
+            axpy(dk_batch + keys.keys()[s] * ip.Di, acc_t(1), dk_gathered.data() + s * ip.Di, ip.Di);
         }
       }
-      store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q_idx) + r * p.Hi * p.Di, p.Hi * p.Di);
-      acc_t* gw = static_cast<acc_t*>(bp.grad_w) + r * p.Hi;
-      for (int64_t j = 0; j < p.Hi; ++j) gw[j] = dw[j] * static_cast<acc_t>(p.idx_scale);
+      store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q_idx) + row0 * ip.Hi * ip.Di, it.tq * ip.Hi * ip.Di);
+      std::copy(dw.begin(), dw.begin() + it.tq * ip.Hi, static_cast<acc_t*>(bp.grad_w) + row0 * ip.Hi);
     }
   });
 
-  // dk_idx[b, s] = sum of the chunks' partial sums in chunk order.
-  at::parallel_for(0, p.B * p.S, 16, [&](int64_t kb, int64_t ke) {
-    std::vector<acc_t> sum(p.Di);
-    for (int64_t bs = kb; bs < ke; ++bs) {
-      const int64_t b = bs / p.S, s = bs % p.S;
+  // dk_idx[b, s] = the chunks' partial sums added in chunk order.
+  at::parallel_for(0, ip.B * ip.S, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(ip.Di);
+    for (int64_t bs = begin; bs < end; ++bs) {
+      const int64_t b = bs / ip.S, s = bs % ip.S;
       std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t c = 0; c < chunks; ++c) {
-        if (splits[c] == splits[c + 1] || b < b_first(c) || b > b_last(c)) continue;
-        axpy(sum.data(), acc_t(1), dk[c].data() + (b - b_first(c)) * key_row + s * p.Di, p.Di);
-      }
-      store_row(sum.data(), static_cast<scalar_t*>(bp.grad_k_idx) + bs * p.Di, p.Di);
+      for (int64_t c = 0; c < chunks; ++c)
+        if (splits[c] < splits[c + 1] && first_b(c) <= b && b <= last_b(c))
+          axpy(sum.data(), acc_t(1), dk[c].data() + (b - first_b(c)) * key_rows + s * ip.Di, ip.Di);
+      store_row(sum.data(), static_cast<scalar_t*>(bp.grad_k_idx) + bs * ip.Di, ip.Di);
     }
   });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cpu(
-    const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
-    const at::Tensor& k, const c10::optional<at::Tensor>& indices, double idx_scale, double attn_scale,
-    bool causal, const c10::optional<at::Tensor>& attn_lse) {
+    const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
+    const c10::optional<at::Tensor>& indices, double idx_scale, double attn_scale, bool causal,
+    const c10::optional<at::Tensor>& attn_lse) {
   auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q_idx.scalar_type(), "indexer_kl_loss_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q_idx.scalar_type(), "dsa.indexer_kl_loss",
                                   [&] { kl_loss_forward<scalar_t>(c.p); });
   return {c.loss, c.idx_lse, c.attn_lse};
 }
@@ -370,14 +426,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cpu(
   auto c = prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, idx_scale,
                                             attn_scale, causal);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.fwd.q_idx.scalar_type(),
-                                  "indexer_kl_loss_backward_cpu", [&] { kl_loss_backward<scalar_t>(c.p); });
+                                  "dsa.indexer_kl_loss_backward", [&] { kl_loss_backward<scalar_t>(c.p); });
   return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c, w)};
 }
 
 }  // namespace
-}  // namespace dsa::cpu
 
 TORCH_LIBRARY_IMPL(dsa, CPU, m) {
-  m.impl("indexer_kl_loss", &dsa::cpu::indexer_kl_loss_cpu);
-  m.impl("indexer_kl_loss_backward", &dsa::cpu::indexer_kl_loss_backward_cpu);
+  m.impl("indexer_kl_loss", &indexer_kl_loss_cpu);
+  m.impl("indexer_kl_loss_backward", &indexer_kl_loss_backward_cpu);
 }
+
+}  // namespace dsa::cpu

@@ -56,6 +56,13 @@ struct IndexerTile {
     for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_ss, k.data() + s * p.Di, p.Di);
   }
 
+  // The keys at positions keys[0:n] of batch b (a gathered block, e.g. one query's top-k).
+  void gather_keys(int64_t b, const int64_t* keys, int64_t n) {
+    ns = n;
+    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
+    for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_ss, k.data() + s * p.Di, p.Di);
+  }
+
   // dots[tq*Hi, ns] = q k^T, row stride ns.
   void compute_dots() {
     auto out = blob(dots.data(), {tq * p.Hi, ns});
@@ -79,6 +86,26 @@ struct IndexerTile {
       for (; s + W <= n; s += W)
         at::vec::fmadd(wj, at::vec::maximum(Vec::loadu(d + s), zero), Vec::loadu(out + s)).store(out + s);
       for (; s < n; ++s) out[s] += w[j] * static_cast<acc_t>(p.scale) * std::max(d[s], acc_t(0));
+    }
+  }
+
+  // Turns the dots of the tile's query t into dL/d(dots) in place, given g[0:n] = dL/dscore on its
+  // first n keys: g[s] * scale * w[t,j] where the dot is positive, 0 elsewhere and beyond n.
+  // With dw, also adds dL/dw[t,j] = sum_s g[s] * scale * relu(dot) to dw[j].
+  void dots_to_grad(int64_t b, int64_t t0, int64_t t, const acc_t* g, int64_t n, acc_t* dw) {
+    const acc_t scale = static_cast<acc_t>(p.scale);
+    const acc_t* w = w_row(b, t0 + t);
+    for (int64_t j = 0; j < p.Hi; ++j) {
+      acc_t* d = dots_row(t, j);
+      acc_t dw_tj = 0;
+      for (int64_t s = 0; s < n; ++s) {
+        const acc_t gs = g[s] * scale;
+        const bool active = d[s] > acc_t(0);
+        dw_tj += active ? gs * d[s] : acc_t(0);
+        d[s] = active ? gs * w[j] : acc_t(0);
+      }
+      std::fill(d + n, d + ns, acc_t(0));
+      if (dw != nullptr) dw[j] += dw_tj;
     }
   }
 };
