@@ -3,7 +3,8 @@
 // tile of queries that streams over its keys kKeyBlock at a time and keeps only per-query
 // running statistics. Dense form: up to kQueryBlock consecutive queries share the key blocks,
 // each using the prefix it sees; sparse form: one query and its valid index entries, gathered.
-// Both logit tiles come from GEMMs (indexer: IndexerTile; attention: one GEMM per kv head).
+// Both logit tiles come from register-tiled micro-kernels (indexer: IndexerTile; attention: per
+// kv head), never from BLAS, which would nest a thread team inside at::parallel_for.
 //
 // Forward, per query:
 //   pass A (skipped when the caller gives attn_lse): per-head online log-sum-exp of the
@@ -13,7 +14,8 @@
 //     P = sum p (when the max grows to m', lI is rescaled and A2 shifted by -(m' - m) * P). Then
 //     idx_lse = m + log lI and KL = sum p (log p - I + idx_lse) = A1 - A2 + P log lI.
 // Backward, per query (one pass, both lse saved by the forward): dL/dI(s) = g (softmax_I(s) - p(s))
-// on the support, then the indexer's chain rule on the tile (IndexerTile::dots_to_grad, two GEMMs).
+// on the support, then the indexer's chain rule on the tile (IndexerTile::dots_to_grad, then
+// the combine and scatter micro-kernels for dq_idx and dk_idx).
 // dk_idx sums over queries: each thread chunk accumulates into its own buffer (over the batches
 // its items span) and the buffers are added in chunk order: deterministic for a thread count.
 //
@@ -143,30 +145,39 @@ class KeyStream {
 };
 
 // Attention logits a_h(s) = attn_scale * q[t,h] . k[s, h / G] of a query tile against a key
-// block, one GEMM per kv head over the G heads that share it. Per-thread scratch.
+// block: per kv head, the micro-kernel of attention_tiles.h over the tq * G query rows that share
+// it (padded with zero rows to a multiple of kHeadTile). Per-thread scratch.
 template <typename scalar_t>
 struct AttentionTile {
   using acc_t = acc_type<scalar_t>;
   const IndexerKlLossParams& p;
   const int64_t G;
-  std::vector<acc_t> q;       // [Hkv][tq][G][Dqk], times attn_scale
-  std::vector<acc_t> k;       // [Hkv][ns][Dqk]
-  std::vector<acc_t> logits;  // [Hkv][tq][G][ns]
-  int64_t tq = 0, ns = 0;
+  const int64_t m_cap;        // query rows per kv head: kQueryBlock * G rounded up to kHeadTile
+  std::vector<acc_t> q;       // [Hkv][m_cap][Dqk]: rows t * G + g, times attn_scale; pad rows 0
+  std::vector<acc_t> k;       // [Hkv][kKeyBlock][Dqk]
+  std::vector<acc_t> logits;  // [Hkv][m_cap][ns]
+  std::vector<const acc_t*> k_rows;  // [Hkv][kKeyBlock] row pointers into k
+  int64_t tq = 0, ns = 0, m = 0;
 
   explicit AttentionTile(const IndexerKlLossParams& params)
       : p(params),
         G(params.H / params.Hkv),
-        q(kQueryBlock * params.H * params.Dqk),
-        k(kKeyBlock * params.Hkv * params.Dqk),
-        logits(kQueryBlock * params.H * kKeyBlock) {}
+        m_cap((kQueryBlock * G + kHeadTile - 1) / kHeadTile * kHeadTile),
+        q(params.Hkv * m_cap * params.Dqk),
+        k(params.Hkv * kKeyBlock * params.Dqk),
+        logits(params.Hkv * m_cap * kKeyBlock),
+        k_rows(params.Hkv * kKeyBlock) {
+    for (int64_t r = 0; r < params.Hkv * kKeyBlock; ++r) k_rows[r] = k.data() + r * params.Dqk;
+  }
 
   void load_queries(int64_t b, int64_t t0, int64_t n) {
     tq = n;
+    m = (n * G + kHeadTile - 1) / kHeadTile * kHeadTile;
+    std::fill(q.begin(), q.end(), acc_t(0));
     const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_sb;
     for (int64_t t = 0; t < n; ++t)
       for (int64_t h = 0; h < p.H; ++h) {
-        acc_t* dst = q.data() + (((h / G) * tq + t) * G + h % G) * p.Dqk;
+        acc_t* dst = q.data() + ((h / G) * m_cap + t * G + h % G) * p.Dqk;
         load_row(base + (t0 + t) * p.q_st + h * p.q_sh, dst, p.Dqk);
         scale_row(dst, static_cast<acc_t>(p.attn_scale), p.Dqk);
       }
@@ -183,20 +194,21 @@ struct AttentionTile {
   }
 
   void compute_logits() {
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) {
-      auto out = blob(logits.data() + hk * tq * G * ns, {tq * G, ns});
-      at::mm_out(out, blob(q.data() + hk * tq * G * p.Dqk, {tq * G, p.Dqk}),
-                 blob(k.data() + hk * ns * p.Dqk, {ns, p.Dqk}).t());
-    }
+    for (int64_t hk = 0; hk < p.Hkv; ++hk)
+      gathered_dots(q.data() + hk * m_cap * p.Dqk, m, p.Dqk, k_rows.data() + hk * kKeyBlock, ns,
+                    logits.data() + hk * m_cap * kKeyBlock, ns);
   }
 
   // a_h of the tile's query t over the block's keys.
-  const acc_t* row(int64_t t, int64_t h) const { return logits.data() + (((h / G) * tq + t) * G + h % G) * ns; }
+  const acc_t* row(int64_t t, int64_t h) const {
+    return logits.data() + (h / G) * m_cap * kKeyBlock + (t * G + h % G) * ns;
+  }
 
  private:
   void load_key(int64_t b, int64_t key, int64_t s) {
     const auto* src = static_cast<const scalar_t*>(p.k) + b * p.k_sb + key * p.k_ss;
-    for (int64_t hk = 0; hk < p.Hkv; ++hk) load_row(src + hk * p.k_sh, k.data() + (hk * ns + s) * p.Dqk, p.Dqk);
+    for (int64_t hk = 0; hk < p.Hkv; ++hk)
+      load_row(src + hk * p.k_sh, k.data() + (hk * kKeyBlock + s) * p.Dqk, p.Dqk);
   }
 };
 
@@ -349,7 +361,8 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
     AttentionTile<scalar_t> atile(p);
     KeyStream keys(p);
     std::vector<acc_t> dq(kQueryBlock * ip.Hi * ip.Di), dw(kQueryBlock * ip.Hi);
-    std::vector<acc_t> I(kKeyBlock), dI(kKeyBlock), dk_gathered(kKeyBlock * ip.Di);
+    std::vector<acc_t> I(kKeyBlock), dI(kKeyBlock);
+    std::vector<acc_t*> dk_rows(kKeyBlock);
     for (int64_t i = ib; i < ie; ++i) {
       const Item it = item_at(p, i);
       const int64_t row0 = it.b * ip.T + it.t0;
@@ -378,17 +391,11 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
           }
           itile.dots_to_grad(it.b, it.t0, t, dI.data(), n, dw.data() + t * ip.Hi);
         }
-        const auto grad_dots = blob(itile.dots.data(), {it.tq * ip.Hi, keys.ns});
-        const auto q_rows = blob(itile.q.data(), {it.tq * ip.Hi, ip.Di});
-        blob(dq.data(), {it.tq * ip.Hi, ip.Di}).addmm_(grad_dots, blob(itile.k.data(), {keys.ns, ip.Di}));
-        if (!keys.gathered()) {
-          blob(dk_batch + keys.s0 * ip.Di, {keys.ns, ip.Di}).addmm_(grad_dots.t(), q_rows);
-        } else {  // scatter: a key listed twice receives both contributions
-          auto gathered = blob(dk_gathered.data(), {keys.ns, ip.Di});
-          at::mm_out(gathered, grad_dots.t(), q_rows);
-          for (int64_t s = 0; s < keys.ns; ++s)
-            axpy(dk_batch + keys.keys()[s] * ip.Di, acc_t(1), dk_gathered.data() + s * ip.Di, ip.Di);
-        }
+        // dq += grad_dots k;  dk_idx[s] += grad_dots^T q (a key listed twice gets both)
+        gathered_combine(itile.dots.data(), keys.ns, itile.m, itile.k_rows.data(), keys.ns, ip.Di, dq.data());
+        for (int64_t s = 0; s < keys.ns; ++s)
+          dk_rows[s] = dk_batch + (keys.gathered() ? keys.keys()[s] : keys.s0 + s) * ip.Di;
+        gathered_scatter(itile.dots.data(), keys.ns, itile.m, itile.q.data(), ip.Di, dk_rows.data(), keys.ns);
       }
       store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q_idx) + row0 * ip.Hi * ip.Di, it.tq * ip.Hi * ip.Di);
       std::copy(dw.begin(), dw.begin() + it.tq * ip.Hi, static_cast<acc_t*>(bp.grad_w) + row0 * ip.Hi);
