@@ -129,7 +129,7 @@ def _lse(x, dim=-1):
 
 
 def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None, causal=True,
-                    attn_lse=None):
+                    attn_lse=None, upcast=True):
     """Per-token KL(p_t || softmax_{U_t}(I[t])) with full [B, H, T, S] probabilities.
 
     p_t = mean over heads h of softmax_{U_t}(attn_scale * q[t,h] . k[s, h // (H // Hkv)]),
@@ -138,13 +138,14 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
     key listed m times counting m times in both distributions (weight m = log m added to both
     logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
     replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
-    empty row gives 0 with zero gradients.
+    empty row gives 0 with zero gradients. upcast=False computes in the input dtype throughout
+    (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S, H, Hkv, Dqk = k_idx.shape[1], q.shape[2], k.shape[2], q.shape[3]
     if attn_scale is None:
         attn_scale = Dqk ** -0.5
-    acc = _acc(q_idx.dtype)
+    acc = _acc(q_idx.dtype, upcast)
     if indices is None:
         if causal and S < T:
             raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
@@ -164,7 +165,8 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
         lse_a = _lse(a) if attn_lse is None else attn_lse.to(acc).permute(0, 2, 1)[..., None]
         p = torch.where(support[:, None], torch.exp(a - lse_a), torch.zeros_like(a)).mean(dim=1)  # [B,T,S]
         log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
-    logits = indexer_logits(q_idx, k_idx, w, idx_scale, causal=False) + log_count
+    logits = indexer_logits(q_idx, k_idx, w, idx_scale, causal=False, upcast=upcast) + log_count
     log_q = logits - _lse(logits)
     log_q = torch.where(support, log_q, torch.zeros_like(log_q))
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+    loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+    return loss.to(_acc(q_idx.dtype))
