@@ -135,7 +135,7 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
     p_t = mean over heads h of softmax_{U_t}(attn_scale * q[t,h] . k[s, h // (H // Hkv)]),
     I = indexer_logits(q_idx, k_idx, w, idx_scale). U_t: every causal key (indices None; all S
     keys when causal is False) or the valid entries of indices[b,t] (no causal mask on top), a
-    key listed m times counting m times in both distributions (weight m = log m added to both
+    key listed m times counting m times in both distributions (log m added to both
     logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
     replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
     empty row gives 0 with zero gradients. upcast=False computes in the input dtype throughout
