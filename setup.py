@@ -42,13 +42,13 @@ def _cpu_vector_flags():
 def build_extension():
     use_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden", *_cpu_vector_flags()]
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *_cpu_vector_flags()]
     if not use_cuda:
         return cpp_extension.CppExtension(
             "dsa_ext._C", sources, extra_compile_args={"cxx": cxx},
             include_dirs=[os.path.join(ROOT, "csrc")])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+    nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DDSA_EXT_WITH_CUDA"]
     return cpp_extension.CUDAExtension(
         "dsa_ext._C", sources + _sources("csrc/cuda/*.cu"),

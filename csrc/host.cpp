@@ -22,7 +22,7 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   p.B = d.B, p.T = d.T, p.S = d.S, p.Hi = d.Hi, p.Di = d.Di;
   p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
   p.k_sb = k.stride(0), p.k_ss = k.stride(1);
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   p.causal = causal;
   p.causal_offset = d.S - d.T;
   return p;
@@ -126,7 +126,7 @@ SparseAttentionCall sparse_attention_call(const AttentionDims& d, const at::Tens
   p.v_sb = c.v.stride(0), p.v_ss = c.v.stride(1), p.v_sh = c.v.stride(2);
   p.i_sb = c.indices.stride(0), p.i_st = c.indices.stride(1);
   p.i_sh = d.per_kv_head_indices ? c.indices.stride(2) : 0;
-  p.scale = static_cast<float>(scale);
+  p.scale = scale;
   return c;
 }
 

@@ -14,7 +14,7 @@ struct IndexerParams {
   int64_t B, T, S, Hi, Di;
   int64_t q_sb, q_st, q_sh;
   int64_t k_sb, k_ss;
-  float scale;
+  double scale;  // double so that float64 inputs keep full precision; kernels cast to their acc type
   bool causal;
   int64_t causal_offset;  // S - T: query t sees keys s <= t + causal_offset
 };
@@ -52,7 +52,7 @@ struct SparseAttentionParams {
   int64_t k_sb, k_ss, k_sh;
   int64_t v_sb, v_ss, v_sh;
   int64_t i_sb, i_st, i_sh;  // i_sh == 0 when one index row serves every kv head
-  float scale;
+  double scale;  // double so that float64 inputs keep full precision; kernels cast to their acc type
 };
 
 struct SparseAttentionBwdParams {

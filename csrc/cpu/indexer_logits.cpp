@@ -1,0 +1,151 @@
+// CPU indexer_logits forward and backward. Parallel over (batch, query block) for the logits,
+// dq and dw; over (batch, key block) for dk, so every output element has one writer and the
+// result is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../host.h"
+#include "indexer_tiles.h"
+
+namespace dsa::cpu {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename scalar_t>
+void indexer_logits_kernel(const IndexerParams& p, acc_type<scalar_t>* logits) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t blocks = ceil_div(p.T, kQueryBlock);
+  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    IndexerTile<scalar_t> tile(p);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
+      const int64_t n = std::min(kQueryBlock, p.T - t0);
+      tile.load_queries(b, t0, n);
+      const int64_t visible = block_visible_keys(p, t0, n);
+      for (int64_t s0 = 0; s0 < visible; s0 += kKeyBlock) {
+        tile.load_keys(b, s0, std::min(kKeyBlock, visible - s0));
+        tile.compute_dots();
+        for (int64_t t = 0; t < n; ++t) tile.scores(b, t0, t, tile.ns, logits + (b * p.T + t0 + t) * p.S + s0);
+      }
+      for (int64_t t = 0; t < n; ++t) {
+        acc_t* row = logits + (b * p.T + t0 + t) * p.S;
+        std::fill(row + visible_keys(p, t0 + t), row + p.S, neg_inf<acc_t>());
+      }
+    }
+  });
+}
+
+// Turns the tile's dots into dL/d(dots) in place: g[t,s] * scale * w[t,j] where the dot is
+// positive and key s is visible to query t, else 0. With dw, also accumulates
+// dw[t,j] += g[t,s] * scale * relu(dot).
+template <typename scalar_t>
+void dots_to_grad(IndexerTile<scalar_t>& tile, const IndexerBwdParams& bp, int64_t b, int64_t t0, int64_t s0,
+                  acc_type<scalar_t>* dw) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& p = bp.fwd;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t t = 0; t < tile.tq; ++t) {
+    const acc_t* g = static_cast<const acc_t*>(bp.grad_logits) + b * bp.g_sb + (t0 + t) * bp.g_st + s0;
+    const int64_t n = std::clamp<int64_t>(visible_keys(p, t0 + t) - s0, 0, tile.ns);
+    const acc_t* w = tile.w_row(b, t0 + t);
+    for (int64_t j = 0; j < p.Hi; ++j) {
+      acc_t* d = tile.dots_row(t, j);
+      acc_t dw_tj = 0;
+      for (int64_t s = 0; s < n; ++s) {
+        const acc_t gs = g[s] * scale;
+        const bool active = d[s] > acc_t(0);
+        dw_tj += active ? gs * d[s] : acc_t(0);
+        d[s] = active ? gs * w[j] : acc_t(0);
+      }
+      std::fill(d + n, d + tile.ns, acc_t(0));
+      if (dw != nullptr) dw[t * p.Hi + j] += dw_tj;
+    }
+  }
+}
+
+template <typename scalar_t>
+void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
+  using acc_t = acc_type<scalar_t>;
+  const auto& p = bp.fwd;
+  const int64_t qblocks = ceil_div(p.T, kQueryBlock);
+  // dq and dw: one query block per work item.
+  at::parallel_for(0, p.B * qblocks, 1, [&](int64_t begin, int64_t end) {
+    IndexerTile<scalar_t> tile(p);
+    std::vector<acc_t> dq(kQueryBlock * p.Hi * p.Di), dw(kQueryBlock * p.Hi);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / qblocks, t0 = (item % qblocks) * kQueryBlock;
+      const int64_t n = std::min(kQueryBlock, p.T - t0);
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      std::fill(dw.begin(), dw.end(), acc_t(0));
+      auto dq_t = blob(dq.data(), {n * p.Hi, p.Di});
+      tile.load_queries(b, t0, n);
+      const int64_t visible = block_visible_keys(p, t0, n);
+      for (int64_t s0 = 0; s0 < visible; s0 += kKeyBlock) {
+        tile.load_keys(b, s0, std::min(kKeyBlock, visible - s0));
+        tile.compute_dots();
+        dots_to_grad(tile, bp, b, t0, s0, dw.data());
+        dq_t.addmm_(blob(tile.dots.data(), {n * p.Hi, tile.ns}), blob(tile.k.data(), {tile.ns, p.Di}));
+      }
+      auto* gq = static_cast<scalar_t*>(bp.grad_q) + (b * p.T + t0) * p.Hi * p.Di;
+      store_row(dq.data(), gq, n * p.Hi * p.Di);
+      std::copy(dw.begin(), dw.begin() + n * p.Hi, static_cast<acc_t*>(bp.grad_w) + (b * p.T + t0) * p.Hi);
+    }
+  });
+  // dk: one key block per work item, over the queries that see it.
+  const int64_t kblocks = ceil_div(p.S, kKeyBlock);
+  at::parallel_for(0, p.B * kblocks, 1, [&](int64_t begin, int64_t end) {
+    IndexerTile<scalar_t> tile(p);
+    std::vector<acc_t> dk(kKeyBlock * p.Di);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kblocks, s0 = (item % kblocks) * kKeyBlock;
+      const int64_t ns = std::min(kKeyBlock, p.S - s0);
+      std::fill(dk.begin(), dk.end(), acc_t(0));
+      auto dk_t = blob(dk.data(), {ns, p.Di});
+      tile.load_keys(b, s0, ns);
+      const int64_t first_query = p.causal ? std::max<int64_t>(0, s0 - p.causal_offset) : 0;
+      for (int64_t t0 = first_query; t0 < p.T; t0 += kQueryBlock) {
+        const int64_t n = std::min(kQueryBlock, p.T - t0);
+        tile.load_queries(b, t0, n);
+        tile.compute_dots();
+        dots_to_grad<scalar_t>(tile, bp, b, t0, s0, nullptr);
+        dk_t.addmm_(blob(tile.dots.data(), {n * p.Hi, ns}).t(), blob(tile.q.data(), {n * p.Hi, p.Di}));
+      }
+      store_row(dk.data(), static_cast<scalar_t*>(bp.grad_k) + (b * p.S + s0) * p.Di, ns * p.Di);
+    }
+  });
+}
+
+#define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
+
+at::Tensor indexer_logits_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, double scale,
+                              bool causal) {
+  auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal);
+  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_logits", [&] {
+    indexer_logits_kernel<scalar_t>(c.p, c.logits.data_ptr<acc_type<scalar_t>>());
+  });
+  return c.logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cpu(const at::Tensor& grad_logits,
+                                                                           const at::Tensor& q_idx,
+                                                                           const at::Tensor& k_idx,
+                                                                           const at::Tensor& w, double scale,
+                                                                           bool causal) {
+  auto c = prepare_indexer_logits_backward(grad_logits, q_idx, k_idx, w, scale, causal);
+  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_logits_backward",
+                          [&] { indexer_logits_backward_kernel<scalar_t>(c.p); });
+  return {c.grad_q, c.grad_k, finish_grad_w(c, w)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsa, CPU, m) {
+  m.impl("indexer_logits", &indexer_logits_cpu);
+  m.impl("indexer_logits_backward", &indexer_logits_backward_cpu);
+}
+
+}  // namespace dsa::cpu

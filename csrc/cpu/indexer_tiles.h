@@ -1,0 +1,91 @@
+// Tiled indexer scores on the CPU, shared by indexer_logits (forward, backward), indexer_topk and
+// the indexer KL loss. A tile is a block of tq queries (all Hi heads) against ns keys: the
+// head dot products come from one GEMM over rows converted to acc_t, the ReLU and the weighted
+// head sum run in the epilogue. Nothing larger than a tile is ever materialised.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../params.h"
+#include "vec_math.h"
+
+namespace dsa::cpu {
+
+constexpr int64_t kQueryBlock = 16;  // queries per tile (x Hi GEMM rows)
+constexpr int64_t kKeyBlock = 256;   // keys per tile
+
+template <typename acc_t>
+at::Tensor blob(acc_t* data, at::IntArrayRef sizes) {
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// Per-thread scratch for one tile, reused across tiles.
+template <typename scalar_t>
+struct IndexerTile {
+  using acc_t = acc_type<scalar_t>;
+  const IndexerParams& p;
+  std::vector<acc_t> q;     // [tq * Hi, Di]
+  std::vector<acc_t> k;     // [ns, Di]
+  std::vector<acc_t> dots;  // [tq * Hi, ns]
+  int64_t tq = 0, ns = 0;
+
+  explicit IndexerTile(const IndexerParams& params)
+      : p(params),
+        q(kQueryBlock * params.Hi * params.Di),
+        k(kKeyBlock * params.Di),
+        dots(kQueryBlock * params.Hi * kKeyBlock) {}
+
+  const acc_t* w_row(int64_t b, int64_t t) const {
+    return static_cast<const acc_t*>(p.w) + (b * p.T + t) * p.Hi;
+  }
+
+  void load_queries(int64_t b, int64_t t0, int64_t n) {
+    tq = n;
+    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_sb;
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t j = 0; j < p.Hi; ++j)
+        load_row(base + (t0 + t) * p.q_st + j * p.q_sh, q.data() + (t * p.Hi + j) * p.Di, p.Di);
+  }
+
+  void load_keys(int64_t b, int64_t s0, int64_t n) {
+    ns = n;
+    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
+    for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_ss, k.data() + s * p.Di, p.Di);
+  }
+
+  // dots[tq*Hi, ns] = q k^T, row stride ns.
+  void compute_dots() {
+    auto out = blob(dots.data(), {tq * p.Hi, ns});
+    at::mm_out(out, blob(q.data(), {tq * p.Hi, p.Di}), blob(k.data(), {ns, p.Di}).t());
+  }
+
+  const acc_t* dots_row(int64_t t, int64_t j) const { return dots.data() + (t * p.Hi + j) * ns; }
+  acc_t* dots_row(int64_t t, int64_t j) { return dots.data() + (t * p.Hi + j) * ns; }
+
+  // out[0:n] = scale * sum_j w[t,j] * relu(dots[t,j,0:n]) for the tile's query t.
+  void scores(int64_t b, int64_t t0, int64_t t, int64_t n, acc_t* out) const {
+    using Vec = at::vec::Vectorized<acc_t>;
+    constexpr int64_t W = Vec::size();
+    std::fill(out, out + n, acc_t(0));
+    const acc_t* w = w_row(b, t0 + t);
+    for (int64_t j = 0; j < p.Hi; ++j) {
+      const acc_t* d = dots_row(t, j);
+      const Vec wj(w[j] * static_cast<acc_t>(p.scale));
+      const Vec zero(acc_t(0));
+      int64_t s = 0;
+      for (; s + W <= n; s += W)
+        at::vec::fmadd(wj, at::vec::maximum(Vec::loadu(d + s), zero), Vec::loadu(out + s)).store(out + s);
+      for (; s < n; ++s) out[s] += w[j] * static_cast<acc_t>(p.scale) * std::max(d[s], acc_t(0));
+    }
+  }
+};
+
+// Visible keys of the query block [t0, t0+n): the last query sees the most.
+inline int64_t block_visible_keys(const IndexerParams& p, int64_t t0, int64_t n) {
+  return visible_keys(p, t0 + n - 1);
+}
+
+}  // namespace dsa::cpu

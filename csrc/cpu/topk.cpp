@@ -1,0 +1,81 @@
+// CPU topk_indices (over given logits) and indexer_topk (fused: indexer score tiles stream
+// into one running selection per query; [B, T, S] never exists). Parallel over rows.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../host.h"
+#include "indexer_tiles.h"
+#include "topk_selector.h"
+
+namespace dsa::cpu {
+namespace {
+
+template <typename scalar_t>
+void topk_indices_kernel(const TopkParams& p) {
+  using acc_t = acc_type<scalar_t>;
+  at::parallel_for(0, p.B * p.T, 16, [&](int64_t begin, int64_t end) {
+    TopkSelector<acc_t> selector(p.k);
+    std::vector<acc_t> row(p.S);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.T, t = r % p.T;
+      load_row(static_cast<const scalar_t*>(p.logits) + b * p.l_sb + t * p.l_st, row.data(), p.S);
+      selector.reset();
+      selector.push(row.data(), p.S, 0);
+      selector.finish(p.out + r * p.k);
+    }
+  });
+}
+
+template <typename scalar_t>
+void indexer_topk_kernel(const IndexerParams& p, int64_t k, int32_t* out) {
+  using acc_t = acc_type<scalar_t>;
+  const int64_t blocks = (p.T + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+    IndexerTile<scalar_t> tile(p);
+    std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(k));
+    std::vector<acc_t> scores(kKeyBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
+      const int64_t n = std::min(kQueryBlock, p.T - t0);
+      for (auto& s : selectors) s.reset();
+      tile.load_queries(b, t0, n);
+      const int64_t visible = block_visible_keys(p, t0, n);
+      for (int64_t s0 = 0; s0 < visible; s0 += kKeyBlock) {
+        tile.load_keys(b, s0, std::min(kKeyBlock, visible - s0));
+        tile.compute_dots();
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t ns = std::clamp<int64_t>(visible_keys(p, t0 + t) - s0, 0, tile.ns);
+          tile.scores(b, t0, t, ns, scores.data());
+          selectors[t].push(scores.data(), ns, s0);
+        }
+      }
+      for (int64_t t = 0; t < n; ++t) selectors[t].finish(out + (b * p.T + t0 + t) * k);
+    }
+  });
+}
+
+at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k) {
+  auto c = prepare_topk(logits, k);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.logits.scalar_type(), "dsa.topk_indices",
+                                  [&] { topk_indices_kernel<scalar_t>(c.p); });
+  return c.out;
+}
+
+at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t k,
+                            double scale, bool causal) {
+  auto c = prepare_indexer_topk(q_idx, k_idx, w, k, scale, causal);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q.scalar_type(), "dsa.indexer_topk",
+                                  [&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); });
+  return c.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dsa, CPU, m) {
+  m.impl("topk_indices", &topk_indices_cpu);
+  m.impl("indexer_topk", &indexer_topk_cpu);
+}
+
+}  // namespace dsa::cpu
