@@ -6,8 +6,10 @@
 //   - everything else (float32, float64, odd dims, misaligned views): the row-wise kernels.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -39,7 +41,12 @@ ElemType elem_type(at::ScalarType t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int smem_opt_in() { return static_cast<int>(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin); }
+// Shared memory a block may use on the current device (after opting in).
+int smem_opt_in() {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  return bytes;
+}
 
 // The tensor-core kernels copy rows in 16-byte pieces: every row must start 16-byte aligned.
 bool rows_aligned(const at::Tensor& t) {
@@ -116,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
     c.lse.fill_(-std::numeric_limits<double>::infinity());
     return {c.out, c.lse};
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const ElemType et = elem_type(c.q.scalar_type());
   if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
     check_grid(op, p.B * p.T * p.Hkv * s->chunks);
@@ -144,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
     c.grad_v.zero_();
     return {c.grad_q, c.grad_k, c.grad_v};
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   const ElemType et = elem_type(c.fwd.q.scalar_type());
   const auto acc_options = c.fwd.q.options().dtype(score_dtype(c.fwd.q.scalar_type()));
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
