@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -41,10 +42,13 @@ ElemType elem_type(at::ScalarType t) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Shared memory a block may use on the current device (after opting in).
+// Shared memory a block may use on the current device (after opting in). The environment
+// variable DSA_EXT_CUDA_SMEM_LIMIT (bytes) lowers it, so that the tests can run on one GPU the
+// block shapes that GPUs with less shared memory get (one stage, fewer rows per block).
 int smem_opt_in() {
   int bytes = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  if (const char* cap = std::getenv("DSA_EXT_CUDA_SMEM_LIMIT")) bytes = std::min(bytes, std::atoi(cap));
   return bytes;
 }
 
