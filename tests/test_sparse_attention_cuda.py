@@ -432,7 +432,7 @@ def test_determinism_switch():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.ops.dsa.sparse_attention_backward(out1.detach(), None, q.detach(), k.detach(), v.detach(), idx,
-                                                    out1.detach(), lse1, D ** -0.5)
+                                                    out1.detach(), lse1.detach(), D ** -0.5)
         assert any("dsa.sparse_attention_backward" in str(w.message) for w in caught)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=was_warn)
