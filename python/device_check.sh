@@ -5,14 +5,19 @@
 #   2. run every CUDA test (pytest -m cuda tests)
 #   3. run the CUDA benchmarks (python/bench_cuda_attention.py, one shape per run)
 #   4. print a short summary table, last.
-# Every stage has its own time limit; the whole script stays under 8 minutes. Logs, junit XML and
-# benchmark JSON go to $OUT (or ./device_check_out when OUT is not set).
+# Every stage runs under `timeout`; the tests get the time the build leaves, within one deadline
+# that keeps the whole script under 8 minutes. Logs, junit XML and benchmark JSON go to $OUT (or
+# ./device_check_out when OUT is not set).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside the toolkit
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
+DEADLINE=450  # seconds after start by which every stage has ended (+5 s kill grace per stage)
+BENCH_LIMIT=50
 declare -A STATUS SECONDS_USED
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, logs to $OUT_DIR/NAME.log
@@ -41,10 +46,10 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, 
 cat "$OUT_DIR/env.log"
 
 if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY" setup.py build_ext --inplace; then
-  stage tests 150 "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
+  stage tests $((DEADLINE - SECONDS - 2 * BENCH_LIMIT)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
     --junitxml="$OUT_DIR/tests.xml"
-  stage bench_mla 50 "$PY" python/bench_cuda_attention.py --shapes mla --json "$OUT_DIR/bench_mla.json"
-  stage bench_gqa 50 "$PY" python/bench_cuda_attention.py --shapes gqa --json "$OUT_DIR/bench_gqa.json"
+  stage bench_mla $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes mla --json "$OUT_DIR/bench_mla.json"
+  stage bench_gqa $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes gqa --json "$OUT_DIR/bench_gqa.json"
 fi
 
 echo
