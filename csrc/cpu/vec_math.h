@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace dsa::cpu {
 
@@ -59,6 +60,28 @@ inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
 template <typename acc_t>
 inline void scale_row(acc_t* y, acc_t a, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] *= a;
+}
+
+// x[0:n] = exp(x[0:n] - m); returns the sum. float uses ATen's vectorised polynomial exp
+// (exp_u20, no Sleef); double keeps std::exp, whose precision the float64 tests rely on.
+template <typename acc_t>
+inline acc_t exp_shifted(acc_t* x, acc_t m, int64_t n) {
+  acc_t sum = 0;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    using Vec = at::vec::Vectorized<float>;
+    constexpr int64_t W = Vec::size();
+    const Vec vm(m);
+    Vec vs(0.f);
+    for (; i + W <= n; i += W) {
+      const Vec e = (Vec::loadu(x + i) - vm).exp_u20();
+      e.store(x + i);
+      vs = vs + e;
+    }
+    sum = at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, vs);
+  }
+  for (; i < n; ++i) sum += (x[i] = std::exp(x[i] - m));
+  return sum;
 }
 
 template <typename acc_t>
