@@ -10,7 +10,6 @@ DSA_EXT_TEST_DEVICE=cpu runs the same checks against the CPU kernels (used to te
 machines without a GPU); the CUDA-only checks then skip.
 """
 import os
-import random
 import warnings
 
 import pytest
@@ -22,21 +21,13 @@ from dsa_ext import reference
 
 DEVICE = os.environ.get("DSA_EXT_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
-pytestmark = [pytest.mark.cuda] if ON_CUDA else []
+pytestmark = [pytest.mark.usefixtures("seed")] + ([pytest.mark.cuda] if ON_CUDA else [])  # seed: conftest.py
 if ON_CUDA and not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 cuda_only = pytest.mark.skipif(not ON_CUDA, reason="checks a CUDA-only behaviour")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32] if ON_CUDA else [torch.bfloat16, torch.float32]
 A100_SMEM = 166912  # the opt-in shared memory per block of sm_80: one stage, fewer rows per block
-
-
-@pytest.fixture(autouse=True)
-def _seed(request):
-    value = int(os.environ.get("DSA_EXT_SEED", random.SystemRandom().randrange(2**31)))
-    torch.manual_seed(value)
-    print(f"\n[{request.node.name}] DSA_EXT_SEED={value}")
-    return value
 
 
 # ------------------------------------------------------------------------------------------------
