@@ -162,7 +162,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
                                                         double scale) {
   auto c = prepare_sparse_attention(q, k, v, indices, scale);
   check_index_values("dsa.sparse_attention", c.indices, c.p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention",
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention",
                                   [&] { sparse_attention_fwd_kernel<scalar_t>(c.p); });
   return {c.out, c.lse};
 }
@@ -173,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& p = c.p.fwd;
   check_index_values("dsa.sparse_attention_backward", c.fwd.indices, p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention_backward", [&] {
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention_backward", [&] {
     const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.B * p.T * p.Hkv));
     auto dk_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dqk}, q.options().dtype(acc));

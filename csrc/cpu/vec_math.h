@@ -3,6 +3,7 @@
 // double for float64: every kernel converts rows to acc_t once, then works on acc_t arrays.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +12,10 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+
+// The CPU kernels' dtypes: float64, float32, bfloat16 (and float16).
+#define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace dsa::cpu {
 
