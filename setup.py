@@ -13,7 +13,13 @@ import os
 import platform
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch derives CUDA_HOME from the nvcc on PATH; where nvcc is a link in /usr/local/bin that
+# gives /usr/local, whose lib64 has no libcudart. Prefer the toolkit's own folder.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

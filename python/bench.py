@@ -9,7 +9,12 @@ FLOPs (shared/REFERENCES.md conventions): sparse forward 2*T*k*H*(Dqk+Dv), backw
 2*T*k*H*(2*Dv+3*Dqk); dense causal forward 2*T*S*H*(Dqk+Dv)/2, backward 2.5x forward. The
 machine's ceiling is a large float32 matmul measured in the same run.
 
+CUDA: `python python/bench.py --device cuda [args...]` runs the GPU suites instead
+(python/bench_cuda_attention.py: TFLOP/s of the tensor-core sparse attention against dense
+flash SDPA); the remaining arguments go to that suite.
+
 Usage: python python/bench.py [--sizes 2048 4096 8192] [--dtypes bfloat16 float32] [--out DIR]
+       python python/bench.py --device cuda [--shapes mla gqa] [--json FILE]
 """
 from __future__ import annotations
 
@@ -106,12 +111,19 @@ def print_table(rows, ceiling):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     parser.add_argument("--k", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default="out/bench")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.device == "cuda":
+        import bench_cuda_attention  # python/ is on sys.path when this file runs
+
+        return bench_cuda_attention.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)
     ceiling = matmul_ceiling()
     rows = []

@@ -3,6 +3,7 @@
 // double for float64: every kernel converts rows to acc_t once, then works on acc_t arrays.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -11,6 +12,10 @@
 #include <cstdint>
 #include <limits>
 #include <type_traits>
+
+// The CPU kernels' dtypes: float64, float32, bfloat16 (and float16).
+#define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
 namespace dsa::cpu {
 
@@ -27,6 +32,36 @@ inline void load_row(const scalar_t* src, acc_t* dst, int64_t n) {
 template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* src, scalar_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// One vector of acc_t from W = Vectorized<acc_t>::size() stored elements of type T: gathered
+// bfloat16/float16 rows are read as they are stored (half the bytes of a float copy) and
+// widened in registers.
+template <typename acc_t, typename T>
+inline at::vec::Vectorized<acc_t> load_widen(const T* p) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vec::loadu(p);
+  } else {
+    static_assert(std::is_same_v<acc_t, float>, "only float widens from 16-bit storage");
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      return Vec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16)));
+    else
+      return Vec(_mm512_cvtph_ps(raw));
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      return Vec(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16)));
+    else
+      return Vec(_mm256_cvtph_ps(raw));
+#else
+    acc_t lanes[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) lanes[i] = static_cast<acc_t>(p[i]);
+    return Vec::loadu(lanes);
+#endif
+  }
 }
 
 // Sum of a vector's lanes: the instruction-set's reduction for float, lanes in order for double.
