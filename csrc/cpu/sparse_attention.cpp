@@ -1,7 +1,7 @@
 // CPU sparse_attention forward and backward. One work item is (batch, query, kv head): the G
 // query heads that share the kv head are scored against each gathered key together, so a key
-// row is read once per item. K and V are converted to acc_t once per call (O(S) memory), not
-// once per gather (O(T*k) conversions).
+// row is read once per item. Gathered rows are read in their stored dtype and widened in
+// registers: the random row gathers bound this kernel, and bfloat16 rows are half the bytes.
 //
 // The backward recomputes probabilities from lse. dq belongs to its item; dk and dv receive
 // contributions from every query that selected the key, so each of a fixed number of chunks
@@ -22,28 +22,14 @@
 namespace dsa::cpu {
 namespace {
 
-// K and V as acc_t with their own strides (a no-op view when already acc_t).
-struct KeyValues {
-  at::Tensor k, v;
-  int64_t k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
-};
-
-KeyValues key_values_as(const SparseAttentionCall& c, at::ScalarType acc) {
-  KeyValues kv;
-  kv.k = c.k.to(acc);
-  kv.v = c.v.to(acc);
-  kv.k_sb = kv.k.stride(0), kv.k_ss = kv.k.stride(1), kv.k_sh = kv.k.stride(2);
-  kv.v_sb = kv.v.stride(0), kv.v_ss = kv.v.stride(1), kv.v_sh = kv.v.stride(2);
-  return kv;
-}
-
 // One work item: (batch, query, kv head), its G query heads padded to Gp (a multiple of the
 // micro-kernels' head tile) and its valid gathered rows.
-template <typename acc_t>
+template <typename scalar_t>
 struct ItemScratch {
+  using acc_t = acc_type<scalar_t>;
   int64_t G, Gp, n = 0;
   std::vector<acc_t> q, dout, scores, probs;
-  std::vector<const acc_t*> krows, vrows;
+  std::vector<const scalar_t*> krows, vrows;
   std::vector<acc_t*> dkrows, dvrows;
   std::vector<int32_t> pos;
 
@@ -61,36 +47,35 @@ struct ItemScratch {
         pos(p.K) {}
 
   // Loads the item's G query rows (pre-multiplied by scale) and its valid indices.
-  template <typename scalar_t>
-  void load(const SparseAttentionParams& p, const KeyValues& kv, int64_t b, int64_t t, int64_t kvh) {
+  void load(const SparseAttentionParams& p, int64_t b, int64_t t, int64_t kvh) {
     const auto* Q = static_cast<const scalar_t*>(p.q) + b * p.q_sb + t * p.q_st;
     for (int64_t g = 0; g < G; ++g) {
       load_row(Q + (kvh * G + g) * p.q_sh, q.data() + g * p.Dqk, p.Dqk);
       scale_row(q.data() + g * p.Dqk, static_cast<acc_t>(p.scale), p.Dqk);
     }
     const int32_t* idx = p.indices + b * p.i_sb + t * p.i_st + kvh * p.i_sh;
-    const auto* K = kv.k.data_ptr<acc_t>() + b * kv.k_sb + kvh * kv.k_sh;
-    const auto* V = kv.v.data_ptr<acc_t>() + b * kv.v_sb + kvh * kv.v_sh;
+    const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_sb + kvh * p.k_sh;
+    const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_sb + kvh * p.v_sh;
     n = 0;
     for (int64_t j = 0; j < p.K; ++j) {
       if (idx[j] < 0) continue;  // the host checked every other index is in [0, S)
       pos[n] = idx[j];
-      krows[n] = K + idx[j] * kv.k_ss;
-      vrows[n] = V + idx[j] * kv.v_ss;
+      krows[n] = K + idx[j] * p.k_ss;
+      vrows[n] = V + idx[j] * p.v_ss;
       ++n;
     }
   }
 };
 
 template <typename scalar_t>
-void sparse_attention_fwd_kernel(const SparseAttentionParams& p, const KeyValues& kv) {
+void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, p.B * p.T * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    ItemScratch<acc_t> it(p);
+    ItemScratch<scalar_t> it(p);
     std::vector<acc_t> out(it.Gp * p.Dv);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
-      it.template load<scalar_t>(p, kv, b, t, kvh);
+      it.load(p, b, t, kvh);
       const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
       auto* lse = static_cast<acc_t*>(p.lse) + row;
       std::fill(out.begin(), out.end(), acc_t(0));
@@ -113,7 +98,7 @@ void sparse_attention_fwd_kernel(const SparseAttentionParams& p, const KeyValues
 }
 
 template <typename scalar_t>
-void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, const KeyValues& kv, at::Tensor& dk_acc,
+void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor& dk_acc,
                                  at::Tensor& dv_acc) {
   using acc_t = acc_type<scalar_t>;
   const auto& p = bp.fwd;
@@ -121,14 +106,14 @@ void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, const KeyVa
   const int64_t chunks = dk_acc.size(0);
   const int64_t per_chunk = (items + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    ItemScratch<acc_t> it(p);
+    ItemScratch<scalar_t> it(p);
     std::vector<acc_t> dq(it.Gp * p.Dqk), out(p.Dv), delta(it.G);
     for (int64_t c = cbegin; c < cend; ++c) {
       acc_t* dK = dk_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dqk]
       acc_t* dV = dv_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dv]
       for (int64_t i = c * per_chunk; i < std::min(items, (c + 1) * per_chunk); ++i) {
         const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
-        it.template load<scalar_t>(p, kv, b, t, kvh);
+        it.load(p, b, t, kvh);
         const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
         const auto* lse = static_cast<const acc_t*>(p.lse) + row;
         const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_sb + t * bp.do_st;
@@ -177,10 +162,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
                                                         double scale) {
   auto c = prepare_sparse_attention(q, k, v, indices, scale);
   check_index_values("dsa.sparse_attention", c.indices, c.p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention", [&] {
-    const auto kv = key_values_as(c, c10::CppTypeToScalarType<acc_type<scalar_t>>::value);
-    sparse_attention_fwd_kernel<scalar_t>(c.p, kv);
-  });
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention",
+                                  [&] { sparse_attention_fwd_kernel<scalar_t>(c.p); });
   return {c.out, c.lse};
 }
 
@@ -190,13 +173,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& p = c.p.fwd;
   check_index_values("dsa.sparse_attention_backward", c.fwd.indices, p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention_backward", [&] {
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention_backward", [&] {
     const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
-    const auto kv = key_values_as(c.fwd, acc);
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.B * p.T * p.Hkv));
     auto dk_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dqk}, q.options().dtype(acc));
     auto dv_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dv}, q.options().dtype(acc));
-    sparse_attention_bwd_kernel<scalar_t>(c.p, kv, dk_acc, dv_acc);
+    sparse_attention_bwd_kernel<scalar_t>(c.p, dk_acc, dv_acc);
     c.grad_k.copy_(dk_acc.sum(0));
     c.grad_v.copy_(dv_acc.sum(0));
   });
