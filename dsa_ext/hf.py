@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -131,7 +132,8 @@ def convert(model: nn.Module, config: DSAConfig, allow_untested: bool = False) -
 def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
     """Save a converted model: the host model's own checkpoint (``model.save_pretrained``,
     without the indexers, so plain ``from_pretrained`` loads it as the dense model), plus
-    ``dsa_config.json`` and the indexer weights in ``dsa_indexer.safetensors``."""
+    ``dsa_config.json`` (with the layers' current mode and top-k) and the indexer weights in
+    ``dsa_indexer.safetensors``."""
     from safetensors.torch import save_file
 
     state = model.state_dict()
@@ -139,8 +141,13 @@ def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
     host = {k: v for k, v in state.items() if ".dsa." not in k}
     model.save_pretrained(path, state_dict=host, **kwargs)
     save_file(indexer, os.path.join(path, INDEXER_FILE))
+    cores = dsa_modules(model)
+    state = {(c.mode, c.topk) for c in cores}
+    if len(state) != 1:
+        raise ValueError(f"save_pretrained: the layers differ in (mode, topk): {sorted(state)}")
+    mode, topk = state.pop()  # the current ones, which set_mode may have changed since convert
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(model.dsa_config.to_dict(), f, indent=2)
+        json.dump(replace(model.dsa_config, mode=mode, topk=topk).to_dict(), f, indent=2)
 
 
 def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> nn.Module:
