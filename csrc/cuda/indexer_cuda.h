@@ -33,12 +33,14 @@ inline void check_grid(const char* op, int64_t blocks) {
               " thread blocks in one launch, more than CUDA allows (2^31 - 1); split the batch");
 }
 
-// Largest dynamic shared memory one block of the current device may opt into.
+// Largest dynamic shared memory a block of the current device may opt into, less a reserve for
+// the kernels' static shared memory (the selection scratch, about 1 KiB), which counts too.
 inline int max_block_smem() {
+  constexpr int kStaticReserve = 4096;
   int device = 0, bytes = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
+  return bytes - kStaticReserve;
 }
 
 inline int sm_count() {

@@ -49,7 +49,8 @@ struct TopkPlan {
   int64_t split_len, t_chunk;
 };
 
-inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_count) {
+inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_count,
+                                  int64_t workspace_budget = kWorkspaceBudget) {
   TopkPlan plan{};
   plan.k = static_cast<int>(std::min(topk, p.S));
   const int64_t row_tiles = p.B * ceil_div(p.T, kQueries);
@@ -62,7 +63,7 @@ inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_c
   plan.capacity = static_cast<int>(
       std::min<int64_t>(plan.split_len, int64_t{plan.k} + std::max<int64_t>(plan.k, kKeys)));
   const int64_t row_bytes = int64_t{plan.splits} * (int64_t{plan.capacity} * 8 + 4);
-  const int64_t rows = std::max<int64_t>(kQueries, kWorkspaceBudget / std::max<int64_t>(1, p.B * row_bytes));
+  const int64_t rows = std::max<int64_t>(kQueries, workspace_budget / std::max<int64_t>(1, p.B * row_bytes));
   plan.t_chunk = std::min(p.T, rows / kQueries * kQueries);
   return plan;
 }
