@@ -29,7 +29,7 @@ inline LogitsGrid logits_grid(const IndexerParams& p) {
 }
 
 template <class Tile, class Layout>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
     indexer_logits_kernel(const __grid_constant__ IndexerParams p, const Layout L, const LogitsGrid grid,
                           float* __restrict__ logits) {
   extern __shared__ __align__(16) uint8_t smem[];

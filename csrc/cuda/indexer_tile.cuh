@@ -35,6 +35,7 @@ namespace indexer {
 constexpr int kQueries = 2;   // queries per block
 constexpr int kKeys = 64;     // keys per tile
 constexpr int kThreads = 128;
+constexpr int kTileBlocksPerSm = 3;  // register budget of the tile kernels: <= 170 per thread
 constexpr int kMaxMmaDim = 256;  // largest (padded) head dim of the tensor-core path
 
 __host__ __device__ inline int round_up(int x, int m) { return (x + m - 1) / m * m; }

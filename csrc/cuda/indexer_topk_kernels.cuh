@@ -69,7 +69,7 @@ inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_c
 }
 
 template <class Tile, class Layout>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
     indexer_topk_partial_kernel(const __grid_constant__ IndexerParams p, const Layout L, const TopkWorkspace ws) {
   extern __shared__ __align__(16) uint8_t smem[];
   __shared__ SelectShared<kThreads> sel;
