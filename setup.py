@@ -4,6 +4,7 @@ the torch the extension is compiled against.
 
 Environment switches:
   DSA_EXT_CUDA=0|1      force the CUDA sources off/on (default: on when nvcc + CUDA torch exist)
+  DSA_EXT_CPU_ISA       avx512|avx2|default: the CPU kernels' vector width (default: this CPU's)
   TORCH_CUDA_ARCH_LIST  GPU targets (default here "8.0;9.0"; the device check builds "9.0" only)
   MAX_JOBS              parallel compile jobs for ninja
 """
@@ -12,7 +13,13 @@ import os
 import platform
 
 from setuptools import find_packages, setup
-from torch.utils import cpp_extension
+
+# torch derives CUDA_HOME from the nvcc on PATH; where nvcc is a link in /usr/local/bin that
+# gives /usr/local, whose lib64 has no libcudart. Prefer the toolkit's own folder.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils import cpp_extension  # noqa: E402  (reads CUDA_HOME at import)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -30,11 +37,28 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+
+
 def _cpu_vector_flags():
-    # The CPU kernels use ATen's Vectorized<float>; ATen compiles one copy per instruction set
-    # and dispatches at run time, we compile one: AVX2+FMA on x86-64 (every x86 server since
-    # 2013), the portable scalar version elsewhere.
-    if platform.machine() in ("x86_64", "AMD64"):
+    """ATen's Vectorized is compiled for one instruction set here (ATen itself compiles one copy
+    per set and dispatches at run time). The extension is always built on the machine that runs
+    it (pip -e / make build), so take the widest set this CPU has: AVX-512 where present, else
+    AVX2+FMA (every x86 server since 2013), else the portable scalar version. DSA_EXT_CPU_ISA=
+    avx512|avx2|default overrides."""
+    isa = os.environ.get("DSA_EXT_CPU_ISA")
+    if isa is None:
+        isa = "default"
+        if platform.machine() in ("x86_64", "AMD64"):
+            try:
+                flags = open("/proc/cpuinfo").read().split()
+            except OSError:
+                flags = []
+            isa = "avx512" if all(f in flags for f in AVX512_FLAGS) else "avx2"
+    if isa == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if isa == "avx2":
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return ["-DCPU_CAPABILITY=DEFAULT"]
 

@@ -4,6 +4,8 @@ The operators live in ``torch.ops.dsa`` (C++/CUDA, registered with fake kernels 
 the functions here are their typed Python entry points. ``dsa_ext.reference`` holds the same
 functions in plain PyTorch, the semantics every kernel is tested against.
 """
+import torch  # noqa: F401  (first: _C links against libtorch/libc10, which importing torch loads)
+
 from . import _C  # noqa: F401  (loads the shared library: registers torch.ops.dsa.*)
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd)
 from . import reference

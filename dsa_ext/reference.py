@@ -14,7 +14,11 @@ import torch
 __all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "causal_mask"]
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
+def _acc(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
+    """The compute dtype: float64 stays, others compute in float32; upcast=False computes in the
+    input dtype itself (the low-precision baseline tests bound kernel errors against)."""
+    if not upcast:
+        return dtype
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -25,23 +29,24 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
     return s <= t + (S - T)
 
 
-def indexer_logits(q_idx, k_idx, w, scale=None, causal=True):
+def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, upcast=True):
     """logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j] . k_idx[b,s]); -inf if masked.
 
     q_idx [B,T,Hi,Di], k_idx [B,S,Di], w [B,T,Hi] -> [B,T,S] float32 (float64 for float64 input).
+    upcast=False computes in the input dtype throughout (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S = k_idx.shape[1]
     if scale is None:
         scale = (Hi * Di) ** -0.5
-    acc = _acc(q_idx.dtype)
+    acc = _acc(q_idx.dtype, upcast)
     dots = torch.einsum("bthd,bsd->bths", q_idx.to(acc), k_idx.to(acc))
     logits = scale * torch.einsum("bth,bths->bts", w.to(acc), dots.relu())
     if causal:
         if S < T:
             raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
         logits = logits.masked_fill(~causal_mask(T, S, logits.device), float("-inf"))
-    return logits
+    return logits.to(_acc(q_idx.dtype))
 
 
 def topk_indices(logits, k):
@@ -71,21 +76,21 @@ def indexer_topk(q_idx, k_idx, w, k, scale=None, causal=True):
     return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), k)
 
 
-def sparse_attention(q, k, v, indices, scale=None, return_lse=False):
+def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True):
     """Attention of each query over its gathered keys only; no mask of its own.
 
     q [B,T,H,Dqk], k [B,S,Hkv,Dqk], v [B,S,Hkv,Dv], indices [B,T,K] or [B,T,Hkv,K] int32
     (-1 = empty slot, duplicates count once per occurrence). Query head h reads kv head
     h // (H // Hkv). Returns out [B,T,H,Dv] in q's dtype and, with return_lse, the natural-log
     lse [B,T,H] float32 (float64 for float64 input); a row with no valid index gets out 0 and
-    lse -inf.
+    lse -inf. upcast=False computes in the input dtype throughout (a low-precision baseline).
     """
     B, T, H, Dqk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
     if scale is None:
         scale = Dqk ** -0.5
-    acc = _acc(q.dtype)
+    acc = _acc(q.dtype, upcast)
     idx = indices if indices.dim() == 4 else indices[:, :, None, :].expand(B, T, Hkv, indices.shape[-1])
     if ((idx < -1) | (idx >= S)).any():
         raise IndexError(f"expected every index to be -1 or in [0, {S})")
@@ -108,5 +113,5 @@ def sparse_attention(q, k, v, indices, scale=None, return_lse=False):
     p = e / safe_denom
     lse = torch.where(nonempty, torch.log(safe_denom) + m, torch.full_like(m, float("-inf")))
     out = torch.einsum("btngk,btnkd->btngd", p, vg).reshape(B, T, H, Dv).to(q.dtype)
-    lse = lse.reshape(B, T, H)
+    lse = lse.reshape(B, T, H).to(_acc(q.dtype))
     return (out, lse) if return_lse else out

@@ -118,9 +118,6 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
   });
 }
 
-#define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
 at::Tensor indexer_logits_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, double scale,
                               bool causal) {
   auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal);

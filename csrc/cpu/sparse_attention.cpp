@@ -1,7 +1,7 @@
 // CPU sparse_attention forward and backward. One work item is (batch, query, kv head): the G
 // query heads that share the kv head are scored against each gathered key together, so a key
-// row is read once per item. K and V are converted to acc_t once per call (O(S) memory), not
-// once per gather (O(T*k) conversions).
+// row is read once per item. Gathered rows are read in their stored dtype and widened in
+// registers: the random row gathers bound this kernel, and bfloat16 rows are half the bytes.
 //
 // The backward recomputes probabilities from lse. dq belongs to its item; dk and dv receive
 // contributions from every query that selected the key, so each of a fixed number of chunks
@@ -16,142 +16,142 @@
 #include <vector>
 
 #include "../host.h"
+#include "attention_tiles.h"
 #include "vec_math.h"
 
 namespace dsa::cpu {
 namespace {
 
-// K and V as acc_t with their own strides (a no-op view when already acc_t).
-struct KeyValues {
-  at::Tensor k, v;
-  int64_t k_sb, k_ss, k_sh, v_sb, v_ss, v_sh;
-};
+// One work item: (batch, query, kv head), its G query heads padded to Gp (a multiple of the
+// micro-kernels' head tile) and its valid gathered rows.
+template <typename scalar_t>
+struct ItemScratch {
+  using acc_t = acc_type<scalar_t>;
+  int64_t G, Gp, n = 0;
+  std::vector<acc_t> q, dout, scores, probs;
+  std::vector<const scalar_t*> krows, vrows;
+  std::vector<acc_t*> dkrows, dvrows;
+  std::vector<int32_t> pos;
 
-KeyValues key_values_as(const SparseAttentionCall& c, at::ScalarType acc) {
-  KeyValues kv;
-  kv.k = c.k.to(acc);
-  kv.v = c.v.to(acc);
-  kv.k_sb = kv.k.stride(0), kv.k_ss = kv.k.stride(1), kv.k_sh = kv.k.stride(2);
-  kv.v_sb = kv.v.stride(0), kv.v_ss = kv.v.stride(1), kv.v_sh = kv.v.stride(2);
-  return kv;
-}
+  explicit ItemScratch(const SparseAttentionParams& p)
+      : G(p.H / p.Hkv),
+        Gp((G + kHeadTile - 1) / kHeadTile * kHeadTile),
+        q(Gp * p.Dqk, acc_t(0)),
+        dout(Gp * p.Dv, acc_t(0)),
+        scores(Gp * p.K, acc_t(0)),
+        probs(Gp * p.K, acc_t(0)),
+        krows(p.K),
+        vrows(p.K),
+        dkrows(p.K),
+        dvrows(p.K),
+        pos(p.K) {}
 
-// One work item's view of the problem.
-struct Item {
-  int64_t b, t, kvh;
-  Item(const SparseAttentionParams& p, int64_t i) : b(i / (p.T * p.Hkv)), t((i / p.Hkv) % p.T), kvh(i % p.Hkv) {}
-  const int32_t* indices(const SparseAttentionParams& p) const {
-    return p.indices + b * p.i_sb + t * p.i_st + kvh * p.i_sh;
+  // Loads the item's G query rows (pre-multiplied by scale) and its valid indices.
+  void load(const SparseAttentionParams& p, int64_t b, int64_t t, int64_t kvh) {
+    const auto* Q = static_cast<const scalar_t*>(p.q) + b * p.q_sb + t * p.q_st;
+    for (int64_t g = 0; g < G; ++g) {
+      load_row(Q + (kvh * G + g) * p.q_sh, q.data() + g * p.Dqk, p.Dqk);
+      scale_row(q.data() + g * p.Dqk, static_cast<acc_t>(p.scale), p.Dqk);
+    }
+    const int32_t* idx = p.indices + b * p.i_sb + t * p.i_st + kvh * p.i_sh;
+    const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_sb + kvh * p.k_sh;
+    const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_sb + kvh * p.v_sh;
+    n = 0;
+    for (int64_t j = 0; j < p.K; ++j) {
+      if (idx[j] < 0) continue;  // the host checked every other index is in [0, S)
+      pos[n] = idx[j];
+      krows[n] = K + idx[j] * p.k_ss;
+      vrows[n] = V + idx[j] * p.v_ss;
+      ++n;
+    }
   }
-  int64_t first_head(const SparseAttentionParams& p) const { return kvh * (p.H / p.Hkv); }
 };
 
 template <typename scalar_t>
-void sparse_attention_fwd_kernel(const SparseAttentionParams& p, const KeyValues& kv) {
+void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t G = p.H / p.Hkv;
-  const auto* K = kv.k.data_ptr<acc_t>();
-  const auto* V = kv.v.data_ptr<acc_t>();
   at::parallel_for(0, p.B * p.T * p.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q(G * p.Dqk), scores(G * p.K), acc(G * p.Dv);
+    ItemScratch<scalar_t> it(p);
+    std::vector<acc_t> out(it.Gp * p.Dv);
     for (int64_t i = begin; i < end; ++i) {
-      const Item it(p, i);
-      const int64_t h0 = it.first_head(p);
-      const int32_t* idx = it.indices(p);
-      for (int64_t g = 0; g < G; ++g) {
-        load_row(static_cast<const scalar_t*>(p.q) + it.b * p.q_sb + it.t * p.q_st + (h0 + g) * p.q_sh,
-                 q.data() + g * p.Dqk, p.Dqk);
-        scale_row(q.data() + g * p.Dqk, static_cast<acc_t>(p.scale), p.Dqk);
-      }
-      for (int64_t j = 0; j < p.K; ++j) {
-        const int32_t s = idx[j];
-        for (int64_t g = 0; g < G; ++g)
-          scores[g * p.K + j] =
-              s < 0 ? neg_inf<acc_t>()
-                    : dot(q.data() + g * p.Dqk, K + it.b * kv.k_sb + s * kv.k_ss + it.kvh * kv.k_sh, p.Dqk);
-      }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      std::vector<acc_t> lse(G);
-      for (int64_t g = 0; g < G; ++g) {
-        acc_t* sc = scores.data() + g * p.K;
-        acc_t m = neg_inf<acc_t>();
-        for (int64_t j = 0; j < p.K; ++j) m = std::max(m, sc[j]);
-        if (m == neg_inf<acc_t>()) {  // no valid index: out 0, lse -inf
-          lse[g] = m;
-          std::fill(sc, sc + p.K, acc_t(0));
+      const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
+      it.load(p, b, t, kvh);
+      const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
+      auto* lse = static_cast<acc_t*>(p.lse) + row;
+      std::fill(out.begin(), out.end(), acc_t(0));
+      gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.scores.data(), p.K);
+      for (int64_t g = 0; g < it.G; ++g) {
+        acc_t* sc = it.scores.data() + g * p.K;
+        if (it.n == 0) {  // no valid index: out 0, lse -inf
+          lse[g] = neg_inf<acc_t>();
           continue;
         }
-        acc_t l = 0;
-        for (int64_t j = 0; j < p.K; ++j) l += (sc[j] = std::exp(sc[j] - m));
-        for (int64_t j = 0; j < p.K; ++j) sc[j] /= l;
+        const acc_t m = *std::max_element(sc, sc + it.n);
+        const acc_t l = exp_shifted(sc, m, it.n);
+        scale_row(sc, acc_t(1) / l, it.n);
         lse[g] = m + std::log(l);
       }
-      for (int64_t j = 0; j < p.K; ++j) {
-        const int32_t s = idx[j];
-        if (s < 0) continue;
-        const acc_t* vrow = V + it.b * kv.v_sb + s * kv.v_ss + it.kvh * kv.v_sh;
-        for (int64_t g = 0; g < G; ++g) axpy(acc.data() + g * p.Dv, scores[g * p.K + j], vrow, p.Dv);
-      }
-      const int64_t row = (it.b * p.T + it.t) * p.H + h0;
-      store_row(acc.data(), static_cast<scalar_t*>(p.out) + row * p.Dv, G * p.Dv);
-      std::copy(lse.begin(), lse.end(), static_cast<acc_t*>(p.lse) + row);
+      gathered_combine(it.scores.data(), p.K, it.Gp, it.vrows.data(), it.n, p.Dv, out.data());
+      store_row(out.data(), static_cast<scalar_t*>(p.out) + row * p.Dv, it.G * p.Dv);
     }
   });
 }
 
 template <typename scalar_t>
-void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, const KeyValues& kv, at::Tensor& dk_acc,
+void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor& dk_acc,
                                  at::Tensor& dv_acc) {
   using acc_t = acc_type<scalar_t>;
   const auto& p = bp.fwd;
-  const int64_t G = p.H / p.Hkv;
-  const auto* K = kv.k.data_ptr<acc_t>();
-  const auto* V = kv.v.data_ptr<acc_t>();
   const int64_t items = p.B * p.T * p.Hkv;
   const int64_t chunks = dk_acc.size(0);
   const int64_t per_chunk = (items + chunks - 1) / chunks;
   at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
-    std::vector<acc_t> q(G * p.Dqk), dout(G * p.Dv), out(G * p.Dv), delta(G), lse(G), dq(G * p.Dqk);
+    ItemScratch<scalar_t> it(p);
+    std::vector<acc_t> dq(it.Gp * p.Dqk), out(p.Dv), delta(it.G);
     for (int64_t c = cbegin; c < cend; ++c) {
       acc_t* dK = dk_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dqk]
       acc_t* dV = dv_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dv]
       for (int64_t i = c * per_chunk; i < std::min(items, (c + 1) * per_chunk); ++i) {
-        const Item it(p, i);
-        const int64_t h0 = it.first_head(p);
-        const int32_t* idx = it.indices(p);
-        const int64_t row = (it.b * p.T + it.t) * p.H + h0;
-        for (int64_t g = 0; g < G; ++g) {
-          load_row(static_cast<const scalar_t*>(p.q) + it.b * p.q_sb + it.t * p.q_st + (h0 + g) * p.q_sh,
-                   q.data() + g * p.Dqk, p.Dqk);
-          scale_row(q.data() + g * p.Dqk, static_cast<acc_t>(p.scale), p.Dqk);
-          load_row(static_cast<const scalar_t*>(bp.grad_out) + it.b * bp.do_sb + it.t * bp.do_st +
-                       (h0 + g) * bp.do_sh,
-                   dout.data() + g * p.Dv, p.Dv);
-          load_row(static_cast<const scalar_t*>(p.out) + (row + g) * p.Dv, out.data() + g * p.Dv, p.Dv);
-          lse[g] = static_cast<const acc_t*>(p.lse)[row + g];
-          // d lse / d score = p, so a gradient on lse enters like a shift of the softmax's delta.
+        const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
+        it.load(p, b, t, kvh);
+        const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
+        const auto* lse = static_cast<const acc_t*>(p.lse) + row;
+        const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_sb + t * bp.do_st;
+        for (int64_t g = 0; g < it.G; ++g) {
+          load_row(dO + (kvh * it.G + g) * bp.do_sh, it.dout.data() + g * p.Dv, p.Dv);
+          load_row(static_cast<const scalar_t*>(p.out) + (row + g) * p.Dv, out.data(), p.Dv);
+          // d lse / d score = prob, so a gradient on lse shifts the softmax's row term.
           const acc_t dlse = bp.grad_lse ? static_cast<const acc_t*>(bp.grad_lse)[row + g] : acc_t(0);
-          delta[g] = dot(dout.data() + g * p.Dv, out.data() + g * p.Dv, p.Dv) - dlse;
+          delta[g] = dot(it.dout.data() + g * p.Dv, out.data(), p.Dv) - dlse;
+        }
+        for (int64_t j = 0; j < it.n; ++j) {
+          const int64_t at_row = (b * p.S + it.pos[j]) * p.Hkv + kvh;
+          it.dkrows[j] = dK + at_row * p.Dqk;
+          it.dvrows[j] = dV + at_row * p.Dv;
+        }
+        // probs = exp(scores - lse); dS = probs * (dO . v - delta), written over scores.
+        gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.probs.data(), p.K);
+        gathered_dots(it.dout.data(), it.Gp, p.Dv, it.vrows.data(), it.n, it.scores.data(), p.K);
+        for (int64_t g = 0; g < it.G; ++g) {
+          acc_t* pr = it.probs.data() + g * p.K;
+          acc_t* ds = it.scores.data() + g * p.K;
+          if (lse[g] == neg_inf<acc_t>())
+            std::fill_n(pr, it.n, acc_t(0));
+          else
+            exp_shifted(pr, lse[g], it.n);
+          for (int64_t j = 0; j < it.n; ++j) ds[j] = pr[j] * (ds[j] - delta[g]);
+        }
+        for (int64_t g = it.G; g < it.Gp; ++g) {  // padding heads contribute nothing
+          std::fill_n(it.probs.data() + g * p.K, it.n, acc_t(0));
+          std::fill_n(it.scores.data() + g * p.K, it.n, acc_t(0));
         }
         std::fill(dq.begin(), dq.end(), acc_t(0));
-        for (int64_t j = 0; j < p.K; ++j) {
-          const int32_t s = idx[j];
-          if (s < 0) continue;
-          const acc_t* krow = K + it.b * kv.k_sb + s * kv.k_ss + it.kvh * kv.k_sh;
-          const acc_t* vrow = V + it.b * kv.v_sb + s * kv.v_ss + it.kvh * kv.v_sh;
-          acc_t* dkrow = dK + ((it.b * p.S + s) * p.Hkv + it.kvh) * p.Dqk;
-          acc_t* dvrow = dV + ((it.b * p.S + s) * p.Hkv + it.kvh) * p.Dv;
-          for (int64_t g = 0; g < G; ++g) {
-            if (lse[g] == neg_inf<acc_t>()) continue;
-            const acc_t prob = std::exp(dot(q.data() + g * p.Dqk, krow, p.Dqk) - lse[g]);
-            const acc_t ds = prob * (dot(dout.data() + g * p.Dv, vrow, p.Dv) - delta[g]);
-            axpy(dq.data() + g * p.Dqk, ds, krow, p.Dqk);
-            axpy(dkrow, ds, q.data() + g * p.Dqk, p.Dqk);  // q is pre-scaled: ds * scale * q
-            axpy(dvrow, prob, dout.data() + g * p.Dv, p.Dv);
-          }
-        }
-        scale_row(dq.data(), static_cast<acc_t>(p.scale), G * p.Dqk);
-        store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q) + row * p.Dqk, G * p.Dqk);
+        gathered_combine(it.scores.data(), p.K, it.Gp, it.krows.data(), it.n, p.Dqk, dq.data());
+        scale_row(dq.data(), static_cast<acc_t>(p.scale), it.G * p.Dqk);
+        store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q) + row * p.Dqk, it.G * p.Dqk);
+        // q is pre-scaled, so dS . q already carries the scale of d score / d k.
+        gathered_scatter(it.scores.data(), p.K, it.Gp, it.q.data(), p.Dqk, it.dkrows.data(), it.n);
+        gathered_scatter(it.probs.data(), p.K, it.Gp, it.dout.data(), p.Dv, it.dvrows.data(), it.n);
       }
     }
   });
@@ -162,10 +162,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
                                                         double scale) {
   auto c = prepare_sparse_attention(q, k, v, indices, scale);
   check_index_values("dsa.sparse_attention", c.indices, c.p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention", [&] {
-    const auto kv = key_values_as(c, c10::CppTypeToScalarType<acc_type<scalar_t>>::value);
-    sparse_attention_fwd_kernel<scalar_t>(c.p, kv);
-  });
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention",
+                                  [&] { sparse_attention_fwd_kernel<scalar_t>(c.p); });
   return {c.out, c.lse};
 }
 
@@ -175,13 +173,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& p = c.p.fwd;
   check_index_values("dsa.sparse_attention_backward", c.fwd.indices, p.S);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "dsa.sparse_attention_backward", [&] {
+  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention_backward", [&] {
     const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
-    const auto kv = key_values_as(c.fwd, acc);
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.B * p.T * p.Hkv));
     auto dk_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dqk}, q.options().dtype(acc));
     auto dv_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dv}, q.options().dtype(acc));
-    sparse_attention_bwd_kernel<scalar_t>(c.p, kv, dk_acc, dv_acc);
+    sparse_attention_bwd_kernel<scalar_t>(c.p, dk_acc, dv_acc);
     c.grad_k.copy_(dk_acc.sum(0));
     c.grad_v.copy_(dv_acc.sum(0));
   });

@@ -58,7 +58,7 @@ void indexer_topk_kernel(const IndexerParams& p, int64_t k, int32_t* out) {
 
 at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k) {
   auto c = prepare_topk(logits, k);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.logits.scalar_type(), "dsa.topk_indices",
+  DSA_DISPATCH_CPU_FLOATS(c.logits.scalar_type(), "dsa.topk_indices",
                                   [&] { topk_indices_kernel<scalar_t>(c.p); });
   return c.out;
 }
@@ -66,7 +66,7 @@ at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k) {
 at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t k,
                             double scale, bool causal) {
   auto c = prepare_indexer_topk(q_idx, k_idx, w, k, scale, causal);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q.scalar_type(), "dsa.indexer_topk",
+  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_topk",
                                   [&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); });
   return c.out;
 }

@@ -1,0 +1,51 @@
+# The two commands of README.md:
+#   make demo   the main job (installs what is missing, builds, runs it)
+#   make test   every test: pytest and the LibTorch C++ tests (ctest)
+# Each step is skipped when its inputs have not changed, so a second run starts at once.
+PY ?= python3
+TORCH_VERSION ?= 2.14.1
+JOBS ?= $(shell nproc)
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
+export MAX_JOBS ?= $(JOBS)
+
+STAMPS := build/stamps
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) setup.py
+TORCH_PREFIX = $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
+
+.PHONY: demo test deps build pytest ctest bench clean
+
+demo: build
+	$(PY) python/bench.py --out out/bench
+
+test: pytest ctest
+
+# torch pinned for this machine kind (a CUDA 13.0 build from local disk); Python test and
+# program dependencies; GoogleTest for the C++ tests.
+deps: $(STAMPS)/deps
+$(STAMPS)/deps: pyproject.toml Makefile
+	@mkdir -p $(STAMPS)
+	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
+	  || $(PY) -m pip install "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q numpy pytest expecttest ninja tqdm matplotlib
+	dpkg -s libgtest-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libgtest-dev)
+	@touch $@
+
+# The Python extension, built in place (ninja: only changed sources recompile).
+build: $(STAMPS)/ext
+$(STAMPS)/ext: $(STAMPS)/deps $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+pytest: build
+	$(PY) -m pytest tests -q
+
+ctest: $(STAMPS)/deps
+	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" >/dev/null
+	cmake --build build/cmake -j $(JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+bench: build
+	$(PY) python/bench.py --out out/bench
+
+clean:
+	rm -rf build out dsa_ext/_C*.so

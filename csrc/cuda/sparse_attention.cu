@@ -1,0 +1,191 @@
+// CUDA operators dsa::sparse_attention and dsa::sparse_attention_backward: checks and allocation
+// through host.h, then the choice of kernels (sparse_attention_kernels.h) and their launch on the
+// current stream of the inputs' device.
+//   - bfloat16 / float16 with head dims that are multiples of 8 and 16-byte aligned rows: the
+//     tensor-core kernels, when their tiles fit in shared memory;
+//   - everything else (float32, float64, odd dims, misaligned views): the row-wise kernels.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "checks.h"
+#include "host.h"
+#include "sparse_attention_kernels.h"
+
+namespace dsa {
+namespace cuda {
+namespace {
+
+constexpr double kLog2e = 1.4426950408889634;
+
+ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return ElemType::kBFloat16;
+    case at::kHalf: return ElemType::kHalf;
+    case at::kFloat: return ElemType::kFloat;
+    case at::kDouble: return ElemType::kDouble;
+    default: TORCH_CHECK(false, "dsa.sparse_attention: no CUDA kernel for dtype ", t);
+  }
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Shared memory a block may use on the current device (after opting in). The environment
+// variable DSA_EXT_CUDA_SMEM_LIMIT (bytes) lowers it, so that the tests can run on one GPU the
+// block shapes that GPUs with less shared memory get (one stage, fewer rows per block).
+int smem_opt_in() {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
+  if (const char* cap = std::getenv("DSA_EXT_CUDA_SMEM_LIMIT")) bytes = std::min(bytes, std::atoi(cap));
+  return bytes;
+}
+
+// The tensor-core kernels copy rows in 16-byte pieces: every row must start 16-byte aligned.
+bool rows_aligned(const at::Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d)
+    if (t.size(d) > 1 && (t.stride(d) * t.element_size()) % 16 != 0) return false;
+  return true;
+}
+
+// v is a column prefix of k's storage (MLA: v = kv[..., :Dv]): the kernels read V from the K tile.
+bool v_is_prefix_of_k(const at::Tensor& k, const at::Tensor& v) {
+  if (v.data_ptr() != k.data_ptr() || v.size(3) > k.size(3)) return false;
+  for (int64_t d = 0; d < 3; ++d)
+    if (k.size(d) > 1 && k.stride(d) != v.stride(d)) return false;
+  return true;
+}
+
+// The tensor-core block shape for these inputs, or nullopt for the row-wise path. Column warps
+// split the out (forward) or dq (backward) columns so that each keeps at most kMaxPairs* 16-wide
+// pairs in registers; row warps cover as many heads of the GQA group as fit in shared memory.
+std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at::Tensor* grad_out, bool backward) {
+  const auto& p = c.p;
+  const auto dtype = c.q.scalar_type();
+  if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
+  if (p.Dqk % 8 != 0 || p.Dv % 8 != 0 || p.Dqk > 4096 || p.Dv > 4096) return std::nullopt;
+  if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
+  if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
+  MmaShape s{};
+  s.group = static_cast<int>(p.H / p.Hkv);
+  s.dqk_pad = static_cast<int>(ceil_div(p.Dqk, 32) * 32);
+  s.dv_pad = static_cast<int>(ceil_div(p.Dv, 32) * 32);
+  s.v_in_k = v_is_prefix_of_k(c.k, c.v);
+  const int pairs = (backward ? s.dqk_pad : s.dv_pad) / 16;
+  s.col_warps = static_cast<int>(ceil_div(pairs, backward ? kMaxPairsBwd : kMaxPairsFwd));
+  if (s.col_warps > kMaxWarps) return std::nullopt;
+  s.pairs_per_warp = static_cast<int>(ceil_div(pairs, s.col_warps));
+  const int most_row_warps =
+      static_cast<int>(std::min<int64_t>({ceil_div(s.group, 16), kMaxRowWarps, kMaxWarps / s.col_warps}));
+  const int limit = smem_opt_in();
+  for (s.row_warps = most_row_warps; s.row_warps >= 1; --s.row_warps) {
+    s.rows = 16 * s.row_warps;
+    s.chunks = static_cast<int>(ceil_div(s.group, s.rows));
+    for (s.stages = 2; s.stages >= 1; --s.stages)
+      if (smem_layout(s, backward).bytes <= limit) return s;
+  }
+  return std::nullopt;
+}
+
+void check_grid(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": B * T * heads = ", blocks,
+              " blocks exceed the CUDA grid limit of 2^31 - 1; split the batch");
+}
+
+// The row-wise kernels keep whole rows in shared memory; absurd head dims do not fit.
+void check_rowwise(const char* op, const SparseAttentionCall& c, bool backward) {
+  const auto& p = c.p;
+  check_grid(op, ceil_div(p.B * p.T * p.H, kRowwiseWarps));
+  const int64_t need = rowwise_smem_bytes(p, c.q.scalar_type() == at::kDouble ? 8 : 4, backward);
+  TORCH_CHECK(need <= smem_opt_in(), op, ": head dims Dqk=", p.Dqk, " and Dv=", p.Dv, " need ", need,
+              " bytes of shared memory per block, more than the device's ", smem_opt_in());
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& indices,
+                                                         double scale) {
+  const char* op = "dsa.sparse_attention";
+  auto c = prepare_sparse_attention(q, k, v, indices, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  if (index_checks_enabled()) check_index_values(op, c.indices, c.p.S);
+  const auto& p = c.p;
+  if (c.out.numel() == 0) return {c.out, c.lse};
+  if (p.S == 0) {  // every slot is empty
+    c.out.zero_();
+    c.lse.fill_(-std::numeric_limits<double>::infinity());
+    return {c.out, c.lse};
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const ElemType et = elem_type(c.q.scalar_type());
+  if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
+    check_grid(op, p.B * p.T * p.Hkv * s->chunks);
+    launch_fwd_mma(FwdArgs{p, *s, static_cast<float>(scale * kLog2e)}, et, stream);
+  } else {
+    check_rowwise(op, c, /*backward=*/false);
+    launch_fwd_simple(p, et, stream);
+  }
+  return {c.out, c.lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
+    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& indices, const at::Tensor& out, const at::Tensor& lse, double scale) {
+  const char* op = "dsa.sparse_attention_backward";
+  auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
+  const c10::cuda::CUDAGuard guard(q.device());
+  // dk and dv sum over the queries that chose each key, in float32 atomics of varying order
+  at::globalContext().alertNotDeterministic(op);
+  if (index_checks_enabled()) check_index_values(op, c.fwd.indices, c.p.fwd.S);
+  const auto& f = c.p.fwd;
+  if (f.B * f.T * f.H == 0 || f.S == 0) {  // no query, or every slot empty: all gradients are 0
+    c.grad_q.zero_();
+    c.grad_k.zero_();
+    c.grad_v.zero_();
+    return {c.grad_q, c.grad_k, c.grad_v};
+  }
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const ElemType et = elem_type(c.fwd.q.scalar_type());
+  const auto acc_options = c.fwd.q.options().dtype(score_dtype(c.fwd.q.scalar_type()));
+  const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
+  launch_bwd_delta(c.p, et, delta.data_ptr(), stream);
+
+  // dk / dv accumulate in the accumulation dtype: in place when the gradients have it
+  const bool in_place = c.grad_k.scalar_type() == acc_options.dtype();
+  const at::Tensor dk = in_place ? c.grad_k.zero_() : at::zeros(c.grad_k.sizes(), acc_options);
+  const at::Tensor dv = in_place ? c.grad_v.zero_() : at::zeros(c.grad_v.sizes(), acc_options);
+  if (const auto s = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true)) {
+    check_grid(op, f.B * f.T * f.Hkv * s->chunks);
+    launch_bwd_mma(BwdArgs{c.p, *s, static_cast<float>(scale * kLog2e), delta.data_ptr<float>(),
+                           dk.data_ptr<float>(), dv.data_ptr<float>()},
+                   et, stream);
+  } else {
+    check_rowwise(op, c.fwd, /*backward=*/true);
+    launch_bwd_simple(SimpleBwdArgs{c.p, delta.data_ptr(), dk.data_ptr(), dv.data_ptr()}, et, stream);
+  }
+  if (!in_place) {
+    c.grad_k.copy_(dk);
+    c.grad_v.copy_(dv);
+  }
+  return {c.grad_q, c.grad_k, c.grad_v};
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dsa
+
+TORCH_LIBRARY_IMPL(dsa, CUDA, m) {
+  m.impl("sparse_attention", &dsa::cuda::sparse_attention_cuda);
+  m.impl("sparse_attention_backward", &dsa::cuda::sparse_attention_backward_cuda);
+}

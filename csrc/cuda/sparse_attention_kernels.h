@@ -1,0 +1,135 @@
+// Interface between the CUDA host code of sparse_attention (sparse_attention.cu) and its kernels
+// (sparse_attention_fwd.cu, sparse_attention_bwd.cu): block shapes, the shared-memory layout (one
+// function used by both sides, so the size the host reserves is the size the kernel carves up),
+// kernel arguments and launchers.
+//
+// Tensor-core path (bfloat16, float16): one block serves `rows` query heads of one token that
+// read the same kv head (the heads of a GQA/MQA group), so every gathered key tile is loaded
+// into shared memory once and used by all of them. Warps form a grid of row_warps x col_warps:
+// row warp r owns the 16 query heads 16r..16r+15, column warp c a slice of the output columns
+// (out in the forward, dq in the backward), kept in registers across all key tiles.
+// Other dtypes, head dims that are not a multiple of 8, misaligned inputs and shapes whose tiles
+// do not fit in shared memory take the simple path: one warp per (token, head), CUDA cores.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "params.h"
+
+namespace dsa {
+namespace cuda {
+
+constexpr int kKeysPerTile = 32;  // keys gathered per tile
+constexpr int kMaxPairsFwd = 8;   // 16-wide output column pairs per warp, forward (64 fp32 registers)
+constexpr int kMaxPairsBwd = 9;   // dq column pairs per warp, backward (72 registers; 576 = 4 x 144)
+constexpr int kMaxWarps = 16;     // 512 threads: kernels are compiled for <= 128 registers
+constexpr int kMaxRowWarps = 8;   // at most 128 query heads per block
+
+enum class ElemType { kBFloat16, kHalf, kFloat, kDouble };
+
+struct MmaShape {
+  int group;            // query heads per kv head (H / Hkv)
+  int rows;             // query heads per block, 16 * row_warps (rows >= group are padding)
+  int row_warps, col_warps;
+  int chunks;           // blocks per (batch, token, kv head): ceil(group / rows)
+  int dqk_pad, dv_pad;  // head dims rounded up to 32 (zero-filled in shared memory)
+  int pairs_per_warp;   // column pairs per column warp
+  int stages;           // key tiles in flight: 2 overlaps the next gather with this tile's math
+  bool v_in_k;          // v is a column prefix of k (MLA: v = kv[..., :512]): V tile = K tile
+};
+
+__host__ __device__ inline int threads_of(const MmaShape& s) { return 32 * s.row_warps * s.col_warps; }
+
+// Byte offsets into dynamic shared memory. Tile rows are padded by 8 elements (16 bytes) so
+// that the 8 row addresses of an ldmatrix fall into distinct bank groups.
+struct SmemLayout {
+  int q_stride, v_stride;  // elements per shared row of the Q/K and dO/V tiles
+  int kv_stride;           // elements per shared row of the V tile (q_stride when v_in_k)
+  int p_stride;            // elements per row of the P / dS tiles
+  int q, dout, k, v, p, ds, red_max, red_sum, idx, lse, delta;
+  int bytes;
+};
+
+__host__ __device__ inline int align16(int n) { return (n + 15) & ~15; }
+
+// Hands out consecutive 16-byte aligned regions.
+struct SmemCursor {
+  int end = 0;
+  __host__ __device__ int take(int bytes) {
+    const int at = end;
+    end += align16(bytes);
+    return at;
+  }
+};
+
+// Forward: Q [rows], K/V tiles [stages][keys], P [rows][keys], per-column-warp row max and sum,
+// the tile's key positions. Backward: Q and dO [rows], K/V tiles, P and dS [rows][keys], the
+// tile's key positions, per-row lse and delta.
+__host__ __device__ inline SmemLayout smem_layout(const MmaShape& s, bool backward) {
+  constexpr int kElem = 2;  // bfloat16 / float16
+  SmemLayout L{};
+  L.q_stride = s.dqk_pad + 8;
+  L.v_stride = s.dv_pad + 8;
+  L.kv_stride = s.v_in_k ? L.q_stride : L.v_stride;
+  L.p_stride = kKeysPerTile + 8;
+  SmemCursor c;  // parts a kernel does not use get offset -1
+  L.q = c.take(s.rows * L.q_stride * kElem);
+  L.dout = backward ? c.take(s.rows * L.v_stride * kElem) : -1;
+  L.k = c.take(s.stages * kKeysPerTile * L.q_stride * kElem);
+  L.v = s.v_in_k ? L.k : c.take(s.stages * kKeysPerTile * L.v_stride * kElem);
+  L.p = c.take(s.rows * L.p_stride * kElem);
+  L.ds = backward ? c.take(s.rows * L.p_stride * kElem) : -1;
+  L.red_max = backward ? -1 : c.take(s.col_warps * s.rows * 4);
+  L.red_sum = backward ? -1 : c.take(s.col_warps * s.rows * 4);
+  L.idx = c.take(s.stages * kKeysPerTile * 4);
+  L.lse = backward ? c.take(s.rows * 4) : -1;
+  L.delta = backward ? c.take(s.rows * 4) : -1;
+  L.bytes = c.end;
+  return L;
+}
+
+struct FwdArgs {
+  SparseAttentionParams p;
+  MmaShape s;
+  float scale_log2;  // scale * log2(e): scores live in the exp2 domain
+};
+
+struct BwdArgs {
+  SparseAttentionBwdParams p;
+  MmaShape s;
+  float scale_log2;
+  const float* delta;  // [B, T, H]: rowsum(dO * O) - grad_lse
+  float* dk_acc;       // [B, S, Hkv, Dqk] float32, zeroed: dk accumulates here
+  float* dv_acc;       // [B, S, Hkv, Dv] float32, zeroed
+};
+
+// Row-wise path (sparse_attention_rowwise.cu): one warp per query row, kRowwiseWarps per block.
+// acc_t = double for double inputs, float otherwise.
+constexpr int kRowwiseWarps = 4;
+
+// Shared memory of a row-wise block: per warp the query row and the output row (forward), or the
+// query row, dq and dO (backward), in acc_t.
+__host__ __device__ inline int64_t rowwise_smem_bytes(const SparseAttentionParams& p, int acc_bytes, bool backward) {
+  return int64_t{kRowwiseWarps} * acc_bytes * (backward ? 2 * p.Dqk + p.Dv : p.Dqk + p.Dv);
+}
+
+struct SimpleBwdArgs {
+  SparseAttentionBwdParams p;
+  const void* delta;  // [B, T, H] acc_t
+  void* dk_acc;       // [B, S, Hkv, Dqk] acc_t, zeroed
+  void* dv_acc;       // [B, S, Hkv, Dv] acc_t, zeroed
+};
+
+// Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+void launch_fwd_mma(const FwdArgs& a, ElemType t, cudaStream_t stream);
+void launch_fwd_simple(const SparseAttentionParams& p, ElemType t, cudaStream_t stream);
+// delta[b,t,h] = sum_d grad_out * out - grad_lse, in acc_t
+void launch_bwd_delta(const SparseAttentionBwdParams& p, ElemType t, void* delta, cudaStream_t stream);
+void launch_bwd_mma(const BwdArgs& a, ElemType t, cudaStream_t stream);
+void launch_bwd_simple(const SimpleBwdArgs& a, ElemType t, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace dsa

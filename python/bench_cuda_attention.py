@@ -1,0 +1,174 @@
+"""Benchmark of the CUDA sparse_attention forward and backward against dense causal attention.
+
+Shapes (bfloat16):
+  mla  DeepSeek-V3.2 prefill: B=1, T=4096 queries at the end of S=32768 keys, H=128 query heads
+       on one latent kv head (Dqk=576, v = kv[..., :512]), k=2048
+  gqa  B=1, T=S=32768, H=32, Hkv=8, D=128, k=2048
+
+FLOP conventions (shared/REFERENCES.md): sparse forward 2*B*T*k*H*(Dqk+Dv), backward
+2*B*T*k*H*(2*Dv+3*Dqk); dense causal the same with k replaced by the number of visible keys.
+The indices are k random causal positions per query (ascending, -1 padded): real DSA selections
+overlap more between neighbouring queries, so gathers hit L2 more often than here.
+
+Usage: python python/bench_cuda_attention.py [--shapes mla gqa] [--iters N] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import dsa_ext  # noqa: F401  (registers torch.ops.dsa)
+
+H200_BF16_TFLOPS = 790.0  # dense bf16 GEMM measured on the device machine
+
+SHAPES = {
+    "mla": dict(B=1, T=4096, S=32768, H=128, Hkv=1, Dqk=576, Dv=512, k=2048, v_in_k=True),
+    "gqa": dict(B=1, T=32768, S=32768, H=32, Hkv=8, Dqk=128, Dv=128, k=2048, v_in_k=False),
+}
+
+
+def causal_topk_indices(B, T, S, k, device, rows_per_chunk=2048):
+    """[B, T, k] int32: k random positions among the keys each query sees (s <= t + S - T),
+    ascending, -1 padded when fewer are visible."""
+    out = torch.empty(B, T, k, dtype=torch.int32, device=device)
+    s = torch.arange(S, device=device)
+    for t0 in range(0, T, rows_per_chunk):
+        t = torch.arange(t0, min(T, t0 + rows_per_chunk), device=device)
+        visible = s[None, :] <= (t[:, None] + S - T)
+        for b in range(B):
+            scores = torch.rand(len(t), S, device=device).masked_fill(~visible, -1.0)
+            val, pos = scores.topk(k, dim=-1)
+            pos = torch.where(val >= 0, pos, torch.full_like(pos, S)).sort(dim=-1).values
+            out[b, t0:t0 + len(t)] = torch.where(pos == S, torch.full_like(pos, -1), pos).to(torch.int32)
+    return out
+
+
+def time_ms(fn, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def dense_pairs(T, S):
+    """(query, key) pairs of bottom-right causal attention."""
+    return T * (S - T) + T * (T + 1) // 2
+
+
+def bench_sparse(cfg, warmup, iters):
+    B, T, S, H, Hkv, Dqk, Dv, k = (cfg[x] for x in ("B", "T", "S", "H", "Hkv", "Dqk", "Dv", "k"))
+    dev, dt = "cuda", torch.bfloat16
+    q = torch.randn(B, T, H, Dqk, device=dev, dtype=dt)
+    if cfg["v_in_k"]:
+        kk = torch.randn(B, S, Hkv, Dqk, device=dev, dtype=dt)
+        v = kk[..., :Dv]
+    else:
+        kk = torch.randn(B, S, Hkv, Dqk, device=dev, dtype=dt)
+        v = torch.randn(B, S, Hkv, Dv, device=dev, dtype=dt)
+    idx = causal_topk_indices(B, T, S, k, dev)
+    scale = Dqk ** -0.5
+    out, lse = torch.ops.dsa.sparse_attention(q, kk, v, idx, scale)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all(), "non-finite output"
+    go = torch.randn_like(out)
+    fwd = time_ms(lambda: torch.ops.dsa.sparse_attention(q, kk, v, idx, scale), warmup, iters)
+    bwd = time_ms(lambda: torch.ops.dsa.sparse_attention_backward(go, None, q, kk, v, idx, out, lse, scale),
+                  warmup, iters)
+    pairs = B * T * k
+    return fwd, bwd, 2 * pairs * H * (Dqk + Dv), 2 * pairs * H * (2 * Dv + 3 * Dqk)
+
+
+def bench_dense(cfg, warmup, iters):
+    """Dense causal SDPA (flash backend; others when flash cannot take the head dims), or the
+    reason it could not run."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T, S, H, Dqk, Dv = (cfg[x] for x in ("B", "T", "S", "H", "Dqk", "Dv"))
+    dev, dt = "cuda", torch.bfloat16
+    # kv heads repeated to H (the same FLOPs; not every backend takes enable_gqa)
+    q = torch.randn(B, H, T, Dqk, device=dev, dtype=dt, requires_grad=True)
+    k = torch.randn(B, H, S, Dqk, device=dev, dtype=dt, requires_grad=True)
+    v = torch.randn(B, H, S, Dv, device=dev, dtype=dt, requires_grad=True)
+    # is_causal is top-left aligned: exact for T == S; for T < S the queries see (nearly) every key,
+    # timed as full attention (bottom-right causal has dense_pairs(T, S) / (T * S) of its work).
+    causal = T == S
+    errors = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend):
+                def fwd():
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                out = fwd()
+                go = torch.randn_like(out)
+                torch.autograd.grad(out, (q, k, v), go)
+                f_ms = time_ms(fwd, warmup, iters)
+                out = fwd()
+                b_ms = time_ms(lambda: torch.autograd.grad(out, (q, k, v), go, retain_graph=True), warmup, iters)
+            pairs = B * (dense_pairs(T, S) if causal else T * S)
+            return dict(backend=backend.name, fwd_ms=f_ms, bwd_ms=b_ms,
+                        fwd_flop=2 * pairs * H * (Dqk + Dv), bwd_flop=2 * pairs * H * (2 * Dv + 3 * Dqk))
+        except RuntimeError as e:  # backend cannot take these shapes
+            errors.append(f"{backend.name}: {str(e).splitlines()[0][:120]}")
+            torch.cuda.empty_cache()
+    return dict(backend=None, error="; ".join(errors))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA comparison")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_cuda_attention.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda_attention: no CUDA device", file=sys.stderr)
+        return 1
+
+    rows = []
+    for name in args.shapes:
+        cfg = SHAPES[name]
+        fwd, bwd, fwd_flop, bwd_flop = bench_sparse(cfg, args.warmup, args.iters)
+        dense = None if args.no_dense else bench_dense(cfg, args.warmup, args.iters)
+        torch.cuda.empty_cache()
+        for pass_, ms, flop in (("fwd", fwd, fwd_flop), ("bwd", bwd, bwd_flop)):
+            row = dict(shape=name, **{k: v for k, v in cfg.items()}, pass_=pass_, ms=ms, tflops=flop / ms / 1e9)
+            row["pct_of_peak"] = 100 * row["tflops"] / H200_BF16_TFLOPS
+            if dense is not None and dense.get("backend"):
+                d_ms = dense[f"{pass_}_ms"]
+                row.update(dense_backend=dense["backend"], dense_ms=d_ms,
+                           dense_tflops=dense[f"{pass_}_flop"] / d_ms / 1e9, speedup_vs_dense=d_ms / ms)
+            elif dense is not None:
+                row.update(dense_error=dense["error"])
+            rows.append(row)
+
+    print(f"\nsparse_attention on {torch.cuda.get_device_name()} (bf16 ceiling ~{H200_BF16_TFLOPS:.0f} TFLOP/s)")
+    head = f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'dense ms':>9} {'dense TF/s':>10} {'speedup':>8}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        dense_cols = (f"{r['dense_ms']:>9.2f} {r['dense_tflops']:>10.1f} {r['speedup_vs_dense']:>7.2f}x"
+                      if "dense_ms" in r else f"{'n/a':>9} {'':>10} {'':>8}")
+        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% {dense_cols}")
+    for r in rows:
+        if "dense_error" in r and r["pass_"] == "fwd":
+            print(f"  dense {r['shape']}: {r['dense_error']}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), peak_tflops=H200_BF16_TFLOPS, rows=rows), f, indent=1)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

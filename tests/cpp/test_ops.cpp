@@ -1,0 +1,85 @@
+// The dsa:: operators called from C++ through the dispatcher, as a LibTorch program would,
+// checked against direct ATen formulas on small float64 inputs.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <limits>
+#include <tuple>
+
+namespace {
+
+template <typename Signature>
+auto op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
+const auto kI32 = torch::TensorOptions().dtype(torch::kInt32);
+
+torch::Tensor causal_mask(int64_t T, int64_t S) {
+  auto t = torch::arange(T).unsqueeze(1), s = torch::arange(S).unsqueeze(0);
+  return s.le(t + (S - T));
+}
+
+TEST(DsaOps, IndexerLogitsMatchesFormula) {
+  torch::manual_seed(1);
+  const int64_t B = 2, T = 5, S = 9, Hi = 3, Di = 8;
+  auto q = torch::randn({B, T, Hi, Di}, kF64), k = torch::randn({B, S, Di}, kF64), w = torch::randn({B, T, Hi}, kF64);
+  auto logits = op<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, bool)>(
+                    "dsa::indexer_logits")
+                    .call(q, k, w, 0.5, true);
+  auto want = 0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q, k}).relu()});
+  want = want.masked_fill(causal_mask(T, S).logical_not(), -std::numeric_limits<double>::infinity());
+  ASSERT_EQ(logits.sizes(), want.sizes());
+  EXPECT_TRUE(torch::allclose(logits, want, 1e-12, 1e-12));
+}
+
+TEST(DsaOps, TopkIsDeterministicUnderTies) {
+  auto logits = torch::zeros({1, 2, 10}, kF64);
+  logits[0][1][7] = 1.0;
+  auto idx = op<torch::Tensor(const torch::Tensor&, int64_t)>("dsa::topk_indices").call(logits, 3);
+  auto want = torch::tensor({0, 1, 2, 0, 1, 7}, kI32).view({1, 2, 3});
+  EXPECT_TRUE(torch::equal(idx, want));
+}
+
+TEST(DsaOps, SparseAttentionMatchesGatheredSoftmax) {
+  torch::manual_seed(2);
+  const int64_t T = 4, S = 7, H = 2, D = 8;
+  auto q = torch::randn({1, T, H, D}, kF64), k = torch::randn({1, S, 1, D}, kF64), v = torch::randn({1, S, 1, D}, kF64);
+  auto idx = torch::tensor({0, 3, -1, 1, 1, 6, 2, 5, -1, -1, -1, -1}, kI32).view({1, T, 3});
+  auto [out, lse] = op<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
+                                                                  const torch::Tensor&, const torch::Tensor&, double)>(
+                        "dsa::sparse_attention")
+                        .call(q, k, v, idx, 0.25);
+  for (int64_t t = 0; t < T; ++t) {
+    auto row = idx[0][t];
+    auto valid = row.ge(0);
+    if (!valid.any().item<bool>()) {
+      EXPECT_TRUE(out[0][t].eq(0).all().item<bool>());
+      EXPECT_TRUE(std::isinf(lse[0][t][0].item<double>()));
+      continue;
+    }
+    auto sel = row.masked_select(valid).to(torch::kLong);
+    auto keys = k[0].index_select(0, sel).select(1, 0), vals = v[0].index_select(0, sel).select(1, 0);
+    auto scores = 0.25 * torch::matmul(q[0][t], keys.t());  // [H, n]
+    auto want = torch::matmul(torch::softmax(scores, -1), vals);
+    EXPECT_TRUE(torch::allclose(out[0][t], want, 1e-12, 1e-12));
+    EXPECT_TRUE(torch::allclose(lse[0][t], torch::logsumexp(scores, -1), 1e-12, 1e-12));
+  }
+}
+
+TEST(DsaOps, BadInputNamesTheArgument) {
+  auto q = torch::randn({1, 4, 2, 8}, kF64), k = torch::randn({1, 6, 1, 8}, kF64);
+  auto idx = torch::zeros({1, 4, 2}, torch::kInt64);
+  try {
+    op<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+                                                const torch::Tensor&, double)>("dsa::sparse_attention")
+        .call(q, k, k, idx, 1.0);
+    FAIL() << "expected an error";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("expected indices to be int32, got Long"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
