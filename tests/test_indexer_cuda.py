@@ -26,7 +26,7 @@ def gen(seed):
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
-def inputs(B, T, S, Hi, Di, dtype, seed=0, strided=False, quantized=False):
+def inputs(B, T, S, Hi, Di, dtype, seed, strided=False, quantized=False):
     g = gen(seed)
     if quantized:  # small integers: exact products and sums, many exactly tied scores and zeros
         q = torch.randint(-2, 3, (B, T, Hi, Di + 3), generator=g).float()
@@ -70,28 +70,28 @@ def assert_logits_close(got, q, k, w, scale, causal):
     (1, 3, 70, 72, 32),      # more than 64 heads: two head chunks
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_logits_forward(dtype, B, T, S, Hi, Di, causal):
-    q, k, w = inputs(B, T, S, Hi, Di, dtype, seed=T * S + Hi)
+def test_logits_forward(seed, dtype, B, T, S, Hi, Di, causal):
+    q, k, w = inputs(B, T, S, Hi, Di, dtype, seed=seed + 2)
     scale = (Hi * Di) ** -0.5
     assert_logits_close(dsa_ext.indexer_logits(q, k, w, causal=causal), q, k, w, scale, causal)
 
 
 @pytest.mark.parametrize("dtype", ALL)
-def test_logits_forward_strided_and_odd_dims(dtype):
-    q, k, w = inputs(2, 6, 50, 16, 17, dtype, seed=1, strided=True)
+def test_logits_forward_strided_and_odd_dims(seed, dtype):
+    q, k, w = inputs(2, 6, 50, 16, 17, dtype, seed=seed + 3, strided=True)
     assert_logits_close(dsa_ext.indexer_logits(q, k, w, scale=0.3), q, k, w, 0.3, True)
-    q, k, w = inputs(1, 4, 40, 8, 32, dtype, seed=2, strided=True)
+    q, k, w = inputs(1, 4, 40, 8, 32, dtype, seed=seed + 4, strided=True)
     assert_logits_close(dsa_ext.indexer_logits(q, k, w, scale=-0.7, causal=False), q, k, w, -0.7, False)
 
 
-def test_logits_forward_head_dim_beyond_tensor_cores():
+def test_logits_forward_head_dim_beyond_tensor_cores(seed):
     # Di = 300 > 256: bfloat16 inputs take the float32 engine on converted copies
-    q, k, w = inputs(1, 3, 20, 2, 300, torch.bfloat16, seed=3)
+    q, k, w = inputs(1, 3, 20, 2, 300, torch.bfloat16, seed=seed + 5)
     assert_logits_close(dsa_ext.indexer_logits(q, k, w), q, k, w, (2 * 300) ** -0.5, True)
 
 
-def test_logits_matches_cpu_operator():
-    q, k, w = inputs(1, 20, 90, 8, 64, torch.bfloat16, seed=4)
+def test_logits_matches_cpu_operator(seed):
+    q, k, w = inputs(1, 20, 90, 8, 64, torch.bfloat16, seed=seed + 6)
     got = dsa_ext.indexer_logits(q, k, w)
     cpu = dsa_ext.indexer_logits(q.cpu(), k.cpu(), w.cpu())
     assert torch.allclose(got.cpu(), cpu, rtol=1e-5, atol=1e-6)
@@ -117,10 +117,10 @@ def ref_grads(q, k, w, g, scale, causal):
     (1, 4, 66, 16, 17, True),
     (1, 3, 40, 4, 160, True),   # head dim beyond the tensor-core backward: float32 path
 ])
-def test_logits_backward(dtype, B, T, S, Hi, Di, causal):
-    q, k, w = inputs(B, T, S, Hi, Di, dtype, seed=5 + Hi)
+def test_logits_backward(seed, dtype, B, T, S, Hi, Di, causal):
+    q, k, w = inputs(B, T, S, Hi, Di, dtype, seed=seed + 7)
     scale = (Hi * Di) ** -0.5
-    g = torch.randn(B, T, S, generator=gen(6)).to(DEV)
+    g = torch.randn(B, T, S, generator=gen(seed + 106)).to(DEV)
     if causal:  # the masked positions' incoming gradient must be ignored, whatever it holds
         g = g.masked_fill(~reference.causal_mask(T, S, DEV), float("nan"))
     ours = torch.ops.dsa.indexer_logits_backward(g, q, k, w, scale, causal)
@@ -135,8 +135,8 @@ def test_logits_backward(dtype, B, T, S, Hi, Di, causal):
         assert err <= 5 * own + 1e-6 * r.norm().item(), (name, err, own)
 
 
-def test_logits_autograd_matches_backward_op():
-    q, k, w = inputs(1, 5, 30, 4, 16, torch.bfloat16, seed=7)
+def test_logits_autograd_matches_backward_op(seed):
+    q, k, w = inputs(1, 5, 30, 4, 16, torch.bfloat16, seed=seed + 8)
     q, k, w = (x.requires_grad_() for x in (q, k, w))
     out = dsa_ext.indexer_logits(q, k, w, 0.5)
     g = torch.randn_like(out)
@@ -163,22 +163,22 @@ def tie_heavy(B, T, S, seed):
 
 
 @pytest.mark.parametrize("S,k", [(1, 1), (37, 1), (37, 5), (300, 64), (50, 80), (1000, 999), (4099, 2048)])
-def test_topk_bit_identical_to_cpu(S, k):
-    logits = tie_heavy(2, 5, S, seed=S + k)
+def test_topk_bit_identical_to_cpu(seed, S, k):
+    logits = tie_heavy(2, 5, S, seed=seed + 9)
     got = dsa_ext.topk_indices(logits.to(DEV), k).cpu()
     assert torch.equal(got, dsa_ext.topk_indices(logits, k))
     assert torch.equal(got, reference.topk_indices(logits, k))
 
 
 @pytest.mark.parametrize("dtype", LOW)
-def test_topk_low_precision_logits(dtype):
-    logits = tie_heavy(1, 4, 513, seed=9).to(dtype)
+def test_topk_low_precision_logits(seed, dtype):
+    logits = tie_heavy(1, 4, 513, seed=seed + 10).to(dtype)
     got = dsa_ext.topk_indices(logits.to(DEV), 100).cpu()
     assert torch.equal(got, dsa_ext.topk_indices(logits, 100))
 
 
-def test_topk_long_rows_and_strides():
-    base = torch.randn(2, 3, 140000, generator=gen(10))
+def test_topk_long_rows_and_strides(seed):
+    base = torch.randn(2, 3, 140000, generator=gen(seed + 110))
     base[:, :, 5000:60000] = 0.0  # a huge block of exact ties around the threshold
     logits = base[:, :, :131072 + 7]  # strided rows
     for k in (1, 2048, 70000):
@@ -186,8 +186,8 @@ def test_topk_long_rows_and_strides():
         assert torch.equal(got, reference.topk_indices(logits, k)), k
 
 
-def test_topk_causal_rows_are_dense():
-    q, k, w = inputs(1, 40, 40, 4, 16, torch.bfloat16, seed=11)
+def test_topk_causal_rows_are_dense(seed):
+    q, k, w = inputs(1, 40, 40, 4, 16, torch.bfloat16, seed=seed + 11)
     logits = dsa_ext.indexer_logits(q, k, w)
     idx = dsa_ext.topk_indices(logits, 16).cpu()
     for t in range(16):  # fewer than k visible keys: all of them, then -1
@@ -209,20 +209,20 @@ def test_topk_causal_rows_are_dense():
     (1, 5, 77, 20, 24, 500),      # k > S
 ])
 @pytest.mark.parametrize("causal", [True, False])
-def test_fused_equals_unfused(dtype, B, T, S, Hi, Di, k, causal):
+def test_fused_equals_unfused(seed, dtype, B, T, S, Hi, Di, k, causal):
     # Same score tiles on both paths: equal even where scores tie
     for quantized in (False, True):
-        q, kk, w = inputs(B, T, S, Hi, Di, dtype, seed=S + k, quantized=quantized)
+        q, kk, w = inputs(B, T, S, Hi, Di, dtype, seed=seed + 12, quantized=quantized)
         fused = dsa_ext.indexer_topk(q, kk, w, k, causal=causal)
         unfused = dsa_ext.topk_indices(dsa_ext.indexer_logits(q, kk, w, causal=causal), k)
         assert torch.equal(fused, unfused), quantized
 
 
 @pytest.mark.parametrize("dtype", ALL)
-def test_fused_same_set_as_float64_reference(dtype):
+def test_fused_same_set_as_float64_reference(seed, dtype):
     # Against exact scores the selected set may differ only between near-ties at the k-th score.
     B, T, S, Hi, Di, k = 1, 8, 600, 4, 32, 50
-    q, kk, w = inputs(B, T, S, Hi, Di, dtype, seed=12)
+    q, kk, w = inputs(B, T, S, Hi, Di, dtype, seed=seed + 13)
     scale = (Hi * Di) ** -0.5
     exact = ref_logits(q, kk, w, scale, True)[0].cpu()
     got = dsa_ext.indexer_topk(q, kk, w, k).cpu()[0]
@@ -236,9 +236,9 @@ def test_fused_same_set_as_float64_reference(dtype):
             assert abs(exact[t, s] - kth) <= 1e-5 * bound[t, s], (t, s)
 
 
-def test_fused_peak_memory_is_not_quadratic():
+def test_fused_peak_memory_is_not_quadratic(seed):
     B, T, S, Hi, Di, k = 1, 1024, 131072, 8, 64, 2048
-    q, kk, w = inputs(B, T, S, Hi, Di, torch.bfloat16, seed=13)
+    q, kk, w = inputs(B, T, S, Hi, Di, torch.bfloat16, seed=seed + 14)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -255,9 +255,9 @@ def test_fused_peak_memory_is_not_quadratic():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_opcheck():
-    q, k, w = inputs(1, 6, 20, 4, 16, torch.bfloat16, seed=14)
-    q32, k32, w32 = inputs(1, 6, 20, 4, 16, torch.float32, seed=14)
+def test_opcheck(seed):
+    q, k, w = inputs(1, 6, 20, 4, 16, torch.bfloat16, seed=seed + 15)
+    q32, k32, w32 = inputs(1, 6, 20, 4, 16, torch.float32, seed=seed + 16)
     ops = torch.ops.dsa
     for a, b, c in ((q, k, w), (q32, k32, w32)):
         torch.library.opcheck(ops.indexer_logits.default, (a.requires_grad_(), b.requires_grad_(), c.requires_grad_(),
@@ -269,25 +269,25 @@ def test_opcheck():
         torch.library.opcheck(ops.indexer_topk.default, (a.detach(), b.detach(), c.detach(), 7, 0.25, True))
 
 
-def test_float64_is_refused_with_a_clear_error():
-    q, k, w = inputs(1, 2, 4, 2, 8, torch.float32, seed=15)
+def test_float64_is_refused_with_a_clear_error(seed):
+    q, k, w = inputs(1, 2, 4, 2, 8, torch.float32, seed=seed + 17)
     with pytest.raises(RuntimeError, match="float64"):
         dsa_ext.indexer_logits(q.double(), k.double(), w)
     with pytest.raises(RuntimeError, match="float64"):
         dsa_ext.topk_indices(torch.zeros(1, 2, 3, dtype=torch.float64, device=DEV), 1)
 
 
-def test_empty_shapes():
-    q, k, w = inputs(1, 0, 5, 2, 8, torch.bfloat16, seed=16)
+def test_empty_shapes(seed):
+    q, k, w = inputs(1, 0, 5, 2, 8, torch.bfloat16, seed=seed + 18)
     assert dsa_ext.indexer_logits(q, k, w).shape == (1, 0, 5)
     assert dsa_ext.indexer_topk(q, k, w, 3).shape == (1, 0, 3)
-    q, k, w = inputs(1, 3, 0, 2, 8, torch.bfloat16, seed=16)
+    q, k, w = inputs(1, 3, 0, 2, 8, torch.bfloat16, seed=seed + 19)
     assert (dsa_ext.indexer_topk(q, k, w, 3, causal=False) == -1).all()
     assert dsa_ext.topk_indices(torch.zeros(2, 3, 0, device=DEV), 4).eq(-1).all()
 
 
-def test_cuda_graph_capture():
-    q, k, w = inputs(1, 64, 2048, 8, 64, torch.bfloat16, seed=17)
+def test_cuda_graph_capture(seed):
+    q, k, w = inputs(1, 64, 2048, 8, 64, torch.bfloat16, seed=seed + 20)
     g_in = torch.randn(1, 64, 2048, device=DEV)
     run = lambda: (dsa_ext.indexer_topk(q, k, w, 128),  # noqa: E731
                    dsa_ext.topk_indices(dsa_ext.indexer_logits(q, k, w), 128),
@@ -309,8 +309,8 @@ def test_cuda_graph_capture():
         assert torch.equal(a, b)  # deterministic: bit-identical gradients
 
 
-def test_backward_is_deterministic():
-    q, k, w = inputs(1, 50, 400, 64, 128, torch.bfloat16, seed=18)
+def test_backward_is_deterministic(seed):
+    q, k, w = inputs(1, 50, 400, 64, 128, torch.bfloat16, seed=seed + 21)
     g = torch.randn(1, 50, 400, device=DEV)
     a = torch.ops.dsa.indexer_logits_backward(g, q, k, w, 0.1, True)
     b = torch.ops.dsa.indexer_logits_backward(g, q, k, w, 0.1, True)
