@@ -56,6 +56,13 @@ void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t di
               what, "), got shape ", shape_str(t));
 }
 
+void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                      at::ScalarType dtype, const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", shape_str(t));
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
+}
+
 
 IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
                                  const at::Tensor& w, bool causal) {

@@ -33,6 +33,9 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t, co
 // t.size(dim) == expected; `what` says where the expected size comes from.
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
                const char* what);
+// t has exactly this shape and dtype and lives on like's device (saved tensors, incoming gradients).
+void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                      at::ScalarType dtype, const at::Tensor& like);
 
 // Scores, lse and losses are float32, or float64 when the inputs are float64.
 at::ScalarType score_dtype(at::ScalarType input);

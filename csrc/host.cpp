@@ -4,15 +4,6 @@
 
 namespace dsa {
 
-namespace {
-
-void check_same_shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
-                      at::ScalarType dtype, const at::Tensor& like) {
-  TORCH_CHECK(t.sizes() == expected, op, ": expected ", name, " of shape ", expected, ", got ", shape_str(t));
-  TORCH_CHECK(t.scalar_type() == dtype, op, ": expected ", name, " to be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.device() == like.device(), op, ": expected ", name, " on ", like.device(), ", got ", t.device());
-}
-
 IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                              double scale, bool causal) {
   IndexerParams p{};
@@ -28,12 +19,9 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   return p;
 }
 
-// w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
   return w.to(score_dtype(q_idx.scalar_type())).contiguous();
 }
-
-}  // namespace
 
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          double scale, bool causal) {

@@ -11,6 +11,13 @@
 
 namespace dsa {
 
+// The indexer part of a params block over q_idx, k_idx (stride-1 last dims) and w (score_weights).
+IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
+                             double scale, bool causal);
+
+// w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
+at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx);
+
 struct IndexerLogitsCall {
   at::Tensor q, k, w, logits;
   IndexerParams p;

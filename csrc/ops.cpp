@@ -22,4 +22,17 @@ TORCH_LIBRARY(dsa, m) {
   m.def(
       "sparse_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
       "Tensor indices, Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // Indexer training loss: per-token KL(main attention's head-mean distribution || indexer
+  // softmax) over the causal keys (indices absent) or the valid selected keys, streamed over keys.
+  // Also returns the two lse it normalised with (idx_lse [B,T], attn_lse_out [B,T,H]) for the
+  // backward; attn_lse, when given, is used instead of recomputing the attention lse.
+  m.def(
+      "indexer_kl_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor k, Tensor? indices, "
+      "float idx_scale, float attn_scale, bool causal, Tensor? attn_lse) "
+      "-> (Tensor loss, Tensor idx_lse, Tensor attn_lse_out)");
+  m.def(
+      "indexer_kl_loss_backward(Tensor grad_loss, Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor k, "
+      "Tensor? indices, Tensor idx_lse, Tensor attn_lse, float idx_scale, float attn_scale, bool causal) "
+      "-> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
 }

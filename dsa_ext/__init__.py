@@ -9,7 +9,7 @@ import torch  # noqa: F401  (first: _C links against libtorch/libc10, which impo
 from . import _C  # noqa: F401  (loads the shared library: registers torch.ops.dsa.*)
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd)
 from . import reference
-from .ops import indexer_logits, indexer_topk, sparse_attention, topk_indices
+from .ops import indexer_kl_loss, indexer_logits, indexer_topk, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
 built_with_cuda: bool = _C.built_with_cuda
@@ -31,6 +31,7 @@ __all__ = [
     "topk_indices",
     "indexer_topk",
     "sparse_attention",
+    "indexer_kl_loss",
     "reference",
     "set_index_checks",
     "index_checks_enabled",

@@ -12,7 +12,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention"]
+__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "indexer_kl_loss"]
 
 _ops = torch.ops.dsa
 
@@ -117,6 +117,65 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Op
     return (out, lse) if return_lse else out
 
 
+def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tensor,
+                    indices: Optional[Tensor] = None, idx_scale: Optional[float] = None,
+                    attn_scale: Optional[float] = None, causal: bool = True,
+                    attn_lse: Optional[Tensor] = None) -> Tensor:
+    """The indexer's training loss: per query token, the KL divergence from the main attention's
+    distribution to the indexer's, streamed over keys (no ``[B, T, S]`` or ``[B, H, T, S]``
+    tensor is ever built: extra memory is O(B*T*(H+Hi))).
+
+    For query token t with support ``U_t`` (below)::
+
+        I(s)    = idx_scale * sum_j w[t,j] * relu(q_idx[t,j] . k_idx[s])      (indexer logits)
+        p_t(s)  = mean_h softmax_{U_t}(attn_scale * q[t,h] . k[s, h // (H // Hkv)])(s)
+        loss[t] = KL(p_t || softmax_{U_t}(I)) = sum_{s in U_t} p_t(s) * (log p_t(s) - log softmax_{U_t}(I)(s))
+
+    ``p_t`` is the per-head attention probabilities summed over heads and L1-normalised (their
+    mean). The support ``U_t`` is
+
+    - ``indices=None`` (dense warm-up): every key the query sees, ``s <= t + S - T`` when causal
+      (bottom-right aligned), all S keys otherwise;
+    - ``indices`` given (sparse stage): the valid (``!= -1``) entries of ``indices[b, t]``, both
+      distributions renormalised over them. No causal mask is applied on top (the indices say
+      what is attended, as in :func:`sparse_attention`). A position listed twice is two support
+      elements (duplicates count once per occurrence, as in :func:`sparse_attention`), which
+      amounts to weighting that key by its multiplicity in both distributions.
+
+    A row with an empty support has loss 0 and zero gradients.
+
+    Args:
+        q_idx: ``[B, T, Hi, Di]`` float64, float32, bfloat16 or float16: indexer queries.
+        k_idx: ``[B, S, Di]``, q_idx's dtype: indexer keys (one per token, shared by all heads).
+        w: ``[B, T, Hi]`` float32 or q_idx's dtype: indexer head weights.
+        q: ``[B, T, H, Dqk]``, q_idx's dtype: the main attention's queries (any Dqk). Constant:
+            never receives a gradient (read detached).
+        k: ``[B, S, Hkv, Dqk]``, q_idx's dtype, H a multiple of Hkv (MHA, GQA, MQA): the main
+            attention's keys. Constant, like q.
+        indices: ``None`` (dense) or ``[B, T, K]`` int32 with ``K >= 1``, entries -1 or in
+            ``[0, S)`` (e.g. from :func:`indexer_topk`).
+        idx_scale: indexer score scale, default ``(Hi * Di) ** -0.5``.
+        attn_scale: attention score scale, default ``Dqk ** -0.5``.
+        causal: dense form only: mask keys after each query (needs S >= T).
+        attn_lse: optional ``[B, T, H]`` float32 (float64 for float64 inputs): the main
+            attention's own natural-log lse over the same support (``sparse_attention(...,
+            return_lse=True)`` returns it), used instead of recomputing it, which saves one pass
+            over the keys. Read detached. The result does not depend on whether it is given
+            (up to the rounding of the lse itself).
+
+    Returns:
+        ``[B, T]`` per-token loss, float32 (float64 for float64 inputs); reduce it as the
+        training recipe says (DeepSeek-V3.2 sums over tokens). Differentiable in q_idx, k_idx
+        and w only.
+    """
+    if attn_scale is None:
+        attn_scale = q.shape[-1] ** -0.5 if q.dim() == 4 else 1.0
+    loss, _, _ = _ops.indexer_kl_loss(
+        q_idx, k_idx, w, q.detach(), k.detach(), indices, _indexer_scale(q_idx, idx_scale),
+        float(attn_scale), bool(causal), None if attn_lse is None else attn_lse.detach())
+    return loss
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: output metadata only
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +216,20 @@ def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, l
             k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+@torch.library.register_fake("dsa::indexer_kl_loss")
+def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse):
+    B, T = q_idx.shape[:2]
+    dtype = _score_dtype(q_idx.dtype)
+    return (q_idx.new_empty((B, T), dtype=dtype), q_idx.new_empty((B, T), dtype=dtype),
+            q_idx.new_empty((B, T, q.shape[2]), dtype=dtype))
+
+
+@torch.library.register_fake("dsa::indexer_kl_loss_backward")
+def _indexer_kl_loss_backward_fake(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse,
+                                   idx_scale, attn_scale, causal):
+    return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
@@ -193,3 +266,24 @@ def _sparse_attention_backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("dsa::sparse_attention", _sparse_attention_backward,
                                 setup_context=_sparse_attention_setup)
+
+
+def _indexer_kl_loss_setup(ctx, inputs, output):
+    q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, _attn_lse = inputs
+    _loss, idx_lse, attn_lse_out = output
+    # The lse outputs are statistics saved for the backward, not differentiable results.
+    ctx.mark_non_differentiable(idx_lse, attn_lse_out)
+    ctx.save_for_backward(q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse_out)
+    ctx.idx_scale, ctx.attn_scale, ctx.causal = idx_scale, attn_scale, causal
+
+
+def _indexer_kl_loss_backward(ctx, grad_loss, _grad_idx_lse, _grad_attn_lse):
+    q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse = ctx.saved_tensors
+    gq, gk, gw = _ops.indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse,
+                                               attn_lse, ctx.idx_scale, ctx.attn_scale, ctx.causal)
+    # q, k (the main attention) and the given attn_lse are constants of this loss.
+    return gq, gk, gw, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("dsa::indexer_kl_loss", _indexer_kl_loss_backward,
+                                setup_context=_indexer_kl_loss_setup)

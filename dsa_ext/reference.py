@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "causal_mask"]
+__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "indexer_kl_loss",
+           "causal_mask"]
 
 
 def _acc(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
@@ -115,3 +116,57 @@ def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True
     out = torch.einsum("btngk,btnkd->btngd", p, vg).reshape(B, T, H, Dv).to(q.dtype)
     lse = lse.reshape(B, T, H).to(_acc(q.dtype))
     return (out, lse) if return_lse else out
+
+
+def _lse(x, dim=-1):
+    """Log-sum-exp over dim, -inf for an all -inf slice, with finite gradients everywhere."""
+    m = x.amax(dim=dim, keepdim=True)
+    m = torch.where(torch.isinf(m), torch.zeros_like(m), m).detach()
+    total = torch.exp(x - m).sum(dim=dim, keepdim=True)
+    nonempty = total > 0
+    safe = torch.where(nonempty, total, torch.ones_like(total))
+    return torch.where(nonempty, torch.log(safe) + m, torch.full_like(m, float("-inf")))
+
+
+def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None, causal=True,
+                    attn_lse=None, upcast=True):
+    """Per-token KL(p_t || softmax_{U_t}(I[t])) with full [B, H, T, S] probabilities.
+
+    p_t = mean over heads h of softmax_{U_t}(attn_scale * q[t,h] . k[s, h // (H // Hkv)]),
+    I = indexer_logits(q_idx, k_idx, w, idx_scale). U_t: every causal key (indices None; all S
+    keys when causal is False) or the valid entries of indices[b,t] (no causal mask on top), a
+    key listed m times counting m times in both distributions (log m added to both
+    logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
+    replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
+    empty row gives 0 with zero gradients. upcast=False computes in the input dtype throughout
+    (a low-precision baseline).
+    """
+    B, T, Hi, Di = q_idx.shape
+    S, H, Hkv, Dqk = k_idx.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    if attn_scale is None:
+        attn_scale = Dqk ** -0.5
+    acc = _acc(q_idx.dtype, upcast)
+    if indices is None:
+        if causal and S < T:
+            raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
+        visible = causal_mask(T, S, q_idx.device) if causal else torch.ones(T, S, dtype=torch.bool, device=q_idx.device)
+        count = visible.to(acc).expand(B, T, S)
+    else:
+        if ((indices < -1) | (indices >= S)).any():
+            raise IndexError(f"expected every index to be -1 or in [0, {S})")
+        valid = indices >= 0
+        count = torch.zeros(B, T, S, dtype=acc, device=q_idx.device)
+        count.scatter_add_(-1, indices.clamp(min=0).long(), valid.to(acc))
+    support = count > 0
+    log_count = torch.log(count)  # 0 for a key listed once, -inf outside U_t
+    with torch.no_grad():
+        kh = k.to(acc).repeat_interleave(H // Hkv, dim=2)
+        a = attn_scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kh) + log_count[:, None]
+        lse_a = _lse(a) if attn_lse is None else attn_lse.to(acc).permute(0, 2, 1)[..., None]
+        p = torch.where(support[:, None], torch.exp(a - lse_a), torch.zeros_like(a)).mean(dim=1)  # [B,T,S]
+        log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
+    logits = indexer_logits(q_idx, k_idx, w, idx_scale, causal=False, upcast=upcast) + log_count
+    log_q = logits - _lse(logits)
+    log_q = torch.where(support, log_q, torch.zeros_like(log_q))
+    loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
+    return loss.to(_acc(q_idx.dtype))

@@ -46,23 +46,10 @@ void dots_to_grad(IndexerTile<scalar_t>& tile, const IndexerBwdParams& bp, int64
                   acc_type<scalar_t>* dw) {
   using acc_t = acc_type<scalar_t>;
   const auto& p = bp.fwd;
-  const acc_t scale = static_cast<acc_t>(p.scale);
   for (int64_t t = 0; t < tile.tq; ++t) {
     const acc_t* g = static_cast<const acc_t*>(bp.grad_logits) + b * bp.g_sb + (t0 + t) * bp.g_st + s0;
     const int64_t n = std::clamp<int64_t>(visible_keys(p, t0 + t) - s0, 0, tile.ns);
-    const acc_t* w = tile.w_row(b, t0 + t);
-    for (int64_t j = 0; j < p.Hi; ++j) {
-      acc_t* d = tile.dots_row(t, j);
-      acc_t dw_tj = 0;
-      for (int64_t s = 0; s < n; ++s) {
-        const acc_t gs = g[s] * scale;
-        const bool active = d[s] > acc_t(0);
-        dw_tj += active ? gs * d[s] : acc_t(0);
-        d[s] = active ? gs * w[j] : acc_t(0);
-      }
-      std::fill(d + n, d + tile.ns, acc_t(0));
-      if (dw != nullptr) dw[t * p.Hi + j] += dw_tj;
-    }
+    tile.dots_to_grad(b, t0, t, g, n, dw != nullptr ? dw + t * p.Hi : nullptr);
   }
 }
 

@@ -1,7 +1,9 @@
 // Tiled indexer scores on the CPU, shared by indexer_logits (forward, backward), indexer_topk and
 // the indexer KL loss. A tile is a block of tq queries (all Hi heads) against ns keys: the
-// head dot products come from one GEMM over rows converted to acc_t, the ReLU and the weighted
-// head sum run in the epilogue. Nothing larger than a tile is ever materialised.
+// head dot products come from a register-tiled micro-kernel (attention_tiles.h) over rows
+// converted to acc_t, the ReLU and the weighted head sum run in the epilogue. Nothing larger
+// than a tile is ever materialised. No BLAS call: the tiles run inside at::parallel_for, where
+// MKL would open a nested thread team per call (measured: 2 threads 100x slower than 1).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "../params.h"
+#include "attention_tiles.h"
 #include "vec_math.h"
 
 namespace dsa::cpu {
@@ -27,16 +30,22 @@ template <typename scalar_t>
 struct IndexerTile {
   using acc_t = acc_type<scalar_t>;
   const IndexerParams& p;
-  std::vector<acc_t> q;     // [tq * Hi, Di]
+  std::vector<acc_t> q;     // [m, Di]: tq * Hi query rows, then zero rows up to m
   std::vector<acc_t> k;     // [ns, Di]
-  std::vector<acc_t> dots;  // [tq * Hi, ns]
+  std::vector<acc_t> dots;  // [m, ns]
+  std::vector<const acc_t*> k_rows;  // k_rows[s] = k + s * Di
   int64_t tq = 0, ns = 0;
+  int64_t m = 0;  // tq * Hi rounded up to the micro-kernel's kHeadTile (kQueryBlock * Hi is a multiple)
 
   explicit IndexerTile(const IndexerParams& params)
       : p(params),
         q(kQueryBlock * params.Hi * params.Di),
         k(kKeyBlock * params.Di),
-        dots(kQueryBlock * params.Hi * kKeyBlock) {}
+        dots(kQueryBlock * params.Hi * kKeyBlock),
+        k_rows(kKeyBlock) {
+    static_assert(kQueryBlock % kHeadTile == 0, "padded tiles must fit the buffers");
+    for (int64_t s = 0; s < kKeyBlock; ++s) k_rows[s] = k.data() + s * params.Di;
+  }
 
   const acc_t* w_row(int64_t b, int64_t t) const {
     return static_cast<const acc_t*>(p.w) + (b * p.T + t) * p.Hi;
@@ -48,6 +57,8 @@ struct IndexerTile {
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < p.Hi; ++j)
         load_row(base + (t0 + t) * p.q_st + j * p.q_sh, q.data() + (t * p.Hi + j) * p.Di, p.Di);
+    m = (n * p.Hi + kHeadTile - 1) / kHeadTile * kHeadTile;
+    std::fill(q.begin() + n * p.Hi * p.Di, q.begin() + m * p.Di, acc_t(0));
   }
 
   void load_keys(int64_t b, int64_t s0, int64_t n) {
@@ -56,11 +67,15 @@ struct IndexerTile {
     for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_ss, k.data() + s * p.Di, p.Di);
   }
 
-  // dots[tq*Hi, ns] = q k^T, row stride ns.
-  void compute_dots() {
-    auto out = blob(dots.data(), {tq * p.Hi, ns});
-    at::mm_out(out, blob(q.data(), {tq * p.Hi, p.Di}), blob(k.data(), {ns, p.Di}).t());
+  // The keys at positions keys[0:n] of batch b (a gathered block, e.g. one query's top-k).
+  void gather_keys(int64_t b, const int64_t* keys, int64_t n) {
+    ns = n;
+    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
+    for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_ss, k.data() + s * p.Di, p.Di);
   }
+
+  // dots[m, ns] = q k^T, row stride ns (the pad rows come out 0).
+  void compute_dots() { gathered_dots(q.data(), m, p.Di, k_rows.data(), ns, dots.data(), ns); }
 
   const acc_t* dots_row(int64_t t, int64_t j) const { return dots.data() + (t * p.Hi + j) * ns; }
   acc_t* dots_row(int64_t t, int64_t j) { return dots.data() + (t * p.Hi + j) * ns; }
@@ -79,6 +94,26 @@ struct IndexerTile {
       for (; s + W <= n; s += W)
         at::vec::fmadd(wj, at::vec::maximum(Vec::loadu(d + s), zero), Vec::loadu(out + s)).store(out + s);
       for (; s < n; ++s) out[s] += w[j] * static_cast<acc_t>(p.scale) * std::max(d[s], acc_t(0));
+    }
+  }
+
+  // Turns the dots of the tile's query t into dL/d(dots) in place, given g[0:n] = dL/dscore on its
+  // first n keys: g[s] * scale * w[t,j] where the dot is positive, 0 elsewhere and beyond n.
+  // With dw, also adds dL/dw[t,j] = sum_s g[s] * scale * relu(dot) to dw[j].
+  void dots_to_grad(int64_t b, int64_t t0, int64_t t, const acc_t* g, int64_t n, acc_t* dw) {
+    const acc_t scale = static_cast<acc_t>(p.scale);
+    const acc_t* w = w_row(b, t0 + t);
+    for (int64_t j = 0; j < p.Hi; ++j) {
+      acc_t* d = dots_row(t, j);
+      acc_t dw_tj = 0;
+      for (int64_t s = 0; s < n; ++s) {
+        const acc_t gs = g[s] * scale;
+        const bool active = d[s] > acc_t(0);
+        dw_tj += active ? gs * d[s] : acc_t(0);
+        d[s] = active ? gs * w[j] : acc_t(0);
+      }
+      std::fill(d + n, d + ns, acc_t(0));
+      if (dw != nullptr) dw[j] += dw_tj;
     }
   }
 };

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <limits>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -67,6 +68,31 @@ TEST(DsaOps, SparseAttentionMatchesGatheredSoftmax) {
     EXPECT_TRUE(torch::allclose(out[0][t], want, 1e-12, 1e-12));
     EXPECT_TRUE(torch::allclose(lse[0][t], torch::logsumexp(scores, -1), 1e-12, 1e-12));
   }
+}
+
+TEST(DsaOps, IndexerKlLossMatchesDenseFormula) {
+  torch::manual_seed(3);
+  const int64_t T = 5, S = 8, Hi = 2, Di = 8, H = 4, Hkv = 2, D = 6;
+  auto q_idx = torch::randn({1, T, Hi, Di}, kF64), k_idx = torch::randn({1, S, Di}, kF64);
+  auto w = torch::randn({1, T, Hi}, kF64), q = torch::randn({1, T, H, D}, kF64), k = torch::randn({1, S, Hkv, D}, kF64);
+  using Out = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
+  auto [loss, idx_lse, attn_lse] =
+      op<Out(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
+             const torch::Tensor&, const std::optional<torch::Tensor>&, double, double, bool,
+             const std::optional<torch::Tensor>&)>("dsa::indexer_kl_loss")
+          .call(q_idx, k_idx, w, q, k, std::nullopt, 0.5, 0.25, true, std::nullopt);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  auto hidden = causal_mask(T, S).logical_not();
+  auto I = (0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q_idx, k_idx}).relu()}))
+               .masked_fill(hidden, neg_inf)[0];                                          // [T, S]
+  auto a = (0.25 * torch::einsum("thd,shd->hts", {q[0], k[0].repeat_interleave(H / Hkv, 1)}))
+               .masked_fill(hidden, neg_inf);                                             // [H, T, S]
+  auto p = torch::softmax(a, -1).mean(0);
+  auto log_q = torch::log_softmax(I, -1);
+  auto want = (p * (p.log() - log_q)).masked_fill(hidden, 0).sum(-1);
+  EXPECT_TRUE(torch::allclose(loss[0], want, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(idx_lse[0], torch::logsumexp(I, -1), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::allclose(attn_lse[0], torch::logsumexp(a, -1).t(), 1e-12, 1e-12));
 }
 
 TEST(DsaOps, BadInputNamesTheArgument) {
