@@ -22,10 +22,11 @@ inline void check_cuda_float(const char* op, const char* name, const at::Tensor&
               " to be float32, bfloat16 or float16 on CUDA, got float64 (the float64 kernels run on CPU)");
 }
 
-// Positions are int32.
+// Positions are int32, and the selection's loop counters run a block's width past a row's end.
 inline void check_row_length(const char* op, const char* name, int64_t n) {
-  TORCH_CHECK(n <= INT32_MAX, op, ": expected ", name, " to have at most 2^31 - 1 positions per row (int32 ",
-              "indices), got ", n);
+  constexpr int64_t kMaxRow = INT32_MAX - (1 << 16);
+  TORCH_CHECK(n <= kMaxRow, op, ": expected ", name, " to have at most ", kMaxRow,
+              " positions per row (int32 indices), got ", n);
 }
 
 inline void check_grid(const char* op, int64_t blocks) {
