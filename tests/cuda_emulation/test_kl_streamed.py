@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-import dsa_ext
 from dsa_ext import reference
 
 pytestmark = [pytest.mark.emulation, pytest.mark.slow]
