@@ -101,6 +101,7 @@ def test_rows_with_one_key_and_empty_rows(seed):
     B, T, S = 2, 5, 8
     q_idx, k_idx, w, q, k = kl_inputs(B, T, S, 2, 8, 4, 2, 8, requires_grad=True)
     indices = random_indices(B, T, S, 3, causal=True)
+    indices[1, :, 0] = 0                                                 # batch 1: no row empty
     indices[0, 1] = -1                                                   # empty
     indices[1, 3] = torch.tensor([-1, 6, -1], dtype=torch.int32)         # one key
     indices[1, 4] = torch.tensor([2, 2, -1], dtype=torch.int32)          # one key, twice

@@ -1,6 +1,7 @@
 // CPU indexer_logits forward and backward. Parallel over (batch, query block) for the logits,
 // dq and dw; over (batch, key block) for dk, so every output element has one writer and the
-// result is deterministic.
+// result is deterministic. The tile products use the register-tiled micro-kernels, never BLAS
+// (see indexer_tiles.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -67,14 +68,13 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
       const int64_t n = std::min(kQueryBlock, p.T - t0);
       std::fill(dq.begin(), dq.end(), acc_t(0));
       std::fill(dw.begin(), dw.end(), acc_t(0));
-      auto dq_t = blob(dq.data(), {n * p.Hi, p.Di});
       tile.load_queries(b, t0, n);
       const int64_t visible = block_visible_keys(p, t0, n);
       for (int64_t s0 = 0; s0 < visible; s0 += kKeyBlock) {
         tile.load_keys(b, s0, std::min(kKeyBlock, visible - s0));
         tile.compute_dots();
         dots_to_grad(tile, bp, b, t0, s0, dw.data());
-        dq_t.addmm_(blob(tile.dots.data(), {n * p.Hi, tile.ns}), blob(tile.k.data(), {tile.ns, p.Di}));
+        gathered_combine(tile.dots.data(), tile.ns, tile.m, tile.k_rows.data(), tile.ns, p.Di, dq.data());
       }
       auto* gq = static_cast<scalar_t*>(bp.grad_q) + (b * p.T + t0) * p.Hi * p.Di;
       store_row(dq.data(), gq, n * p.Hi * p.Di);
@@ -86,11 +86,12 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
   at::parallel_for(0, p.B * kblocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     std::vector<acc_t> dk(kKeyBlock * p.Di);
+    std::vector<acc_t*> dk_rows(kKeyBlock);
+    for (int64_t s = 0; s < kKeyBlock; ++s) dk_rows[s] = dk.data() + s * p.Di;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / kblocks, s0 = (item % kblocks) * kKeyBlock;
       const int64_t ns = std::min(kKeyBlock, p.S - s0);
       std::fill(dk.begin(), dk.end(), acc_t(0));
-      auto dk_t = blob(dk.data(), {ns, p.Di});
       tile.load_keys(b, s0, ns);
       const int64_t first_query = p.causal ? std::max<int64_t>(0, s0 - p.causal_offset) : 0;
       for (int64_t t0 = first_query; t0 < p.T; t0 += kQueryBlock) {
@@ -98,7 +99,7 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
         tile.load_queries(b, t0, n);
         tile.compute_dots();
         dots_to_grad<scalar_t>(tile, bp, b, t0, s0, nullptr);
-        dk_t.addmm_(blob(tile.dots.data(), {n * p.Hi, ns}).t(), blob(tile.q.data(), {n * p.Hi, p.Di}));
+        gathered_scatter(tile.dots.data(), ns, tile.m, tile.q.data(), p.Di, dk_rows.data(), ns);
       }
       store_row(dk.data(), static_cast<scalar_t*>(bp.grad_k) + (b * p.S + s0) * p.Di, ns * p.Di);
     }

@@ -20,11 +20,6 @@ namespace dsa::cpu {
 constexpr int64_t kQueryBlock = 16;  // queries per tile (x Hi GEMM rows)
 constexpr int64_t kKeyBlock = 256;   // keys per tile
 
-template <typename acc_t>
-at::Tensor blob(acc_t* data, at::IntArrayRef sizes) {
-  return at::from_blob(data, sizes, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
-}
-
 // Per-thread scratch for one tile, reused across tiles.
 template <typename scalar_t>
 struct IndexerTile {
