@@ -1,0 +1,170 @@
+"""DSA for Hugging Face ``transformers`` causal LMs (Llama, Qwen2, Qwen3, Mistral families),
+without editing their source.
+
+How it hooks in (public transformers APIs only):
+- an attention function ``"dsa"`` registered in ``AttentionInterface`` (with ``sdpa``'s mask
+  builder registered under the same name in ``AttentionMaskInterface``); the converted model's
+  ``attn_implementation`` is set to it. Every attention layer then calls it with its q, k, v
+  (after the model's own RoPE and norms) and it runs the layer's :class:`DSAAttention` core.
+  Dense attention (mode dense/warmup, and unconverted layers) is transformers' own ``sdpa``
+  function, so a dense-mode model computes exactly what the original computes;
+- a forward pre-hook on each attention module hands the core the module's input hidden states
+  and position ids (the indexer's input), which the attention function is not given;
+- each core is a submodule ``dsa`` of its attention module, so ``model.parameters()`` and
+  ``state_dict()`` include the indexers (``...self_attn.dsa.indexer.*``).
+
+:func:`save_pretrained` writes an ordinary checkpoint of the host model (loadable by plain
+``from_pretrained``) plus ``dsa_config.json`` and ``dsa_indexer.safetensors``;
+:func:`from_pretrained` loads it back converted (or converts a dense checkpoint with fresh
+indexers). Limits: modes warmup/sparse need the whole sequence in one forward (no KV cache) and
+no padding mask; sliding-window layers are only supported in dense mode.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
+from .reference import causal_mask
+
+__all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
+           "from_pretrained", "INDEXER_FILE", "CONFIG_FILE"]
+
+ATTN_NAME = "dsa"
+TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+INDEXER_FILE = "dsa_indexer.safetensors"
+CONFIG_FILE = "dsa_config.json"
+
+
+def _check_mask(mask, T: int, S: int, mode: str) -> None:
+    """Warmup/sparse attend by causal position only: a mask that says more (padding) is refused."""
+    if mask is None:
+        return
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
+        if torch.equal(mask, causal_mask(T, S, mask.device).expand_as(mask)):
+            return
+    raise NotImplementedError(f"DSA mode {mode!r} supports causal attention without padding; "
+                              "got an attention mask that is not purely causal")
+
+
+def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+                   scaling: Optional[float] = None, **kwargs):
+    """The registered attention function: query [B,H,T,D], key/value [B,Hkv,S,D] ->
+    ([B,T,H,D], None), the AttentionInterface contract."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    core = getattr(module, "dsa", None)
+    if not isinstance(core, DSAAttention):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+
+    def dense(q, k, v, scale):
+        return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2),
+                                      v.transpose(1, 2), attention_mask, dropout=dropout,
+                                      scaling=scale, **kwargs)[0]
+
+    hidden, positions = module._dsa_inputs
+    module._dsa_inputs = (None, None)  # hold the activations no longer than the call
+    if core.mode != "dense" or core.record_recall:
+        _check_mask(attention_mask, query.shape[2], key.shape[2], core.mode)
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    return core(q, k, v, hidden, positions, scaling, dense), None
+
+
+def _stash_inputs(module: nn.Module, args, kwargs):
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    positions = kwargs.get("position_ids")
+    module._dsa_inputs = (hidden, positions)
+
+
+def register() -> None:
+    """Register the ``"dsa"`` attention function and its mask builder with transformers
+    (idempotent; :func:`convert` calls it)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, _dsa_attention)
+    AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def _attention_modules(model: nn.Module):
+    return [m for name, m in model.named_modules()
+            if name.endswith("self_attn") and all(hasattr(m, a) for a in ("q_proj", "k_proj", "o_proj"))]
+
+
+def convert(model: nn.Module, config: DSAConfig, allow_untested: bool = False) -> nn.Module:
+    """Swap DSA into a transformers causal LM in place: one fresh indexer per attention layer
+    (reading that layer's input hidden states), attention implementation set to ``"dsa"``.
+    Pretrained weights are untouched. Returns the model (``model.dsa_config`` holds config)."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in TESTED_MODEL_TYPES and not allow_untested:
+        raise ValueError(f"convert: model_type {model_type!r} is not one of the tested families "
+                         f"{TESTED_MODEL_TYPES}; pass allow_untested=True to try anyway")
+    if dsa_modules(model):
+        raise ValueError("convert: the model already has DSA attention")
+    attn = _attention_modules(model)
+    if not attn:
+        raise ValueError("convert: found no '*self_attn' module with q_proj/k_proj/o_proj")
+    register()
+    hidden_size = model.config.hidden_size
+    for m in attn:
+        ref = m.q_proj.weight
+        indexer = LightningIndexer(hidden_size, config.n_heads, config.head_dim, config.rope_dim,
+                                   config.rope_theta, config.hadamard)
+        m.dsa = DSAAttention(indexer, config.topk, config.mode).to(ref.device, ref.dtype)
+        m._dsa_inputs = (None, None)
+        m.register_forward_pre_hook(_stash_inputs, with_kwargs=True)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_NAME)
+    else:
+        model.config._attn_implementation = ATTN_NAME
+    model.dsa_config = config
+    return model
+
+
+def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
+    """Save a converted model: the host model's own checkpoint (``model.save_pretrained``,
+    without the indexers, so plain ``from_pretrained`` loads it as the dense model), plus
+    ``dsa_config.json`` and the indexer weights in ``dsa_indexer.safetensors``."""
+    from safetensors.torch import save_file
+
+    state = model.state_dict()
+    indexer = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".dsa." in k}
+    host = {k: v for k, v in state.items() if ".dsa." not in k}
+    model.save_pretrained(path, state_dict=host, **kwargs)
+    save_file(indexer, os.path.join(path, INDEXER_FILE))
+    with open(os.path.join(path, CONFIG_FILE), "w") as f:
+        json.dump(model.dsa_config.to_dict(), f, indent=2)
+
+
+def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> nn.Module:
+    """Load a causal LM from a local directory and convert it. ``config`` default: the saved
+    ``dsa_config.json``, else ``DSAConfig()``. Saved indexer weights are loaded when present (a
+    dense checkpoint gets fresh indexers). kwargs go to ``AutoModelForCausalLM.from_pretrained``."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if config is None:
+        config = DSAConfig()
+        if os.path.exists(cfg_file):
+            with open(cfg_file) as f:
+                config = DSAConfig.from_dict(json.load(f))
+    convert(model, config)
+    weights = os.path.join(path, INDEXER_FILE)
+    if os.path.exists(weights):
+        expected = {k for k in model.state_dict() if ".dsa." in k}
+        state = load_file(weights, device=str(next(model.parameters()).device))
+        if set(state) != expected:
+            raise ValueError(f"{weights}: indexer keys do not match the model "
+                             f"(missing {sorted(expected - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - expected)[:3]})")
+        model.load_state_dict(state, strict=False)
+    return model

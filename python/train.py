@@ -1,0 +1,476 @@
+"""Continued pretraining with DeepSeek Sparse Attention, compared against dense attention.
+
+One command runs four stages (the DeepSeek-V3.2 recipe on a small scale):
+  1. pretrain        train a dense causal LM (or load one: --init)
+  2. warmup          add a lightning indexer per layer; main model frozen, attention dense, the
+                     indexers learn KL(main attention || indexer) only
+  3. sparse          top-k sparse attention; LM loss for the model + the top-k KL for the
+                     indexers (the indexer's inputs are detached: neither loss leaks into the other)
+  4. dense_baseline  the same dense checkpoint continued with dense attention on the same tokens
+
+It reports validation loss (dense vs DSA), indexer recall (share of the dense head-mean attention
+mass that falls in the indexer's top-k, per layer) and tokens/s of each stage. Everything goes to
+--out: results.json, results.md (the table), curves.png, ckpt/ (resumable with --resume), and
+for Hugging Face models dsa_model/ (hf.save_pretrained of the converted model).
+
+  python python/train.py                                  # default CPU experiment, < 10 min
+  python python/train.py --preset gpu --out runs/gpu      # real sizes on a GPU
+  torchrun --nproc_per_node 2 python/train.py ...         # DDP (gloo on CPU, nccl on GPU)
+  python python/train.py --data my_texts/ --tokenizer path/to/hf_tokenizer --arch llama
+  python python/train.py --arch llama --init path/to/hf_checkpoint   # start from a dense model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_data  # noqa: E402
+import train_report  # noqa: E402
+
+from dsa_ext import nn as dsa_nn  # noqa: E402
+from dsa_ext import decoder as dsa_decoder  # noqa: E402
+
+PRESETS: Dict[str, Dict] = {
+    # 2-core CPU, < 10 minutes: 2-layer byte-level model, S = 512, k = 64 (k/S = 1/8)
+    "cpu": dict(arch="decoder", d_model=128, n_layers=2, n_heads=4, seq_len=512, topk=64,
+                batch_size=8, pretrain_steps=300, warmup_steps=100, sparse_steps=60,
+                lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, weight_decay=0.0, indexer_heads=4,
+                indexer_dim=32, rope_dim=16, eval_every=20, val_windows=16, recall_windows=8,
+                ckpt_every=50),
+    # one GPU (or torchrun on several): 8 layers, S = 4096, k = 512
+    "gpu": dict(arch="decoder", d_model=512, n_layers=8, n_heads=8, seq_len=4096, topk=512,
+                batch_size=16, pretrain_steps=3000, warmup_steps=500, sparse_steps=1000,
+                lr=1e-3, continue_lr=3e-4, warmup_lr=1e-3, weight_decay=0.1, indexer_heads=8,
+                indexer_dim=64, rope_dim=32, eval_every=100, val_windows=64, recall_windows=16,
+                ckpt_every=250),
+    # tests: seconds
+    "tiny": dict(arch="decoder", d_model=32, n_layers=2, n_heads=2, seq_len=128, topk=16,
+                 batch_size=2, pretrain_steps=3, warmup_steps=3, sparse_steps=3,
+                 lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, weight_decay=0.0, indexer_heads=2,
+                 indexer_dim=16, rope_dim=8, eval_every=2, val_windows=2, recall_windows=2,
+                 ckpt_every=2),
+}
+STAGES = ("pretrain", "warmup", "sparse", "dense_baseline")
+# data stream of each stage: the baseline reads exactly the sparse stage's batches
+STAGE_DATA = {"pretrain": 1, "warmup": 2, "sparse": 3, "dense_baseline": 3}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", default="runs/dsa", help="directory for everything the run writes")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--data", nargs="+", help="text files or directories (default: Python stdlib sources)")
+    p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: bytes)")
+    p.add_argument("--init", help="dense checkpoint to start from instead of stage 1: a .pt "
+                                  "written by this script, or a Hugging Face model directory")
+    p.add_argument("--arch", choices=["decoder", "llama", "qwen2", "qwen3"],
+                   help="decoder: dsa_ext.decoder; others: a transformers model built from a config")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--seed", type=int, default=0)
+    for name, typ in (("d_model", int), ("n_layers", int), ("n_heads", int), ("seq_len", int),
+                      ("topk", int), ("batch_size", int), ("pretrain_steps", int),
+                      ("warmup_steps", int), ("sparse_steps", int), ("lr", float),
+                      ("continue_lr", float), ("warmup_lr", float), ("indexer_lr", float),
+                      ("weight_decay", float),
+                      ("indexer_heads", int), ("indexer_dim", int), ("rope_dim", int),
+                      ("kl_weight", float), ("eval_every", int), ("val_windows", int),
+                      ("recall_windows", int), ("ckpt_every", int)):
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+    args = p.parse_args(argv)
+    for k, v in PRESETS[args.preset].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.indexer_lr is None:
+        args.indexer_lr = args.warmup_lr
+    if args.kl_weight is None:
+        args.kl_weight = 1.0
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes and devices
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def setup_env(device_arg: str) -> Env:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Env(rank, world, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM as ``ids -> logits``."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=ids, use_cache=False).logits
+
+
+def _is_hf_dir(path: Optional[str]) -> bool:
+    return bool(path) and os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json"))
+
+
+def build_dense(args, vocab_size: int) -> nn.Module:
+    if _is_hf_dir(args.init):
+        from transformers import AutoModelForCausalLM
+
+        return HFCausalLM(AutoModelForCausalLM.from_pretrained(args.init, attn_implementation="sdpa"))
+    if args.arch == "decoder":
+        return dsa_decoder.Decoder(dsa_decoder.DecoderConfig(
+            vocab_size=vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads))
+    import transformers
+
+    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+                  "qwen3": transformers.Qwen3Config}[args.arch]
+    cfg = config_cls(vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.n_layers,
+                     num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads,
+                     intermediate_size=32 * -(-8 * args.d_model // 3 // 32),
+                     max_position_embeddings=max(args.seq_len, 2048), tie_word_embeddings=True,
+                     attn_implementation="sdpa")
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
+                 "qwen3": transformers.Qwen3ForCausalLM}[args.arch]
+    return HFCausalLM(model_cls(cfg))
+
+
+def dsa_config(args, mode: str) -> dsa_nn.DSAConfig:
+    return dsa_nn.DSAConfig(n_heads=args.indexer_heads, head_dim=args.indexer_dim,
+                            rope_dim=args.rope_dim, topk=args.topk, mode=mode)
+
+
+def convert(model: nn.Module, args, mode: str) -> nn.Module:
+    if isinstance(model, HFCausalLM):
+        from dsa_ext import hf
+
+        hf.convert(model.hf, dsa_config(args, mode))
+    else:
+        dsa_decoder.convert(model, dsa_config(args, mode))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+
+
+def autocast(env: Env):
+    if env.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for w in windows[env.rank::env.world]:
+        batch = w[None].to(env.device)
+        with autocast(env):
+            logits = model(batch[:, :-1])
+        total += torch.tensor([lm_loss(logits, batch).item(), 1.0], dtype=torch.float64)
+    total = env.all_sum(total)
+    model.train()
+    return float(total[0] / total[1])
+
+
+@torch.no_grad()
+def recall(model: nn.Module, windows: torch.Tensor, env: Env) -> Dict[str, List[float]]:
+    """Per-layer indexer recall against the dense model's attention (modes set to dense for the
+    measurement, restored after)."""
+    model.eval()
+    modes = [m.mode for m in dsa_nn.dsa_modules(model)]
+    dsa_nn.set_mode(model, "dense")
+    with dsa_nn.recall_stats(model) as stats:
+        for w in windows[env.rank::env.world]:
+            with autocast(env):
+                model(w[None, :-1].to(env.device))
+    for m, mode in zip(dsa_nn.dsa_modules(model), modes):
+        m.mode = mode
+    model.train()
+    return stats.result(env.all_sum(stats.sums))
+
+
+def mean(xs: List[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+# ---------------------------------------------------------------------------------------------
+# One training stage: loop, checkpoints, progress
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    model: nn.Module  # the module itself (not the DDP wrapper)
+    optimizer: torch.optim.Optimizer
+    steps: int
+    loss: Callable[[nn.Module, nn.Module, torch.Tensor], Dict[str, torch.Tensor]]
+    schedule: Callable[[int], float]  # lr multiplier of step
+    evaluate: Callable[[], Dict[str, float]]
+
+
+def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
+    from tqdm import tqdm
+
+    path = os.path.join(args.out, "ckpt", f"{st.name}.pt")
+    rec = {"step": 0, "tokens": 0, "train_time_s": 0.0, "history": [], "done": False}
+    if args.resume and os.path.exists(path):
+        saved = torch.load(path, map_location=env.device, weights_only=False)
+        st.model.load_state_dict(saved["model"])
+        st.optimizer.load_state_dict(saved["optimizer"])
+        rec = saved["record"]
+    if rec["done"]:
+        return rec
+    if not rec["history"]:
+        rec["history"].append({"step": 0, "tokens": 0, **st.evaluate()})
+    trainable = [p for p in st.model.parameters() if p.requires_grad]
+    net = st.model
+    if env.world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            st.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    for g in st.optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    per_rank = max(1, args.batch_size // env.world)
+    bar = tqdm(total=st.steps, initial=rec["step"], desc=f"{st.name:>14}", disable=not env.main,
+               dynamic_ncols=True, leave=True)
+    while rec["step"] < st.steps:
+        step = rec["step"]
+        for g in st.optimizer.param_groups:
+            g["lr"] = g["initial_lr"] * st.schedule(step)
+        batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed,
+                                       STAGE_DATA[st.name], step, env.rank).to(env.device)
+        t0 = time.perf_counter()
+        with autocast(env):
+            losses = st.loss(net, st.model, batch)
+        st.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        st.optimizer.step()
+        if env.device.type == "cuda":
+            torch.cuda.synchronize()
+        rec["train_time_s"] += time.perf_counter() - t0
+        rec["tokens"] += per_rank * env.world * args.seq_len
+        rec["step"] = step + 1
+        logs = {k: float(v.detach()) for k, v in losses.items()}
+        if rec["step"] % args.eval_every == 0 or rec["step"] == st.steps:
+            rec["history"].append({"step": rec["step"], "tokens": rec["tokens"], **logs, **st.evaluate()})
+        rec["done"] = rec["step"] == st.steps
+        if rec["step"] % args.ckpt_every == 0 or rec["done"]:
+            save(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
+                        "record": rec}, env)
+        bar.set_postfix({**{k: f"{v:.3f}" for k, v in logs.items()},
+                         "tok/s": f"{rec['tokens'] / max(rec['train_time_s'], 1e-9):.0f}"})
+        bar.update(1)
+    bar.close()
+    return rec
+
+
+def save(path: str, obj: Dict, env: Env) -> None:
+    if env.main:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(obj, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    env.barrier()
+
+
+def cosine(total: int, warm: int = 10, floor: float = 0.1) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        x = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, x)))
+    return f
+
+
+def constant(warm: int = 5) -> Callable[[int], float]:
+    return lambda step: min(1.0, (step + 1) / warm)
+
+
+def adamw(groups, lr) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> Dict:
+    args = parse_args(argv)
+    env = setup_env(args.device)
+    t_start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    if env.main:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "config.json"), "w") as f:
+            json.dump(vars(args), f, indent=2)
+    corpus = train_data.load_corpus(args.data, args.tokenizer)
+    val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len)
+    rec_windows = val[:args.recall_windows]
+    if env.main:
+        print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
+              f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device}", flush=True)
+
+    def lm_step(net, model, batch):
+        loss = lm_loss(net(batch[:, :-1]), batch)
+        return {"loss": loss, "lm": loss.detach()}
+
+    def eval_loss(model):
+        return lambda: {"val_loss": val_loss(model, val, env)}
+
+    # 1. dense model: pretrain or load
+    dense = build_dense(args, corpus.vocab_size).to(env.device)
+    stages: Dict[str, Dict] = {}
+    if args.init and not _is_hf_dir(args.init):
+        dense.load_state_dict(torch.load(args.init, map_location=env.device, weights_only=False)["model"])
+    elif not args.init:
+        stages["pretrain"] = run_stage(Stage(
+            "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),
+            args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus)
+    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    val_pretrained = val_loss(dense, val, env)
+
+    # 2. indexer warm-up: dense attention, main model frozen, KL only
+    dsa = convert(dense, args, "warmup")
+    trainable = dsa_nn.freeze_for_warmup(dsa)
+    recall_init = recall(dsa, rec_windows, env)
+
+    def warmup_step(net, model, batch):
+        logits = net(batch[:, :-1])
+        kl = dsa_nn.indexer_loss(model)
+        return {"loss": args.kl_weight * kl, "kl": kl.detach(), "lm": lm_loss(logits.detach(), batch)}
+
+    def eval_recall():
+        r = recall(dsa, rec_windows, env)
+        return {"recall": mean(r["all"]), "recall_hard": mean(r["hard"])}
+
+    stages["warmup"] = run_stage(Stage(
+        "warmup", dsa, adamw([{"params": trainable}], args.warmup_lr), args.warmup_steps,
+        warmup_step, constant(), eval_recall), args, env, corpus)
+    recall_warmup = recall(dsa, rec_windows, env)
+
+    # 3. sparse training: top-k attention, LM loss + KL (indexer inputs detached)
+    dsa_nn.unfreeze(dsa)
+    dsa_nn.set_mode(dsa, "sparse")
+    val_dsa_after_warmup = val_loss(dsa, val, env)
+
+    def sparse_step(net, model, batch):
+        lm = lm_loss(net(batch[:, :-1]), batch)
+        kl = dsa_nn.indexer_loss(model)
+        return {"loss": lm + args.kl_weight * kl, "lm": lm.detach(), "kl": kl.detach()}
+
+    stages["sparse"] = run_stage(Stage(
+        "sparse", dsa, adamw(dsa_nn.param_groups(dsa, args.continue_lr, args.indexer_lr), args.continue_lr),
+        args.sparse_steps, sparse_step, constant(), eval_loss(dsa)), args, env, corpus)
+    recall_final = recall(dsa, rec_windows, env)
+
+    # 4. dense baseline: the same checkpoint, the same batches, dense attention
+    base = build_dense(args, corpus.vocab_size).to(env.device)
+    base.load_state_dict(dense_state)
+    stages["dense_baseline"] = run_stage(Stage(
+        "dense_baseline", base, adamw(dsa_nn.param_groups(base, args.continue_lr), args.continue_lr),
+        args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus)
+
+    result = summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup,
+                       recall_init, recall_warmup, recall_final, time.perf_counter() - t_start)
+    if env.main:
+        write_outputs(args, result, dsa)
+    env.barrier()
+    if env.world > 1:
+        dist.destroy_process_group()
+    return result
+
+
+def summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup, recall_init,
+              recall_warmup, recall_final, wall) -> Dict:
+    last = lambda name: stages[name]["history"][-1]["val_loss"]
+    vd, vs = last("dense_baseline"), last("sparse")
+    return {
+        "seq_len": args.seq_len, "k": args.topk, "k_over_S": args.topk / args.seq_len,
+        "n_layers": args.n_layers, "arch": args.arch if not args.init else f"init:{args.init}",
+        "data": corpus.source, "vocab_size": corpus.vocab_size,
+        "val_loss_pretrained": val_pretrained, "val_loss_dsa_after_warmup": val_dsa_after_warmup,
+        "val_loss_dense": vd, "val_loss_dsa": vs, "val_loss_gap_rel": (vs - vd) / vd,
+        "recall_init": mean(recall_init["all"]), "recall_warmup": mean(recall_warmup["all"]),
+        "recall_final": mean(recall_final["all"]), "recall_oracle": mean(recall_warmup["oracle"]),
+        "recall_per_layer": {"init": recall_init, "warmup": recall_warmup, "final": recall_final},
+        "tokens_per_s": {s: r["tokens"] / r["train_time_s"] for s, r in stages.items() if r["train_time_s"] > 0},
+        "tokens": {s: r["tokens"] for s, r in stages.items()},
+        "wall_time_s": wall, "world_size": env.world, "device": str(env.device.type),
+        "history": {s: r["history"] for s, r in stages.items()},
+        "config": vars(args),
+    }
+
+
+def write_outputs(args, result: Dict, dsa: nn.Module) -> None:
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    text = train_report.table(result)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(text + "\n")
+    train_report.plot(result, os.path.join(args.out, "curves.png"))
+    if isinstance(dsa, HFCausalLM):
+        from dsa_ext import hf
+
+        hf.save_pretrained(dsa.hf, os.path.join(args.out, "dsa_model"))
+    print(text)
+    print(f"wrote {args.out}/results.json, results.md, curves.png, ckpt/")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Token streams for python/train.py: a corpus of text files split by file into train and
+validation, tokenised to one flat int32 array each, and reproducible random windows over it.
+
+Default corpus: the Python standard library's own source files (real text, present wherever
+Python is; test suites and site-packages left out), byte-level tokens (vocabulary 256). A user
+passes files or directories (every *.txt, *.md, *.py, *.rst, *.json file under them) and
+optionally a local Hugging Face tokenizer.
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".json", ".jsonl", ".c", ".h", ".html")
+VAL_EVERY = 20  # every 20th file (sorted by path) is validation text
+
+
+def stdlib_files() -> List[str]:
+    root = sysconfig.get_paths()["stdlib"]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if d not in ("site-packages", "dist-packages", "__pycache__", "idlelib")
+                             and not d.startswith("test"))
+        out += [os.path.join(dirpath, f) for f in filenames if f.endswith(".py")]
+    return sorted(out)
+
+
+def user_files(paths: Sequence[str]) -> List[str]:
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                out += [os.path.join(dirpath, f) for f in filenames if f.endswith(TEXT_SUFFIXES)]
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"--data: no such file or directory: {p}")
+    if not out:
+        raise ValueError(f"--data: found no text files ({', '.join(TEXT_SUFFIXES)}) under {list(paths)}")
+    return sorted(out)
+
+
+class ByteTokenizer:
+    vocab_size = 256
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+
+class HFTokenizer:
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text, add_special_tokens=False), dtype=np.int32)
+
+
+@dataclass
+class Corpus:
+    train: np.ndarray  # int32 tokens
+    val: np.ndarray
+    vocab_size: int
+    source: str
+
+
+def load_corpus(data: Optional[Sequence[str]] = None, tokenizer: Optional[str] = None,
+                max_bytes: int = 64 << 20) -> Corpus:
+    """Read, split (by file) and tokenise. max_bytes caps the text read (in file order)."""
+    files = user_files(data) if data else stdlib_files()
+    tok = HFTokenizer(tokenizer) if tokenizer else ByteTokenizer()
+    parts = {"train": [], "val": []}
+    total = 0
+    for i, path in enumerate(files):
+        if total >= max_bytes:
+            break
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        total += len(text)
+        parts["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].append(tok.encode(text + "\n\n"))
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
+    source = ("python stdlib sources" if not data else ", ".join(data)) + \
+        (f" ({len(files)} files, {'tokenizer ' + tokenizer if tokenizer else 'bytes'})")
+    return Corpus(arrays["train"], arrays["val"], tok.vocab_size, source)
+
+
+def train_batch(tokens: np.ndarray, batch: int, seq_len: int, seed: int, stage: int, step: int,
+                rank: int) -> torch.Tensor:
+    """[batch, seq_len + 1] int64 windows at positions drawn from (seed, stage, step, rank): the
+    same arguments give the same batch, so two stages given the same stage id see the same data."""
+    rng = np.random.default_rng([seed, stage, step, rank])
+    starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))
+
+
+def val_windows(tokens: np.ndarray, n: int, seq_len: int) -> torch.Tensor:
+    """n fixed windows [n, seq_len + 1] spread evenly over the validation stream."""
+    if len(tokens) < seq_len + 1:
+        raise ValueError(f"validation text has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+    starts = np.linspace(0, len(tokens) - seq_len - 1, n).astype(np.int64)
+    return torch.from_numpy(np.stack([tokens[s:s + seq_len + 1] for s in starts]).astype(np.int64))

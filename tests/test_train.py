@@ -1,0 +1,126 @@
+"""python/train.py end to end at tiny sizes: outputs, finite losses, resume after a kill, a
+dense checkpoint as the start, a transformers model, and a 2-process torchrun (gloo) run."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "python", "train.py")
+STAGES = ("pretrain", "warmup", "sparse", "dense_baseline")
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    return e
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory):
+    """A small corpus of the repository's own text (fast to load), two directories deep."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i, name in enumerate(sorted(os.listdir(os.path.join(ROOT, "dsa_ext")))):
+        if name.endswith(".py"):
+            sub = d / f"part{i % 2}"
+            sub.mkdir(exist_ok=True)
+            with open(os.path.join(ROOT, "dsa_ext", name)) as f:
+                (sub / (name + ".txt")).write_text(f.read())
+    return str(d)
+
+
+def run(out, *extra, launcher=(sys.executable,), check=True, timeout=300):
+    cmd = [*launcher, TRAIN, "--preset", "tiny", "--out", str(out), *extra]
+    res = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def results(out):
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f)
+
+
+def check_results(r, world=1, stages=STAGES):
+    for key in ("seq_len", "k", "val_loss_dense", "val_loss_dsa", "recall_init", "recall_warmup",
+                "recall_final", "val_loss_pretrained", "val_loss_dsa_after_warmup"):
+        assert key in r, key
+    assert r["seq_len"] == 128 and r["k"] == 16 and r["world_size"] == world
+    for key in ("val_loss_dense", "val_loss_dsa", "val_loss_pretrained", "val_loss_dsa_after_warmup"):
+        assert math.isfinite(r[key]) and 0 < r[key] < 20, (key, r[key])
+    for key in ("recall_init", "recall_warmup", "recall_final", "recall_oracle"):
+        assert 0 < r[key] <= 1 + 1e-6, (key, r[key])
+    assert r["recall_warmup"] <= r["recall_oracle"] + 1e-6
+    assert set(r["tokens_per_s"]) == set(stages) and all(v > 0 for v in r["tokens_per_s"].values())
+    for stage in stages:
+        for entry in r["history"][stage]:
+            assert all(math.isfinite(v) for v in entry.values() if isinstance(v, float)), entry
+    # the baseline and the DSA model saw the same number of tokens
+    assert r["tokens"]["sparse"] == r["tokens"]["dense_baseline"] > 0
+
+
+def test_default_data_run_writes_everything(tmp_path):
+    run(tmp_path)
+    r = results(tmp_path)
+    check_results(r)
+    assert "stdlib" in r["data"] and r["vocab_size"] == 256
+    for name in ("results.md", "curves.png", "config.json"):
+        assert os.path.getsize(tmp_path / name) > 0
+    for stage in STAGES:
+        assert (tmp_path / "ckpt" / f"{stage}.pt").exists()
+    table = (tmp_path / "results.md").read_text()
+    assert "recall" in table and "DSA vs dense" in table
+
+
+def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):
+    args = ("--data", text_dir, "--pretrain-steps", "6", "--warmup-steps", "6", "--sparse-steps", "6")
+    run(tmp_path / "whole", *args)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, TRAIN, "--preset", "tiny", "--out", str(out), *args]
+    proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "ckpt" / "warmup.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run(out, *args, "--resume")
+    a, b = results(tmp_path / "whole"), results(out)
+    for key in ("val_loss_dense", "val_loss_dsa", "recall_init", "recall_warmup", "recall_final"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    assert a["history"]["sparse"][-1]["val_loss"] == pytest.approx(b["history"]["sparse"][-1]["val_loss"], rel=1e-5)
+
+
+def test_start_from_a_dense_checkpoint(tmp_path, text_dir):
+    run(tmp_path / "first", "--data", text_dir)
+    init = tmp_path / "first" / "ckpt" / "pretrain.pt"
+    run(tmp_path / "second", "--data", text_dir, "--init", str(init))
+    r = results(tmp_path / "second")
+    check_results(r, stages=STAGES[1:])
+    assert "pretrain" not in r["history"]
+    assert r["val_loss_pretrained"] == pytest.approx(results(tmp_path / "first")["val_loss_pretrained"], rel=1e-6)
+
+
+def test_transformers_llama_run(tmp_path, text_dir):
+    pytest.importorskip("transformers")
+    run(tmp_path, "--data", text_dir, "--arch", "llama")
+    check_results(results(tmp_path))
+    assert (tmp_path / "dsa_model" / "dsa_indexer.safetensors").exists()
+    assert (tmp_path / "dsa_model" / "config.json").exists()
+
+
+def test_torchrun_two_processes_gloo(tmp_path, text_dir):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    run(tmp_path, "--data", text_dir, "--batch-size", "4", launcher=launcher)
+    check_results(results(tmp_path), world=2)
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    res = run(tmp_path, "--data", str(tmp_path / "missing"), check=False)
+    assert res.returncode != 0 and "no such file or directory" in res.stderr
