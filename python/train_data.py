@@ -86,7 +86,9 @@ def load_corpus(data: Optional[Sequence[str]] = None, tokenizer: Optional[str] =
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         total += len(text)
-        parts["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].append(tok.encode(text + "\n\n"))
+        # a corpus of fewer than VAL_EVERY files still keeps one (its last) for validation
+        is_val = i % VAL_EVERY == VAL_EVERY - 1 or (len(files) < VAL_EVERY and i == len(files) - 1)
+        parts["val" if is_val else "train"].append(tok.encode(text + "\n\n"))
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
     source = ("python stdlib sources" if not data else ", ".join(data)) + \
         (f" ({len(files)} files, {'tokenizer ' + tokenizer if tokenizer else 'bytes'})")
