@@ -45,10 +45,10 @@ from dsa_ext import decoder as dsa_decoder  # noqa: E402
 PRESETS: Dict[str, Dict] = {
     # 2-core CPU, < 10 minutes: 2-layer byte-level model, S = 512, k = 64 (k/S = 1/8)
     "cpu": dict(arch="decoder", d_model=128, n_layers=2, n_heads=4, seq_len=512, topk=64,
-                batch_size=8, pretrain_steps=300, warmup_steps=100, sparse_steps=60,
+                batch_size=8, pretrain_steps=700, warmup_steps=200, sparse_steps=150,
                 lr=3e-3, continue_lr=5e-4, warmup_lr=3e-3, weight_decay=0.0, indexer_heads=4,
-                indexer_dim=32, rope_dim=16, eval_every=20, val_windows=16, recall_windows=8,
-                ckpt_every=50),
+                indexer_dim=32, rope_dim=16, eval_every=25, val_windows=16, recall_windows=8,
+                ckpt_every=100),
     # one GPU (or torchrun on several): 8 layers, S = 4096, k = 512
     "gpu": dict(arch="decoder", d_model=512, n_layers=8, n_heads=8, seq_len=4096, topk=512,
                 batch_size=16, pretrain_steps=3000, warmup_steps=500, sparse_steps=1000,
@@ -361,7 +361,7 @@ def main(argv=None) -> Dict:
             json.dump(vars(args), f, indent=2)
     corpus = train_data.load_corpus(args.data, args.tokenizer)
     val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len)
-    rec_windows = val[:args.recall_windows]
+    rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len)
     if env.main:
         print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
               f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device}", flush=True)
@@ -401,7 +401,7 @@ def main(argv=None) -> Dict:
 
     stages["warmup"] = run_stage(Stage(
         "warmup", dsa, adamw([{"params": trainable}], args.warmup_lr), args.warmup_steps,
-        warmup_step, constant(), eval_recall), args, env, corpus)
+        warmup_step, cosine(args.warmup_steps), eval_recall), args, env, corpus)
     recall_warmup = recall(dsa, rec_windows, env)
 
     # 3. sparse training: top-k attention, LM loss + KL (indexer inputs detached)

@@ -75,7 +75,8 @@ class Corpus:
 
 def load_corpus(data: Optional[Sequence[str]] = None, tokenizer: Optional[str] = None,
                 max_bytes: int = 64 << 20) -> Corpus:
-    """Read, split (by file) and tokenise. max_bytes caps the text read (in file order)."""
+    """Read, split and tokenise: every VAL_EVERY-th file is validation text (with fewer files,
+    the last 1/VAL_EVERY of the text). max_bytes caps the text read (in file order)."""
     files = user_files(data) if data else stdlib_files()
     tok = HFTokenizer(tokenizer) if tokenizer else ByteTokenizer()
     parts = {"train": [], "val": []}
@@ -90,6 +91,9 @@ def load_corpus(data: Optional[Sequence[str]] = None, tokenizer: Optional[str] =
         is_val = i % VAL_EVERY == VAL_EVERY - 1 or (len(files) < VAL_EVERY and i == len(files) - 1)
         parts["val" if is_val else "train"].append(tok.encode(text + "\n\n"))
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
+    if not parts["val"]:  # fewer files than VAL_EVERY: the last 1/VAL_EVERY of the text instead
+        cut = len(arrays["train"]) - len(arrays["train"]) // VAL_EVERY
+        arrays = {"train": arrays["train"][:cut], "val": arrays["train"][cut:]}
     source = ("python stdlib sources" if not data else ", ".join(data)) + \
         (f" ({len(files)} files, {'tokenizer ' + tokenizer if tokenizer else 'bytes'})")
     return Corpus(arrays["train"], arrays["val"], tok.vocab_size, source)
