@@ -87,9 +87,7 @@ def load_corpus(data: Optional[Sequence[str]] = None, tokenizer: Optional[str] =
         with open(path, encoding="utf-8", errors="replace") as f:
             text = f.read()
         total += len(text)
-        # a corpus of fewer than VAL_EVERY files still keeps one (its last) for validation
-        is_val = i % VAL_EVERY == VAL_EVERY - 1 or (len(files) < VAL_EVERY and i == len(files) - 1)
-        parts["val" if is_val else "train"].append(tok.encode(text + "\n\n"))
+        parts["val" if i % VAL_EVERY == VAL_EVERY - 1 else "train"].append(tok.encode(text + "\n\n"))
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int32) for k, v in parts.items()}
     if not parts["val"]:  # fewer files than VAL_EVERY: the last 1/VAL_EVERY of the text instead
         cut = len(arrays["train"]) - len(arrays["train"]) // VAL_EVERY
