@@ -32,7 +32,7 @@ from . import ops, reference
 
 __all__ = [
     "DSAConfig", "LightningIndexer", "DSAAttention", "MODES", "dense_causal_attention",
-    "apply_partial_rope", "hadamard_matrix", "indexer_kl", "dsa_modules", "set_mode",
+    "apply_partial_rope", "hadamard_matrix", "dsa_modules", "set_mode",
     "indexer_loss", "freeze_for_warmup", "unfreeze", "indexer_parameters", "param_groups",
     "recall_stats", "head_mean_attention",
 ]
@@ -174,64 +174,20 @@ class LightningIndexer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses and statistics
+# Attention helpers
 # ---------------------------------------------------------------------------------------------
 
 
-def head_mean_attention(q: Tensor, k: Tensor, scale: float, support: Tensor) -> Tensor:
-    """The KL target: per-head softmax of ``scale * q.k`` over ``support`` [B or 1, T, S]
-    (bool), averaged over heads -> [B, T, S] (float32, float64 for float64 input); rows with an
-    empty support are 0. q [B,T,H,D], k [B,S,Hkv,D] with GQA (head h reads kv head h // G)."""
+def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """The dense KL target: per-head causal softmax of ``scale * q.k`` averaged over heads,
+    [B, T, S] (float32, float64 for float64 input). q [B,T,H,D], k [B,S,Hkv,D] with GQA (head h
+    reads kv head h // G), bottom-right causal alignment."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    H, Hkv = q.shape[2], k.shape[2]
+    T, H, S, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     kk = k.to(acc).repeat_interleave(H // Hkv, dim=2)
     scores = scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kk)
-    scores = scores.masked_fill(~support[:, None], float("-inf"))
-    nonempty = support.any(-1)[:, None, :, None]
-    probs = torch.softmax(scores.masked_fill(~nonempty, 0.0), dim=-1) * nonempty
-    return probs.mean(1)
-
-
-def _support(indices: Optional[Tensor], B: int, T: int, S: int, causal: bool, device) -> Tensor:
-    """Keys each query's KL runs over: every causal key (indices None) or the valid indices."""
-    if indices is None:
-        if causal:
-            return reference.causal_mask(T, S, device)[None]
-        return torch.ones(1, T, S, dtype=torch.bool, device=device)
-    slots = torch.where(indices >= 0, indices, S).long()
-    support = torch.zeros(B, T, S + 1, dtype=torch.bool, device=device)
-    return support.scatter_(2, slots, True)[..., :S]
-
-
-def _materialised_indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None,
-                                  attn_scale=None, causal=True, attn_lse=None):
-    """Same contract as ``dsa_ext.indexer_kl_loss`` (shared/DESIGN.md §3), materialising the
-    [B, H, T, S] attention probabilities: per-token KL(p_t || softmax_{U_t}(I[t])) [B, T], with
-    p_t the head-mean main attention over U_t (read as a constant) and U_t every causal key
-    (indices None) or the valid entries of indices. attn_lse is accepted and not needed here."""
-    B, T = q.shape[:2]
-    S = k.shape[1]
-    if attn_scale is None:
-        attn_scale = q.shape[-1] ** -0.5
-    support = _support(indices, B, T, S, causal, q.device)
-    with torch.no_grad():
-        p = head_mean_attention(q.detach(), k.detach(), attn_scale, support)
-    logits = reference.indexer_logits(q_idx, k_idx, w, idx_scale, causal).to(p.dtype)
-    nonempty = support.any(-1, keepdim=True)
-    # rows with an empty support take a harmless all-zero row: p is 0 there, so the loss is 0
-    logits = torch.where(support, logits, torch.full_like(logits, float("-inf")))
-    log_q = torch.log_softmax(torch.where(nonempty, logits, torch.zeros_like(logits)), dim=-1)
-    terms = torch.where(p > 0, p * (p.clamp_min(1e-38).log() - log_q), torch.zeros_like(p))
-    return terms.sum(-1)
-
-
-def indexer_kl(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None,
-               causal=True, attn_lse=None) -> Tensor:
-    """Per-token indexer KL loss [B, T] (the ``indexer_kl_loss`` contract). The one place that
-    picks the implementation: the fused operator when the build has it."""
-    fused = getattr(ops, "indexer_kl_loss", None)
-    fn = fused if fused is not None else _materialised_indexer_kl_loss
-    return fn(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse)
+    scores = scores.masked_fill(~reference.causal_mask(T, S, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(1)
 
 
 def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
@@ -322,13 +278,13 @@ class DSAAttention(nn.Module):
         if self.mode == "sparse":
             out, lse = ops.sparse_attention(q, k, v, indices, scale, return_lse=True)
             if want_loss:
-                self._add_loss(indexer_kl(q_idx, k_idx, w, q.detach(), k.detach(), indices,
-                                          idx_scale, scale, True, lse.detach()))
+                self._add_loss(ops.indexer_kl_loss(q_idx, k_idx, w, q.detach(), k.detach(), indices,
+                                                   idx_scale, scale, True, lse.detach()))
             return out
         out = dense_fn(q, k, v, scale)
         if want_loss:
-            self._add_loss(indexer_kl(q_idx, k_idx, w, q.detach(), k.detach(), None, idx_scale,
-                                      scale, True, None))
+            self._add_loss(ops.indexer_kl_loss(q_idx, k_idx, w, q.detach(), k.detach(), None,
+                                               idx_scale, scale, True, None))
         return out
 
     def _add_loss(self, per_token: Tensor) -> None:
@@ -339,7 +295,7 @@ class DSAAttention(nn.Module):
     def _accumulate_recall(self, q: Tensor, k: Tensor, scale: float, indices: Tensor) -> None:
         B, T = q.shape[:2]
         S = k.shape[1]
-        p = head_mean_attention(q, k, scale, _support(None, B, T, S, True, q.device))
+        p = head_mean_attention(q, k, scale)
         captured = p.gather(-1, indices.clamp_min(0).long()) * (indices >= 0)
         recall = captured.sum(-1).double()  # [B, T]
         oracle = p.topk(min(self.topk, S), dim=-1).values.sum(-1).double()
