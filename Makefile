@@ -12,10 +12,10 @@ STAMPS := build/stamps
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh csrc/cuda/*.h) setup.py
 TORCH_PREFIX = $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')
 
-.PHONY: demo test deps build pytest ctest bench clean
+.PHONY: demo test deps build pytest ctest bench emulate clean
 
 demo: build
-	$(PY) python/bench.py --out out/bench
+	$(PY) python/train.py --out out/train
 
 test: pytest ctest
 
@@ -26,7 +26,7 @@ $(STAMPS)/deps: pyproject.toml Makefile
 	@mkdir -p $(STAMPS)
 	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 	  || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q numpy pytest expecttest ninja tqdm matplotlib
+	$(PY) -m pip install -q numpy pytest expecttest ninja tqdm matplotlib "transformers==5.24.0"
 	dpkg -s libgtest-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libgtest-dev)
 	@touch $@
 
@@ -36,8 +36,12 @@ $(STAMPS)/ext: $(STAMPS)/deps $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 
+# tests/cuda_emulation runs the CUDA kernels on a CPU emulator (slow; `make emulate`)
 pytest: build
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --ignore=tests/cuda_emulation
+
+emulate: build
+	DSA_EXT_EMULATION=1 $(PY) -m pytest tests/cuda_emulation -q
 
 ctest: $(STAMPS)/deps
 	cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$(TORCH_PREFIX)" >/dev/null

@@ -5,6 +5,13 @@
 
 #include <cstdint>
 
+// Helpers below are callable from CUDA kernels too.
+#ifdef __CUDACC__
+#define DSA_HOST_DEVICE __host__ __device__
+#else
+#define DSA_HOST_DEVICE
+#endif
+
 namespace dsa {
 
 struct IndexerParams {
@@ -20,7 +27,7 @@ struct IndexerParams {
 };
 
 // Number of keys visible to query t (all S when not causal).
-inline int64_t visible_keys(const IndexerParams& p, int64_t t) {
+DSA_HOST_DEVICE inline int64_t visible_keys(const IndexerParams& p, int64_t t) {
   return p.causal ? t + p.causal_offset + 1 : p.S;
 }
 

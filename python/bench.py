@@ -11,7 +11,8 @@ machine's ceiling is a large float32 matmul measured in the same run.
 
 CUDA: `python python/bench.py --device cuda [args...]` runs the GPU suites instead
 (python/bench_cuda_attention.py: TFLOP/s of the tensor-core sparse attention against dense
-flash SDPA); the remaining arguments go to that suite.
+flash SDPA, the remaining arguments go to it; then python/bench_cuda_indexer.py: indexer TFLOP/s,
+top-k against torch.topk, fused against unfused indexer top-k).
 
 Usage: python python/bench.py [--sizes 2048 4096 8192] [--dtypes bfloat16 float32] [--out DIR]
        python python/bench.py --device cuda [--shapes mla gqa] [--json FILE]
@@ -120,8 +121,10 @@ def main():
     args, rest = parser.parse_known_args()
     if args.device == "cuda":
         import bench_cuda_attention  # python/ is on sys.path when this file runs
+        import bench_cuda_indexer
 
-        return bench_cuda_attention.main(rest)
+        bench_cuda_attention.main(rest)
+        return bench_cuda_indexer.main([])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)

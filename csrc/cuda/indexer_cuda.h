@@ -1,0 +1,91 @@
+// Host-side helpers shared by the CUDA indexer and top-k operators (csrc/cuda/topk.cu,
+// indexer_logits.cu, indexer_logits_backward.cu, indexer_topk.cu): the CUDA-specific argument
+// checks and device limits. Everything else (shape checks, outputs, params) comes from host.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "indexer_tile.cuh"
+#include "params.h"
+
+namespace dsa {
+namespace cuda {
+namespace indexer {
+
+// The CUDA operators take float32, bfloat16 and float16 (shared/DESIGN.md section 2).
+inline void check_cuda_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": expected ", name,
+              " to be float32, bfloat16 or float16 on CUDA, got float64 (the float64 kernels run on CPU)");
+}
+
+// Positions are int32, and the selection's loop counters run a block's width past a row's end.
+inline void check_row_length(const char* op, const char* name, int64_t n) {
+  constexpr int64_t kMaxRow = INT32_MAX - (1 << 16);
+  TORCH_CHECK(n <= kMaxRow, op, ": expected ", name, " to have at most ", kMaxRow,
+              " positions per row (int32 indices), got ", n);
+}
+
+inline void check_grid(const char* op, int64_t blocks) {
+  TORCH_CHECK(blocks <= INT32_MAX, op, ": the problem needs ", blocks,
+              " thread blocks in one launch, more than CUDA allows (2^31 - 1); split the batch");
+}
+
+// Largest dynamic shared memory a block of the current device may opt into, less a reserve for
+// the kernels' static shared memory (the selection scratch, about 1 KiB), which counts too.
+inline int max_block_smem() {
+  constexpr int kStaticReserve = 4096;
+  int device = 0, bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes - kStaticReserve;
+}
+
+inline int sm_count() {
+  int device = 0, n = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  return n;
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory. Needed once static + dynamic exceed the
+// 48 KiB default; the kernels' static shared memory is under 4 KiB.
+template <typename Kernel>
+void allow_smem(Kernel kernel, int bytes) {
+  if (bytes > 44 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+// The same call on float32 copies of q_idx and k_idx (qf, kf), for the CUDA-core engine.
+inline IndexerParams with_float_inputs(IndexerParams p, const at::Tensor& qf, const at::Tensor& kf) {
+  p.q = qf.data_ptr();
+  p.k = kf.data_ptr();
+  p.q_sb = qf.stride(0), p.q_st = qf.stride(1), p.q_sh = qf.stride(2);
+  p.k_sb = kf.stride(0), p.k_ss = kf.stride(1);
+  return p;
+}
+
+// Runs launch.template operator()<Tile>(params, vec16) with the score engine of this call:
+// tensor cores for bfloat16/float16 when the shapes fit, else the CUDA-core float32 engine (on
+// float32 copies of q_idx and k_idx for bfloat16/float16 inputs).
+template <class Launch>
+void with_score_engine(const IndexerParams& p, at::ScalarType dtype, const at::Tensor& q, const at::Tensor& k,
+                       const Launch& launch) {
+  if (dtype == at::kFloat) {
+    launch.template operator()<SimtTile>(p, false);
+  } else if (mma_fits(p, max_block_smem())) {
+    if (dtype == at::kHalf)
+      launch.template operator()<MmaTile<__half>>(p, rows_16b_aligned(p));
+    else
+      launch.template operator()<MmaTile<__nv_bfloat16>>(p, rows_16b_aligned(p));
+  } else {
+    const at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat);
+    launch.template operator()<SimtTile>(with_float_inputs(p, qf, kf), false);
+  }
+}
+
+}  // namespace indexer
+}  // namespace cuda
+}  // namespace dsa

@@ -1,0 +1,80 @@
+// indexer_logits forward kernel: every block scores kQueries queries against a chunk of
+// kChunkTiles key tiles and writes those logits (fp32, -inf where masked). Chunks that lie
+// entirely in the causally masked region are filled with -inf without any arithmetic.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "indexer_tile.cuh"
+
+namespace dsa {
+namespace cuda {
+namespace indexer {
+
+constexpr int kChunkTiles = 8;  // key tiles per block: the query tile is loaded once per 512 keys
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid of the forward: blocks = B * q_tiles * k_chunks, k_chunks fastest.
+struct LogitsGrid {
+  int64_t q_tiles, k_chunks, blocks;
+};
+inline LogitsGrid logits_grid(const IndexerParams& p) {
+  LogitsGrid g;
+  g.q_tiles = ceil_div(p.T, kQueries);
+  g.k_chunks = ceil_div(p.S, int64_t{kKeys} * kChunkTiles);
+  g.blocks = p.B * g.q_tiles * g.k_chunks;
+  return g;
+}
+
+template <class Tile, class Layout>
+__global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
+    indexer_logits_kernel(const __grid_constant__ IndexerParams p, const Layout L, const LogitsGrid grid,
+                          float* __restrict__ logits) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  int64_t item = blockIdx.x;
+  const int64_t chunk = item % grid.k_chunks;
+  item /= grid.k_chunks;
+  const int64_t t0 = (item % grid.q_tiles) * kQueries, b = item / grid.q_tiles;
+  const int64_t s_begin = chunk * kKeys * kChunkTiles;
+  const int64_t s_end = min(p.S, s_begin + int64_t{kKeys} * kChunkTiles);
+  // Keys from s_stop on are masked for every query of the block (the last one sees the most).
+  const int64_t s_stop = min(s_end, visible_keys(p, min(p.T, t0 + kQueries) - 1));
+  const int tiles = s_stop > s_begin ? static_cast<int>(ceil_div(s_stop - s_begin, kKeys)) : 0;
+  float* scores = reinterpret_cast<float*>(smem + L.scores);
+  const Tile tile{p, L, smem, b, t0};
+
+  if (tiles > 0) {
+    tile.load_queries();
+    tile.load_keys(0, s_begin);
+    cp_async_commit();
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const int64_t s0 = s_begin + int64_t{i} * kKeys;
+    cp_async_wait_all();
+    __syncthreads();  // tile i has landed; every thread is done with tile i - 1's buffers
+    if (i + 1 < tiles) {
+      tile.load_keys((i + 1) & 1, s0 + kKeys);
+      cp_async_commit();
+    }
+    tile.score(i & 1, s0, scores);
+    __syncthreads();
+    for (int e = threadIdx.x; e < kQueries * kKeys; e += kThreads) {
+      const int64_t t = t0 + e / kKeys, s = s0 + e % kKeys;
+      if (t < p.T && s < s_end) logits[(b * p.T + t) * p.S + s] = s < visible_keys(p, t) ? scores[e] : -INFINITY;
+    }
+  }
+  const int64_t s_masked = s_begin + int64_t{tiles} * kKeys;
+  if (s_masked < s_end) {
+    const int64_t width = s_end - s_masked;
+    for (int64_t e = threadIdx.x; e < kQueries * width; e += kThreads) {
+      const int64_t t = t0 + e / width, s = s_masked + e % width;
+      if (t < p.T) logits[(b * p.T + t) * p.S + s] = -INFINITY;
+    }
+  }
+}
+
+}  // namespace indexer
+}  // namespace cuda
+}  // namespace dsa

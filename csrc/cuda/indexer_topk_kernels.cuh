@@ -1,0 +1,206 @@
+// Fused indexer_topk: score tiles feed a running selection per query; [B, T, S] never exists.
+//
+// Two kernels per launch of query rows [t_begin, t_begin + t_count):
+// 1. indexer_topk_partial_kernel, one block per (batch, query tile, key split). Warp qi appends
+//    every key of its query whose score key beats the query's floor to a candidate buffer
+//    (global memory, `capacity` entries, kept in position order). When the next tile might not
+//    fit, the block compacts the buffer to its best k (radix select + in-place ordered pass)
+//    and raises the floor to the k-th best key: a later key equal to it sits at a higher
+//    position than every kept one, so it could never win, and is dropped at once.
+// 2. select_rows_kernel over SplitRows, one block per query row: the row's split buffers, each
+//    in position order, concatenate into one position-ordered candidate list; the same
+//    selection as topk_indices writes the final ascending positions and the -1 padding.
+// Splits exist to fill the GPU when there are few query rows (decoding-like shapes); with many
+// rows there is one split. The buffers hold B * t_count * splits * capacity (key, position)
+// pairs; t_count is chosen on the host to keep them under a fixed budget.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "indexer_logits_kernels.cuh"
+#include "indexer_tile.cuh"
+#include "radix_select.cuh"
+#include "select_rows.cuh"
+
+namespace dsa {
+namespace cuda {
+namespace indexer {
+
+constexpr int kMaxSplits = 32;
+constexpr int64_t kMinSplitKeys = 4096;                    // keys per split at least
+constexpr int64_t kWorkspaceBudget = int64_t{256} << 20;   // bytes of candidate buffers per launch
+
+struct TopkWorkspace {
+  uint32_t* keys;   // [B, t_count, splits, capacity]
+  int32_t* pos;     // same
+  int32_t* counts;  // [B, t_count, splits]
+  int k;            // min(k, S): a row never has more to give
+  int capacity;
+  int splits;
+  int64_t split_len;  // keys per split, a multiple of kKeys
+  int64_t t_begin, t_count;
+  int64_t q_tiles;    // ceil(t_count / kQueries)
+};
+
+// Launch plan of one indexer_topk call (host side; the same for every chunk of query rows).
+struct TopkPlan {
+  int k, capacity, splits;
+  int64_t split_len, t_chunk;
+};
+
+inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_count,
+                                  int64_t workspace_budget = kWorkspaceBudget) {
+  TopkPlan plan{};
+  plan.k = static_cast<int>(std::min(topk, p.S));
+  const int64_t row_tiles = p.B * ceil_div(p.T, kQueries);
+  const int64_t want_blocks = 4 * int64_t{sm_count};
+  int64_t splits = row_tiles >= want_blocks ? 1 : ceil_div(want_blocks, row_tiles);
+  splits = std::min<int64_t>({splits, kMaxSplits, std::max<int64_t>(1, p.S / kMinSplitKeys)});
+  plan.split_len = ceil_div(ceil_div(p.S, splits), kKeys) * kKeys;
+  plan.splits = static_cast<int>(ceil_div(p.S, plan.split_len));
+  // k kept + room for at least k (and at least one tile) more before a compaction is due.
+  plan.capacity = static_cast<int>(
+      std::min<int64_t>(plan.split_len, int64_t{plan.k} + std::max<int64_t>(plan.k, kKeys)));
+  const int64_t row_bytes = int64_t{plan.splits} * (int64_t{plan.capacity} * 8 + 4);
+  const int64_t rows = std::max<int64_t>(kQueries, workspace_budget / std::max<int64_t>(1, p.B * row_bytes));
+  plan.t_chunk = std::min(p.T, rows / kQueries * kQueries);
+  return plan;
+}
+
+template <class Tile, class Layout>
+__global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
+    indexer_topk_partial_kernel(const __grid_constant__ IndexerParams p, const Layout L, const TopkWorkspace ws) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  __shared__ SelectShared<kThreads> sel;
+  __shared__ int count[kQueries];          // candidates in each query's buffer
+  __shared__ uint32_t floor_key[kQueries]; // a key must exceed this to enter
+  int64_t item = blockIdx.x;
+  const int split = static_cast<int>(item % ws.splits);
+  item /= ws.splits;
+  const int64_t row0 = (item % ws.q_tiles) * kQueries, b = item / ws.q_tiles;  // row = t - t_begin
+  const int64_t t0 = ws.t_begin + row0;
+  const int nq = static_cast<int>(min(int64_t{kQueries}, ws.t_count - row0));
+  const int64_t s_begin = split * ws.split_len;
+  const int64_t s_end = min(min(p.S, s_begin + ws.split_len), visible_keys(p, t0 + nq - 1));
+  const int tiles = s_end > s_begin ? static_cast<int>(ceil_div(s_end - s_begin, kKeys)) : 0;
+  const auto buffer = [&](int qi) { return ((b * ws.t_count + row0 + qi) * ws.splits + split) * ws.capacity; };
+  float* scores = reinterpret_cast<float*>(smem + L.scores);
+  const Tile tile{p, L, smem, b, t0};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  if (threadIdx.x < kQueries) {
+    count[threadIdx.x] = 0;
+    floor_key[threadIdx.x] = 0u;
+  }
+  if (tiles > 0) {
+    tile.load_queries();
+    tile.load_keys(0, s_begin);
+    cp_async_commit();
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const int64_t s0 = s_begin + int64_t{i} * kKeys;
+    cp_async_wait_all();
+    __syncthreads();
+    if (i + 1 < tiles) {
+      tile.load_keys((i + 1) & 1, s0 + kKeys);
+      cp_async_commit();
+    }
+    tile.score(i & 1, s0, scores);
+    __syncthreads();
+    if (warp < nq) {  // append, in position order, the keys above the floor
+      const int64_t visible = min(s_end, visible_keys(p, t0 + warp));
+      const uint32_t floor = floor_key[warp];
+      uint32_t* keys = ws.keys + buffer(warp);
+      int32_t* pos = ws.pos + buffer(warp);
+      int n = count[warp];
+#pragma unroll
+      for (int c = 0; c < kKeys; c += 32) {
+        const int64_t s = s0 + c + lane;
+        const uint32_t key = s < visible ? score_key(scores[warp * kKeys + c + lane]) : 0u;
+        const bool take = key > floor;
+        const uint32_t ballot = __ballot_sync(0xffffffffu, take);
+        if (take) {
+          const int at = n + __popc(ballot & ((1u << lane) - 1u));
+          keys[at] = key;
+          pos[at] = static_cast<int32_t>(s);
+        }
+        n += __popc(ballot);
+      }
+      if (lane == 0) count[warp] = n;
+    }
+    __syncthreads();
+    if (i + 1 == tiles) break;
+    for (int qi = 0; qi < nq; ++qi) {
+      if (count[qi] + kKeys <= ws.capacity) continue;  // the next tile fits
+      uint32_t* keys = ws.keys + buffer(qi);
+      int32_t* pos = ws.pos + buffer(qi);
+      const int n = count[qi];
+      const Threshold th = radix_select<kThreads>([&](int j) { return keys[j]; }, n, ws.k, sel);
+      emit_selected<kThreads, 4>(
+          [&](int j) { return Keyed{keys[j], pos[j]}; }, n, th,
+          [&](int slot, const Keyed& e) {
+            keys[slot] = e.key;
+            pos[slot] = e.payload;
+          },
+          sel);
+      if (threadIdx.x == 0) {
+        count[qi] = th.count;
+        floor_key[qi] = th.kth;
+      }
+      __syncthreads();
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < nq) ws.counts[buffer(threadIdx.x) / ws.capacity] = count[threadIdx.x];
+}
+
+// The rows of one launch as seen by select_rows_kernel: row r = (b, t - t_begin); its
+// candidates are the splits' buffers one after the other.
+struct SplitRows {
+  TopkWorkspace ws;
+  int64_t T_len;  // rows of the output
+  struct Shared {
+    int start[kMaxSplits + 1];  // first candidate index of each split; start[splits] = total
+  };
+  struct Row {
+    const uint32_t* keys;
+    const int32_t* pos;
+    const int* start;
+    int splits, capacity, n;
+    __device__ int64_t at(int i) const {  // buffer offset of candidate i: the last split starting <= i
+      int lo = 0, hi = splits - 1;
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (start[mid] <= i)
+          lo = mid;
+        else
+          hi = mid - 1;
+      }
+      return int64_t{lo} * capacity + (i - start[lo]);
+    }
+    __device__ uint32_t key(int i) const { return keys[at(i)]; }
+    __device__ int32_t position(int i) const { return pos[at(i)]; }
+  };
+  __device__ Row row(int64_t r, Shared& sh) const {
+    const int64_t first = r * ws.splits;  // r = b * t_count + (t - t_begin)
+    if (threadIdx.x == 0) {
+      int total = 0;
+      for (int j = 0; j < ws.splits; ++j) {
+        sh.start[j] = total;
+        total += ws.counts[first + j];
+      }
+      sh.start[ws.splits] = total;
+    }
+    __syncthreads();
+    return Row{ws.keys + first * ws.capacity, ws.pos + first * ws.capacity, sh.start, ws.splits, ws.capacity,
+               sh.start[ws.splits]};
+  }
+  __device__ int64_t out_row(int64_t r) const {
+    return (r / ws.t_count) * T_len + ws.t_begin + r % ws.t_count;
+  }
+};
+
+}  // namespace indexer
+}  // namespace cuda
+}  // namespace dsa

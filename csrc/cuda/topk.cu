@@ -1,0 +1,50 @@
+// CUDA topk_indices: one block per row of the logits, radix select then an ordered pass
+// (select_rows.cuh). Deterministic and bit-identical to the CPU operator: the selection only
+// compares exact 32-bit keys of the scores.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "host.h"
+#include "indexer_cuda.h"
+#include "select_rows.cuh"
+
+namespace dsa {
+namespace cuda {
+namespace indexer {
+namespace {
+
+template <typename T>
+void launch_topk_rows(const TopkParams& p, cudaStream_t stream) {
+  const DenseRows<T> rows{static_cast<const T*>(p.logits), p.T, p.l_sb, p.l_st, static_cast<int>(p.S)};
+  const int k = static_cast<int>(std::min(p.k, p.S));  // a row never has more than S to give
+  const int cand_cap = static_cast<int>(std::min<int64_t>(p.S, kSelectCandidates));
+  select_rows_kernel<DenseRows<T>><<<static_cast<unsigned>(p.B * p.T), kSelectThreads,
+                                      cand_cap * sizeof(uint32_t), stream>>>(rows, k, p.k, p.out, cand_cap);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor topk_indices_cuda(const at::Tensor& logits, int64_t k) {
+  const char* op = "dsa.topk_indices";
+  auto c = prepare_topk(logits, k);
+  check_cuda_float(op, "logits", logits);
+  check_row_length(op, "logits", c.p.S);
+  check_grid(op, c.p.B * c.p.T);
+  if (c.out.numel() == 0) return c.out;
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  switch (c.logits.scalar_type()) {
+    case at::kFloat: launch_topk_rows<float>(c.p, stream); break;
+    case at::kHalf: launch_topk_rows<__half>(c.p, stream); break;
+    default: launch_topk_rows<__nv_bfloat16>(c.p, stream); break;
+  }
+  return c.out;
+}
+
+}  // namespace
+}  // namespace indexer
+}  // namespace cuda
+}  // namespace dsa
+
+TORCH_LIBRARY_IMPL(dsa, CUDA, m) { m.impl("topk_indices", &dsa::cuda::indexer::topk_indices_cuda); }

@@ -1,0 +1,287 @@
+// Runs the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h) for one test case.
+// Usage: driver <case dir>. The case dir holds meta.txt ("name value" lines) and raw
+// little-endian tensors written by run_emulation.py; outputs are written back next to them.
+// The launch code below mirrors the host code of the csrc/cuda/*.cu files (same plan and grid
+// functions, same kernels).
+#include "emu_cuda.h"
+// kernel headers (copied from csrc/cuda with tensor_core.cuh replaced by the emulated one)
+#include "indexer_backward_kernels.cuh"
+#include "indexer_logits_kernels.cuh"
+#include "indexer_topk_kernels.cuh"
+#include "select_rows.cuh"
+
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+
+using namespace dsa;
+using namespace dsa::cuda::indexer;
+
+namespace {
+
+std::string dir;
+std::map<std::string, std::string> meta;
+
+std::string get(const std::string& key) {
+  auto it = meta.find(key);
+  if (it == meta.end()) {
+    std::fprintf(stderr, "driver: missing meta key %s\n", key.c_str());
+    std::exit(2);
+  }
+  return it->second;
+}
+int64_t geti(const std::string& key) { return std::stoll(get(key)); }
+double getf(const std::string& key) { return std::stod(get(key)); }
+
+std::vector<uint8_t> read_file(const std::string& name) {
+  std::ifstream f(dir + "/" + name, std::ios::binary);
+  if (!f) {
+    std::fprintf(stderr, "driver: cannot read %s\n", name.c_str());
+    std::exit(2);
+  }
+  return std::vector<uint8_t>(std::istreambuf_iterator<char>(f), {});
+}
+template <typename T>
+void write_file(const std::string& name, const T* data, size_t n) {
+  std::ofstream f(dir + "/" + name, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(n * sizeof(T)));
+}
+
+// Exactly-sized heap copies, so that AddressSanitizer sees any read past a tensor's end.
+template <typename T>
+std::unique_ptr<T[]> exact_copy(const std::vector<uint8_t>& bytes) {
+  const size_t n = bytes.size() / sizeof(T);
+  std::unique_ptr<T[]> p(new T[n]);
+  std::memcpy(p.get(), bytes.data(), n * sizeof(T));
+  return p;
+}
+
+struct Inputs {
+  std::vector<uint8_t> q_bytes, k_bytes;
+  std::unique_ptr<float[]> w;
+  IndexerParams p{};
+  std::string dtype;
+};
+
+template <typename T>
+struct Owned {
+  std::unique_ptr<T[]> q, k;
+};
+
+Inputs read_indexer_inputs() {
+  Inputs in;
+  in.dtype = get("dtype");
+  in.q_bytes = read_file("q.bin");
+  in.k_bytes = read_file("k.bin");
+  in.w = exact_copy<float>(read_file("w.bin"));
+  IndexerParams& p = in.p;
+  p.B = geti("B"), p.T = geti("T"), p.S = geti("S"), p.Hi = geti("Hi"), p.Di = geti("Di");
+  p.q_sb = geti("q_sb"), p.q_st = geti("q_st"), p.q_sh = geti("q_sh");
+  p.k_sb = geti("k_sb"), p.k_ss = geti("k_ss");
+  p.scale = getf("scale");
+  p.causal = geti("causal") != 0;
+  p.causal_offset = p.S - p.T;
+  p.w = in.w.get();
+  return in;
+}
+
+// Calls fn.template operator()<Tile>(params, vec16) like with_score_engine in indexer_cuda.h
+// (max_smem comes from the case so that the fallback is reachable).
+template <class Fn>
+void with_engine(Inputs& in, const Fn& fn) {
+  static std::unique_ptr<float[]> qf, kf;
+  static std::unique_ptr<__half[]> qh, kh;
+  static std::unique_ptr<__nv_bfloat16[]> qb, kb;
+  IndexerParams p = in.p;
+  const int max_smem = static_cast<int>(geti("max_smem"));
+  const int64_t q_off = geti("q_off"), k_off = geti("k_off");
+  if (in.dtype == "f32") {
+    qf = exact_copy<float>(in.q_bytes), kf = exact_copy<float>(in.k_bytes);
+    p.q = qf.get() + q_off, p.k = kf.get() + k_off;
+    fn.template operator()<SimtTile>(p, false);
+    return;
+  }
+  if (in.dtype == "f16") {
+    qh = exact_copy<__half>(in.q_bytes), kh = exact_copy<__half>(in.k_bytes);
+    p.q = qh.get() + q_off, p.k = kh.get() + k_off;
+  } else {
+    qb = exact_copy<__nv_bfloat16>(in.q_bytes), kb = exact_copy<__nv_bfloat16>(in.k_bytes);
+    p.q = qb.get() + q_off, p.k = kb.get() + k_off;
+  }
+  if (mma_fits(p, max_smem)) {
+    const bool vec16 = rows_16b_aligned(p);
+    std::printf("engine mma vec16=%d\n", vec16 ? 1 : 0);
+    if (in.dtype == "f16")
+      fn.template operator()<MmaTile<__half>>(p, vec16);
+    else
+      fn.template operator()<MmaTile<__nv_bfloat16>>(p, vec16);
+    return;
+  }
+  // Fallback: contiguous float32 copies (the host code uses .to(kFloat)).
+  std::printf("engine simt (converted)\n");
+  const auto to_float = [&](const void* base, int64_t rows, int64_t cols, auto row_off) {
+    std::unique_ptr<float[]> out(new float[rows * cols]);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t o = row_off(r) + c;
+        out[r * cols + c] = in.dtype == "f16" ? __half2float(static_cast<const __half*>(base)[o])
+                                              : __bfloat162float(static_cast<const __nv_bfloat16*>(base)[o]);
+      }
+    return out;
+  };
+  qf = to_float(p.q, p.B * p.T * p.Hi, p.Di, [&](int64_t r) {
+    return (r / (p.T * p.Hi)) * p.q_sb + ((r / p.Hi) % p.T) * p.q_st + (r % p.Hi) * p.q_sh;
+  });
+  kf = to_float(p.k, p.B * p.S, p.Di, [&](int64_t r) { return (r / p.S) * p.k_sb + (r % p.S) * p.k_ss; });
+  p.q = qf.get(), p.k = kf.get();
+  p.q_sb = p.T * p.Hi * p.Di, p.q_st = p.Hi * p.Di, p.q_sh = p.Di;
+  p.k_sb = p.S * p.Di, p.k_ss = p.Di;
+  fn.template operator()<SimtTile>(p, false);
+}
+
+void run_logits() {
+  Inputs in = read_indexer_inputs();
+  const IndexerParams& p0 = in.p;
+  std::unique_ptr<float[]> out(new float[p0.B * p0.T * p0.S]);
+  with_engine(in, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+    const auto L = Tile::layout(p, vec16);
+    const LogitsGrid grid = logits_grid(p);
+    emu::launch(static_cast<unsigned>(grid.blocks), kThreads, L.bytes,
+                [&] { indexer_logits_kernel<Tile, decltype(L)>(p, L, grid, out.get()); });
+  });
+  write_file("out.bin", out.get(), p0.B * p0.T * p0.S);
+}
+
+void run_indexer_topk() {
+  Inputs in = read_indexer_inputs();
+  const IndexerParams& p0 = in.p;
+  const int64_t topk = geti("k");
+  std::unique_ptr<int32_t[]> out(new int32_t[p0.B * p0.T * topk]);
+  const TopkPlan plan = plan_indexer_topk(p0, topk, static_cast<int>(geti("sm_count")), geti("budget"));
+  std::printf("plan k=%d capacity=%d splits=%d split_len=%ld t_chunk=%ld\n", plan.k, plan.capacity, plan.splits,
+              static_cast<long>(plan.split_len), static_cast<long>(plan.t_chunk));
+  const int64_t slots = p0.B * plan.t_chunk * plan.splits;
+  std::unique_ptr<uint32_t[]> keys(new uint32_t[slots * plan.capacity]);
+  std::unique_ptr<int32_t[]> pos(new int32_t[slots * plan.capacity]);
+  std::unique_ptr<int32_t[]> counts(new int32_t[slots]);
+  const int cand_cap = static_cast<int>(std::min<int64_t>(kSelectCandidates, int64_t{plan.splits} * plan.capacity));
+  with_engine(in, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+    const auto L = Tile::layout(p, vec16);
+    for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
+      TopkWorkspace ws{};
+      ws.keys = keys.get();
+      ws.pos = pos.get();
+      ws.counts = counts.get();
+      ws.k = plan.k;
+      ws.capacity = plan.capacity;
+      ws.splits = plan.splits;
+      ws.split_len = plan.split_len;
+      ws.t_begin = t_begin;
+      ws.t_count = std::min(plan.t_chunk, p.T - t_begin);
+      ws.q_tiles = ceil_div(ws.t_count, kQueries);
+      emu::launch(static_cast<unsigned>(p.B * ws.q_tiles * plan.splits), kThreads, L.bytes,
+                  [&] { indexer_topk_partial_kernel<Tile, decltype(L)>(p, L, ws); });
+      const SplitRows rows{ws, p.T};
+      emu::launch(static_cast<unsigned>(p.B * ws.t_count), kSelectThreads, cand_cap * sizeof(uint32_t),
+                  [&] { select_rows_kernel<SplitRows>(rows, plan.k, topk, out.get(), cand_cap); });
+    }
+  });
+  write_file("out.bin", out.get(), p0.B * p0.T * topk);
+}
+
+template <typename Elem>
+void run_topk_typed(const std::vector<uint8_t>& bytes) {
+  const int64_t B = geti("B"), T = geti("T"), S = geti("S"), k = geti("k");
+  auto logits = exact_copy<Elem>(bytes);
+  TopkParams p{logits.get(), B, T, S, k, geti("l_sb"), geti("l_st"), nullptr};
+  std::unique_ptr<int32_t[]> out(new int32_t[B * T * k]);
+  p.out = out.get();
+  // as launch_topk_rows in topk.cu
+  const DenseRows<Elem> rows{static_cast<const Elem*>(p.logits), p.T, p.l_sb, p.l_st, static_cast<int>(p.S)};
+  const int kk = static_cast<int>(std::min(p.k, p.S));
+  const int cand_cap = static_cast<int>(std::min<int64_t>(p.S, geti("cand_cap")));
+  emu::launch(static_cast<unsigned>(p.B * p.T), kSelectThreads, cand_cap * sizeof(uint32_t),
+              [&] { select_rows_kernel<DenseRows<Elem>>(rows, kk, p.k, p.out, cand_cap); });
+  write_file("out.bin", out.get(), B * T * k);
+}
+
+void run_topk() {
+  const auto bytes = read_file("logits.bin");
+  const std::string dtype = get("dtype");
+  if (dtype == "f32")
+    run_topk_typed<float>(bytes);
+  else if (dtype == "f16")
+    run_topk_typed<__half>(bytes);
+  else
+    run_topk_typed<__nv_bfloat16>(bytes);
+}
+
+template <typename T>
+void run_backward_typed(Inputs& in) {
+  IndexerBwdParams bp{};
+  auto q = exact_copy<T>(in.q_bytes);
+  auto k = exact_copy<T>(in.k_bytes);
+  auto g = exact_copy<float>(read_file("g.bin"));
+  bp.fwd = in.p;
+  const IndexerParams& p = bp.fwd;
+  bp.fwd.q = q.get() + geti("q_off");
+  bp.fwd.k = k.get() + geti("k_off");
+  bp.grad_logits = g.get();
+  bp.g_sb = geti("g_sb"), bp.g_st = geti("g_st");
+  std::unique_ptr<T[]> gq(new T[p.B * p.T * p.Hi * p.Di]), gk(new T[p.B * p.S * p.Di]);
+  std::unique_ptr<float[]> gw(new float[p.B * p.T * p.Hi]);
+  bp.grad_q = gq.get(), bp.grad_k = gk.get(), bp.grad_w = gw.get();
+  if (!bwd_mma_fits(p, static_cast<int>(geti("max_smem")))) {
+    std::fprintf(stderr, "driver: backward case outside the tensor-core kernels\n");
+    std::exit(3);
+  }
+  // as launch_mma_backward in indexer_logits_backward.cu
+  const BwdLayout L = bwd_layout<T>(p, rows_16b_aligned(p));
+  std::printf("engine mma vec16=%d\n", L.vec16 ? 1 : 0);
+  const IndexerBwdGrid grid = bwd_grid(p);
+  emu::launch(static_cast<unsigned>(grid.dq_blocks), kThreads, L.bytes, [&] { indexer_dq_kernel<T>(bp, L, grid); });
+  emu::launch(static_cast<unsigned>(grid.dk_blocks), kThreads, L.bytes, [&] { indexer_dk_kernel<T>(bp, L, grid); });
+  write_file("grad_q.bin", gq.get(), p.B * p.T * p.Hi * p.Di);
+  write_file("grad_k.bin", gk.get(), p.B * p.S * p.Di);
+  write_file("grad_w.bin", gw.get(), p.B * p.T * p.Hi);
+}
+
+void run_backward() {
+  Inputs in = read_indexer_inputs();
+  if (in.dtype == "f16")
+    run_backward_typed<__half>(in);
+  else
+    run_backward_typed<__nv_bfloat16>(in);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: driver <case dir>\n");
+    return 2;
+  }
+  dir = argv[1];
+  std::ifstream f(dir + "/meta.txt");
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream ss(line);
+    std::string key, value;
+    if (ss >> key >> value) meta[key] = value;
+  }
+  const std::string op = get("op");
+  if (op == "logits")
+    run_logits();
+  else if (op == "indexer_topk")
+    run_indexer_topk();
+  else if (op == "topk")
+    run_topk();
+  else if (op == "backward")
+    run_backward();
+  else {
+    std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());
+    return 2;
+  }
+  return 0;
+}

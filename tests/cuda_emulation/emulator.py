@@ -1,0 +1,118 @@
+"""Build and run the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h).
+
+`build()` copies the kernel headers into a scratch directory, swaps tensor_core.cuh for the
+emulated one and turns `extern __shared__` arrays into the emulator's per-block buffer, then
+compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
+runs the driver and returns its outputs as torch tensors.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
+BUILD = os.path.join(tempfile.gettempdir(), "dsa_ext_cuda_emulation")
+
+_EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
+
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _sources() -> dict[str, str]:
+    out = {}
+    for name in sorted(os.listdir(CUDA_SRC)):
+        if name.endswith(".cuh") and name != "tensor_core.cuh":
+            text = open(os.path.join(CUDA_SRC, name)).read()
+            out[name] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
+    out["tensor_core.cuh"] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
+    out["params.h"] = open(os.path.join(ROOT, "csrc", "params.h")).read()
+    for name in ("emu_cuda.h", "driver.cpp"):
+        out[name] = open(os.path.join(HERE, name)).read()
+    return out
+
+
+def build() -> str:
+    """Compiles the driver (cached on the sources' hash); returns its path."""
+    srcs = _sources()
+    sanitize = os.environ.get("DSA_EMU_SANITIZE", "address,undefined")  # "thread" finds races
+    digest = hashlib.sha1((sanitize + "".join(k + v for k, v in sorted(srcs.items()))).encode()).hexdigest()[:16]
+    exe = os.path.join(BUILD, f"driver-{digest}")
+    if os.path.exists(exe):
+        return exe
+    src_dir = os.path.join(BUILD, f"src-{digest}")
+    os.makedirs(src_dir, exist_ok=True)
+    for name, text in srcs.items():
+        with open(os.path.join(src_dir, name), "w") as f:
+            f.write(text)
+    torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    cuda_inc = os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include")
+    cmd = ["g++", "-std=c++20", "-O1", "-g", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all",
+           "-pthread", "-I", src_dir, "-I", cuda_inc, "-I", torch_inc, os.path.join(src_dir, "driver.cpp"),
+           "-o", exe + ".tmp"]
+    subprocess.run(cmd, check=True)
+    os.replace(exe + ".tmp", exe)
+    return exe
+
+
+def _write(path: str, t: torch.Tensor) -> None:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        t = t.view(torch.int16)
+    t.numpy().tofile(path)
+
+
+def _read(path: str, dtype: torch.dtype, shape) -> torch.Tensor:
+    raw = open(path, "rb").read()
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.frombuffer(bytearray(raw), dtype=torch.int16).view(dtype).reshape(shape).clone()
+    return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape).clone()
+
+
+def run(meta: dict, tensors: dict[str, torch.Tensor], outputs: dict[str, tuple], timeout: float = 900):
+    """Runs one case. tensors: file stem -> flat storage to write; outputs: file stem ->
+    (dtype, shape) to read back. Returns (outputs dict, driver stdout)."""
+    exe = build()
+    with tempfile.TemporaryDirectory(prefix="emu-case-") as case:
+        with open(os.path.join(case, "meta.txt"), "w") as f:
+            for key, value in meta.items():
+                f.write(f"{key} {int(value) if isinstance(value, bool) else value}\n")
+        for stem, t in tensors.items():
+            _write(os.path.join(case, stem + ".bin"), t)
+        env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1",
+                   UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1", TSAN_OPTIONS="halt_on_error=1")
+        proc = subprocess.run([exe, case], capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stdout + proc.stderr)
+            raise RuntimeError(f"emulated {meta.get('op')} failed with exit code {proc.returncode}")
+        return {stem: _read(os.path.join(case, stem + ".bin"), dt, shape)
+                for stem, (dt, shape) in outputs.items()}, proc.stdout
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def storage_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The flat storage behind a strided view and the view's element offset into it."""
+    flat = torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), 0, (t.untyped_storage().nbytes() // t.element_size(),))
+    return flat, t.storage_offset()
+
+
+def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float, causal: bool,
+                 max_smem: int = 227 * 1024) -> tuple[dict, dict]:
+    """meta and tensors of an indexer call (q and k may be strided views)."""
+    qs, q_off = storage_of(q)
+    ks, k_off = storage_of(k)
+    B, T, Hi, Di = q.shape
+    meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=k.shape[1], Hi=Hi, Di=Di,
+                q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
+                q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), max_smem=max_smem)
+    return meta, {"q": qs, "k": ks, "w": w.float().contiguous()}

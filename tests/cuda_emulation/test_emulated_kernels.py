@@ -1,0 +1,237 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU emulator (no GPU needed), against the
+float64 reference. Slow (the emulator runs every GPU thread as an OS thread, under
+AddressSanitizer); run with `pytest tests/cuda_emulation -m emulation`.
+
+What this checks: indexing, masking, fragment layouts (from the PTX spec), tie handling,
+out-of-bounds accesses (ASan), reads of never-written shared memory (filled with NaN bytes).
+What it cannot check: races the barriers do not order, cp.async timing, performance.
+"""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulator  # noqa: E402
+
+from dsa_ext import reference  # noqa: E402
+
+pytestmark = [
+    pytest.mark.emulation,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists("/usr/local/cuda/include/cuda_bf16.h"),
+                       reason="needs g++ and the CUDA headers"),
+]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_indices
+# ---------------------------------------------------------------------------------------------
+
+
+def emulated_topk(logits, k, cand_cap=8192):
+    B, T, S = logits.shape
+    flat, off = emulator.storage_of(logits)
+    assert off == 0
+    meta = dict(op="topk", dtype=emulator.dtype_name(logits.dtype), B=B, T=T, S=S, k=k,
+                l_sb=logits.stride(0), l_st=logits.stride(1), cand_cap=cand_cap)
+    out, _ = emulator.run(meta, {"logits": flat}, {"out": (torch.int32, (B, T, k))})
+    return out["out"]
+
+
+def tie_heavy_logits(B, T, S, seed):
+    g = gen(seed)
+    x = torch.randint(-3, 4, (B, T, S), generator=g).float() * 0.5  # many exact ties and zeros
+    x[torch.rand(B, T, S, generator=g) < 0.1] = -0.0
+    x[torch.rand(B, T, S, generator=g) < 0.05] = float("-inf")
+    x[torch.rand(B, T, S, generator=g) < 0.05] = float("nan")
+    x[torch.rand(B, T, S, generator=g) < 0.02] = float("inf")
+    x[..., -1] = 1e-42  # a denormal, distinct from 0
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("S,k", [(37, 1), (37, 5), (300, 64), (50, 80), (1, 3)])
+def test_topk_ties_and_specials(dtype, S, k):
+    logits = tie_heavy_logits(2, 3, S, seed=S * 7 + k).to(dtype)
+    got = emulated_topk(logits, k)
+    assert torch.equal(got, reference.topk_indices(logits, k))
+
+
+@pytest.mark.parametrize("cand_cap", [0, 16, 8192])
+def test_topk_candidate_paths_and_strided_rows(cand_cap):
+    # cand_cap 0: every radix pass over the row; 16: gathering only once the group is small
+    big = torch.randn(2, 4, 700, generator=gen(1))
+    big[:, :, 100:300] = 0.25  # a block of equal scores straddling the threshold
+    logits = big[:, :, :613]   # strided rows (row stride 700 > S)
+    for k in (1, 150, 613, 700):
+        got = emulated_topk(logits, k, cand_cap)
+        assert torch.equal(got, reference.topk_indices(logits, k)), (k, cand_cap)
+
+
+# ---------------------------------------------------------------------------------------------
+# indexer_logits forward
+# ---------------------------------------------------------------------------------------------
+
+
+def indexer_inputs(B, T, S, Hi, Di, dtype, seed, strided=False, quantized=False):
+    g = gen(seed)
+    if quantized:  # integer-valued: every product and sum is exact, scores tie exactly
+        q = torch.randint(-2, 3, (B, T, Hi, Di + 3 if strided else Di), generator=g).to(dtype)
+        k = torch.randint(-2, 3, (B, S, Di + 8 if strided else Di), generator=g).to(dtype)
+        w = torch.randint(-1, 3, (B, T, Hi), generator=g).float()
+    else:
+        q = torch.randn(B, T, Hi, Di + 3 if strided else Di, generator=g).to(dtype)
+        k = torch.randn(B, S, Di + 8 if strided else Di, generator=g).to(dtype)
+        w = torch.randn(B, T, Hi, generator=g).float()
+    if strided:
+        q, k = q[..., 1:Di + 1], k[..., :Di]
+    return q, k, w
+
+
+def emulated_logits(q, k, w, scale, causal, max_smem=227 * 1024):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, max_smem)
+    meta["op"] = "logits"
+    B, T, S = q.shape[0], q.shape[1], k.shape[1]
+    out, log = emulator.run(meta, tensors, {"out": (torch.float32, (B, T, S))})
+    return out["out"], log
+
+
+def check_logits(q, k, w, causal, max_smem=227 * 1024, expect_engine=None):
+    scale = (q.shape[2] * q.shape[3]) ** -0.5
+    got, log = emulated_logits(q, k, w, scale, causal, max_smem)
+    if expect_engine:
+        assert expect_engine in log, log
+    ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal)
+    masked = torch.isinf(ref)
+    assert torch.equal(torch.isinf(got) & (got < 0), masked)
+    # fp32 accumulation of exact products: error ~ eps32 * sum of |terms|
+    bound = scale * torch.einsum("bth,bthd,bsd->bts", w.double().abs(), q.double().abs(), k.double().abs())
+    err = (got.double() - ref).abs()[~masked]
+    assert (err <= 1e-5 * bound[~masked] + 1e-30).all(), err.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("Hi,Di", [(8, 64), (20, 24), (72, 32), (1, 16)])
+def test_logits_mma(dtype, Hi, Di):
+    q, k, w = indexer_inputs(2, 5, 77, Hi, Di, dtype, seed=Hi + Di)
+    check_logits(q, k, w, causal=True, expect_engine="engine mma vec16=1")
+
+
+def test_logits_mma_unaligned_rows():
+    q, k, w = indexer_inputs(1, 3, 130, 16, 17, torch.bfloat16, seed=3, strided=True)
+    check_logits(q, k, w, causal=False, expect_engine="engine mma vec16=0")
+    q, k, w = indexer_inputs(1, 4, 70, 16, 32, torch.float16, seed=4, strided=True)  # offset rows
+    check_logits(q, k, w, causal=True, expect_engine="engine mma vec16=0")
+
+
+def test_logits_simt_float32():
+    q, k, w = indexer_inputs(2, 3, 70, 20, 70, torch.float32, seed=5)
+    check_logits(q, k, w, causal=True)
+    q, k, w = indexer_inputs(1, 4, 9, 3, 5, torch.float32, seed=6, strided=True)
+    check_logits(q, k, w, causal=False)
+
+
+def test_logits_fallback_when_smem_too_small():
+    q, k, w = indexer_inputs(1, 3, 40, 16, 32, torch.bfloat16, seed=7)
+    check_logits(q, k, w, causal=True, max_smem=1024, expect_engine="engine simt (converted)")
+
+
+def test_logits_long_prefix_chunks():
+    # S > 512 keys: several key chunks per query tile, the masked part filled with -inf
+    q, k, w = indexer_inputs(1, 7, 1100, 16, 16, torch.bfloat16, seed=8)
+    check_logits(q, k, w, causal=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused indexer_topk
+# ---------------------------------------------------------------------------------------------
+
+
+def emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count=132, budget=256 << 20):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal)
+    meta.update(op="indexer_topk", k=topk, sm_count=sm_count, budget=budget)
+    B, T = q.shape[:2]
+    out, log = emulator.run(meta, tensors, {"out": (torch.int32, (B, T, topk))})
+    return out["out"], log
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("topk,sm_count,budget", [
+    (1, 1, 256 << 20),       # one split, k = 1
+    (40, 1, 256 << 20),      # compactions inside a split (capacity 104 < 300 keys)
+    (40, 64, 256 << 20),     # splits (few query rows) merged by the selection kernel
+    (40, 1, 3000),           # tiny budget: several launches over chunks of query rows
+    (500, 1, 256 << 20),     # k > S: exactly dense rows, -1 padding
+])
+def test_indexer_topk_equals_unfused_with_ties(dtype, topk, sm_count, budget):
+    q, k, w = indexer_inputs(1, 6, 300, 8, 16, dtype, seed=topk + sm_count, quantized=True)
+    scale = 0.125
+    for causal in (True, False):
+        got, log = emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count, budget)
+        logits, _ = emulated_logits(q, k, w, scale, causal)
+        assert torch.equal(got, reference.topk_indices(logits, topk)), (causal, log)
+        # and the set is right for the exact scores (integer inputs: fp32 is exact)
+        ref = reference.indexer_topk(q.double(), k.double(), w.double(), topk, scale, causal)
+        assert torch.equal(got, ref), (causal, log)
+
+
+def test_indexer_topk_splits_need_many_keys():
+    # kMinSplitKeys = 4096: S = 8300 allows 2 splits with sm_count large
+    q, k, w = indexer_inputs(1, 2, 8300, 1, 16, torch.bfloat16, seed=11, quantized=True)
+    got, log = emulated_indexer_topk(q, k, w, 100, 0.5, True, sm_count=64)
+    assert "splits=2" in log, log
+    ref = reference.indexer_topk(q.double(), k.double(), w.double(), 100, 0.5, True)
+    assert torch.equal(got, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# indexer_logits backward
+# ---------------------------------------------------------------------------------------------
+
+
+def emulated_backward(grad, q, k, w, scale, causal):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal)
+    gs, g_off = emulator.storage_of(grad)
+    assert g_off == 0
+    meta.update(op="backward", g_sb=grad.stride(0), g_st=grad.stride(1))
+    tensors["g"] = gs
+    B, T, Hi, Di = q.shape
+    S = k.shape[1]
+    out, log = emulator.run(meta, tensors, {"grad_q": (q.dtype, (B, T, Hi, Di)), "grad_k": (q.dtype, (B, S, Di)),
+                                            "grad_w": (torch.float32, (B, T, Hi))})
+    return out["grad_q"], out["grad_k"], out["grad_w"], log
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,S,Hi,Di,causal", [
+    (2, 5, 77, 8, 32, True),
+    (1, 9, 70, 20, 24, False),
+    (1, 3, 130, 40, 128, True),
+    (1, 4, 66, 16, 17, True),   # unaligned rows: plain copies
+])
+def test_backward(dtype, B, T, S, Hi, Di, causal):
+    q, k, w = indexer_inputs(B, T, S, Hi, Di, dtype, seed=T * S + Hi)
+    scale = (Hi * Di) ** -0.5
+    grad = torch.randn(B, T, S, generator=gen(99))
+    if causal:  # masked positions hold garbage that must be ignored
+        grad.masked_fill_(~reference.causal_mask(T, S), float("nan"))
+    gq, gk, gw, log = emulated_backward(grad, q, k, w, scale, causal)
+    qd, kd, wd = (x.double().requires_grad_() for x in (q, k, w))
+    ref = reference.indexer_logits(qd, kd, wd, scale, causal)
+    ref.backward(torch.where(torch.isinf(ref), 0.0, grad.double()))
+    # The second GEMM of each gradient multiplies by g rounded to the input dtype: relative
+    # error of the sums ~ the dtype's epsilon (2^-8 bf16, 2^-11 f16), as in any low-precision
+    # backward; the check is on the norm of the error relative to the norm of the gradient.
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    for name, got, want in (("dq", gq, qd.grad), ("dk", gk, kd.grad), ("dw", gw, wd.grad)):
+        err = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
+        assert err < tol, (name, err.item(), log)
+    # dw is computed in fp32 from exact products: much tighter
+    assert ((gw.double() - wd.grad).norm() / wd.grad.norm()) < 1e-4

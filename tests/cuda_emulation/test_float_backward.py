@@ -1,0 +1,46 @@
+"""The float32 path of the CUDA indexer_logits_backward (csrc/cuda/indexer_backward_float.h,
+plain ATen code) run on CPU tensors against the float64 reference, in one chunk of queries and
+in chunks of one query (tiny budget)."""
+import os
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from dsa_ext import reference
+
+pytestmark = [pytest.mark.emulation, pytest.mark.slow]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    csrc = os.path.join(ROOT, "csrc")
+    return cpp_extension.load(
+        name="dsa_float_backward_test",
+        sources=[os.path.join(os.path.dirname(__file__), "float_backward_binding.cpp"),
+                 os.path.join(csrc, "host.cpp"), os.path.join(csrc, "checks.cpp")],
+        extra_include_paths=[csrc], extra_cflags=["-O1", "-std=c++20"], verbose=False)
+
+
+@pytest.mark.parametrize("budget", [256 << 20, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,T,S,Hi,Di,causal", [(2, 5, 9, 3, 7, True), (1, 4, 4, 2, 5, False), (1, 6, 30, 4, 8, True)])
+def test_float_backward(ext, budget, dtype, B, T, S, Hi, Di, causal):
+    g = torch.Generator().manual_seed(B * T * S)
+    q = torch.randn(B, T, Hi, Di + 2, generator=g).to(dtype)[..., 1:-1]  # strided
+    k = torch.randn(B, S, Di, generator=g).to(dtype)
+    w = torch.randn(B, T, Hi, generator=g)
+    grad = torch.randn(B, T, S, generator=g)
+    if causal:
+        grad.masked_fill_(~reference.causal_mask(T, S), float("nan"))
+    scale = 0.3
+    gq, gk, gw = ext.indexer_backward_float32(grad, q, k, w, scale, causal, budget)
+    qd, kd, wd = (x.double().requires_grad_() for x in (q, k, w))
+    ref = reference.indexer_logits(qd, kd, wd, scale, causal)
+    ref.backward(torch.where(torch.isinf(ref), 0.0, grad.double()))
+    assert gq.dtype == dtype and gk.dtype == dtype and gw.dtype == torch.float32
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for got, want in ((gq, qd.grad), (gk, kd.grad), (gw, wd.grad)):
+        assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())

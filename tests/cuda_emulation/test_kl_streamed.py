@@ -1,0 +1,103 @@
+"""The CUDA backend's streamed indexer_kl_loss (csrc/cuda/indexer_kl_loss_streamed.h, plain
+ATen code) run on CPU tensors, against the CPU kernel of the same op and the float64
+reference: dense (causal or not) and sparse forms, duplicates and -1 holes, a given attn_lse,
+empty rows, several query chunks and key blocks."""
+import os
+
+import pytest
+import torch
+from torch.utils import cpp_extension
+
+from dsa_ext import reference
+
+pytestmark = [pytest.mark.emulation, pytest.mark.slow]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    csrc = os.path.join(ROOT, "csrc")
+    return cpp_extension.load(
+        name="dsa_kl_streamed_test",
+        sources=[os.path.join(os.path.dirname(__file__), "kl_streamed_binding.cpp"),
+                 os.path.join(csrc, "host.cpp"), os.path.join(csrc, "checks.cpp"),
+                 os.path.join(csrc, "indexer_kl_loss_host.cpp")],
+        extra_include_paths=[csrc], extra_cflags=["-O1", "-std=c++20"], verbose=False)
+
+
+def make(B, T, S, Hi, Di, H, Hkv, Dqk, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return r(B, T, Hi, Di).to(dtype), r(B, S, Di).to(dtype), r(B, T, Hi), r(B, T, H, Dqk).to(dtype), \
+        r(B, S, Hkv, Dqk).to(dtype)
+
+
+def sparse_indices(B, T, S, K, seed):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, S, (B, T, K), generator=g)
+    idx[torch.rand(B, T, K, generator=g) < 0.25] = -1
+    idx[:, 0, :] = -1        # an empty row
+    idx[:, -1, 1] = idx[:, -1, 0] = min(2, S - 1)  # a duplicate
+    return idx.to(torch.int32)
+
+
+SHAPES = [  # B, T, S, Hi, Di, H, Hkv, Dqk
+    (2, 7, 13, 3, 24, 4, 2, 12),
+    (1, 13, 13, 4, 16, 3, 1, 20),
+    (1, 40, 700, 5, 40, 8, 2, 64),  # more than one key block (512)
+]
+
+
+# (temporaries budget in bytes, keys per block): the defaults, and many tiny chunks and blocks
+SIZES = [(256 << 20, 512), (1, 7)]
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("form", ["causal", "full", "sparse", "given_lse"])
+def test_streamed_kl_matches_cpu_kernel(ext, sizes, dtype, shape, form):
+    B, T, S, Hi, Di, H, Hkv, Dqk = shape
+    q_idx, k_idx, w, q, k = make(*shape, dtype, seed=sum(shape))
+    idx_scale, attn_scale = (Hi * Di) ** -0.5, Dqk ** -0.5
+    indices = sparse_indices(B, T, S, 37, seed=5) if form == "sparse" else None
+    causal = form != "full"
+    attn_lse = None
+    if form == "given_lse":
+        attn_lse = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, None, idx_scale, attn_scale, True, None)[2]
+    got = ext.kl_forward(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse, *sizes)
+    cpu = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse)
+    for a, b, name in zip(got, cpu, ("loss", "idx_lse", "attn_lse")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+    # and the float64 reference on the same (rounded) inputs
+    ref = reference.indexer_kl_loss(q_idx.double(), k_idx.double(), w.double(), q.double(), k.double(), indices,
+                                    idx_scale, attn_scale, causal, None if attn_lse is None else attn_lse.double())
+    torch.testing.assert_close(got[0].double(), ref, rtol=1e-4, atol=1e-5)
+
+    grad = torch.randn(B, T)
+    gb = ext.kl_backward(grad, q_idx, k_idx, w, q, k, indices, got[1], got[2], idx_scale, attn_scale, causal,
+                         *sizes)
+    cb = torch.ops.dsa.indexer_kl_loss_backward(grad, q_idx, k_idx, w, q, k, indices, cpu[1], cpu[2], idx_scale,
+                                                attn_scale, causal)
+    for a, b, name in zip(gb, cb, ("q_idx", "k_idx", "w")):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * b.float().abs().max().item(), msg=name)
+
+
+def test_streamed_kl_gradient_against_float64_reference(ext):
+    shape = (1, 9, 30, 3, 8, 4, 2, 8)
+    B, T, S, Hi, Di, H, Hkv, Dqk = shape
+    q_idx, k_idx, w, q, k = make(*shape, torch.float32, seed=3)
+    indices = sparse_indices(B, T, S, 12, seed=4)
+    for ind, causal in ((None, True), (indices, True)):
+        loss, idx_lse, attn_lse = ext.kl_forward(q_idx, k_idx, w, q, k, ind, 0.3, 0.4, causal, None, 1, 5)
+        grad = torch.randn(B, T)
+        got = ext.kl_backward(grad, q_idx, k_idx, w, q, k, ind, idx_lse, attn_lse, 0.3, 0.4, causal, 1, 5)
+        leaves = [x.double().requires_grad_() for x in (q_idx, k_idx, w)]
+        ref = reference.indexer_kl_loss(*leaves, q.double(), k.double(), ind, 0.3, 0.4, causal)
+        want = torch.autograd.grad(ref, leaves, grad.double())
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
