@@ -64,16 +64,11 @@ void check_same_shape(const char* op, const char* name, const at::Tensor& t, at:
 }
 
 
-IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+namespace {
+
+// Ranks, devices and sizes of the indexer inputs, after their dtypes were checked.
+IndexerDims check_indexer_shapes(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
                                  const at::Tensor& w, bool causal) {
-  check_rank(op, "q_idx", q_idx, 4, "[B, T, Hi, Di]");
-  check_rank(op, "k_idx", k_idx, 3, "[B, S, Di]");
-  check_rank(op, "w", w, 3, "[B, T, Hi]");
-  check_float(op, "q_idx", q_idx);
-  check_same_dtype(op, "k_idx", k_idx, "q_idx", q_idx);
-  TORCH_CHECK(w.scalar_type() == q_idx.scalar_type() || w.scalar_type() == at::kFloat, op,
-              ": expected w to be float32 or the dtype of q_idx (", q_idx.scalar_type(), "), got ",
-              w.scalar_type());
   check_same_device(op, "k_idx", k_idx, "q_idx", q_idx);
   check_same_device(op, "w", w, "q_idx", q_idx);
   IndexerDims d{q_idx.size(0), q_idx.size(1), k_idx.size(1), q_idx.size(2), q_idx.size(3)};
@@ -86,6 +81,55 @@ IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const 
               shape_str(q_idx));
   TORCH_CHECK(!causal || d.S >= d.T, op, ": causal attention needs S >= T (queries are aligned to the last ",
               "keys), got T=", d.T, " from q_idx and S=", d.S, " from k_idx");
+  return d;
+}
+
+void check_indexer_ranks(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w) {
+  check_rank(op, "q_idx", q_idx, 4, "[B, T, Hi, Di]");
+  check_rank(op, "k_idx", k_idx, 3, "[B, S, Di]");
+  check_rank(op, "w", w, 3, "[B, T, Hi]");
+}
+
+}  // namespace
+
+IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                 const at::Tensor& w, bool causal) {
+  check_indexer_ranks(op, q_idx, k_idx, w);
+  TORCH_CHECK(q_idx.scalar_type() != at::kFloat8_e4m3fn, op, ": expected q_idx to be float64, float32, ",
+              "bfloat16 or float16, got Float8_e4m3fn (FP8 indexer inputs are forward-only: indexer_logits ",
+              "and indexer_topk; train the indexer in bfloat16)");
+  check_float(op, "q_idx", q_idx);
+  check_same_dtype(op, "k_idx", k_idx, "q_idx", q_idx);
+  TORCH_CHECK(w.scalar_type() == q_idx.scalar_type() || w.scalar_type() == at::kFloat, op,
+              ": expected w to be float32 or the dtype of q_idx (", q_idx.scalar_type(), "), got ",
+              w.scalar_type());
+  return check_indexer_shapes(op, q_idx, k_idx, w, causal);
+}
+
+IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                         const at::Tensor& w, bool causal,
+                                         const c10::optional<at::Tensor>& k_scale) {
+  const bool fp8 = q_idx.scalar_type() == at::kFloat8_e4m3fn;
+  const bool has_scale = k_scale.has_value() && k_scale->defined();
+  if (!fp8) {
+    TORCH_CHECK(!has_scale, op, ": k_scale is only for float8_e4m3fn q_idx/k_idx, got q_idx ",
+                q_idx.scalar_type(), " (scale the keys themselves instead)");
+    return check_indexer_inputs(op, q_idx, k_idx, w, causal);
+  }
+  check_indexer_ranks(op, q_idx, k_idx, w);
+  check_same_dtype(op, "k_idx", k_idx, "q_idx", q_idx);
+  TORCH_CHECK(w.scalar_type() == at::kFloat, op,
+              ": expected w to be float32 with float8_e4m3fn q_idx (fold the query scales into it), got ",
+              w.scalar_type());
+  const auto d = check_indexer_shapes(op, q_idx, k_idx, w, causal);
+  if (has_scale) {
+    check_rank(op, "k_scale", *k_scale, 2, "[B, S]");
+    TORCH_CHECK(k_scale->scalar_type() == at::kFloat, op, ": expected k_scale to be float32, got ",
+                k_scale->scalar_type());
+    check_same_device(op, "k_scale", *k_scale, "q_idx", q_idx);
+    check_dim(op, "k_scale", *k_scale, 0, d.B, "batch B of q_idx");
+    check_dim(op, "k_scale", *k_scale, 1, d.S, "length S of k_idx");
+  }
   return d;
 }
 

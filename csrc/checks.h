@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
 
 #include <cstdint>
 #include <string>
@@ -46,6 +47,12 @@ at::Tensor last_dim_contiguous(const at::Tensor& t);
 
 IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
                                  const at::Tensor& w, bool causal);
+
+// The forward indexer ops (indexer_logits, indexer_topk) also take float8_e4m3fn q_idx/k_idx with
+// float32 w and an optional k_scale [B, S] float32; k_scale is only for FP8 inputs.
+IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                         const at::Tensor& w, bool causal,
+                                         const c10::optional<at::Tensor>& k_scale);
 
 void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t k);
 

@@ -10,6 +10,7 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.w = w.data_ptr();
+  p.k_scale = nullptr;
   p.B = d.B, p.T = d.T, p.S = d.S, p.Hi = d.Hi, p.Di = d.Di;
   p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
   p.k_sb = k.stride(0), p.k_ss = k.stride(1);
@@ -19,19 +20,27 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   return p;
 }
 
+at::Tensor with_key_scale(IndexerParams& p, const c10::optional<at::Tensor>& k_scale) {
+  if (!k_scale.has_value() || !k_scale->defined()) return {};
+  at::Tensor ks = k_scale->contiguous();
+  p.k_scale = ks.data_ptr<float>();
+  return ks;
+}
+
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
   return w.to(score_dtype(q_idx.scalar_type())).contiguous();
 }
 
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                         double scale, bool causal) {
-  const auto d = check_indexer_inputs("dsa.indexer_logits", q_idx, k_idx, w, causal);
+                                         double scale, bool causal, const c10::optional<at::Tensor>& k_scale) {
+  const auto d = check_indexer_forward_inputs("dsa.indexer_logits", q_idx, k_idx, w, causal, k_scale);
   IndexerLogitsCall c;
   c.q = last_dim_contiguous(q_idx);
   c.k = last_dim_contiguous(k_idx);
   c.w = score_weights(w, q_idx);
   c.logits = at::empty({d.B, d.T, d.S}, q_idx.options().dtype(score_dtype(q_idx.scalar_type())));
   c.p = indexer_params(d, c.q, c.k, c.w, scale, causal);
+  c.k_scale = with_key_scale(c.p, k_scale);
   return c;
 }
 
@@ -74,9 +83,10 @@ TopkCall prepare_topk(const at::Tensor& logits, int64_t k) {
 }
 
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                     int64_t topk, double scale, bool causal) {
+                                     int64_t topk, double scale, bool causal,
+                                     const c10::optional<at::Tensor>& k_scale) {
   const char* op = "dsa.indexer_topk";
-  const auto d = check_indexer_inputs(op, q_idx, k_idx, w, causal);
+  const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
   TORCH_CHECK_VALUE(topk >= 1 && topk <= INT32_MAX, op, ": expected 1 <= k < 2^31, got k=", topk);
   IndexerTopkCall c;
   c.q = last_dim_contiguous(q_idx);
@@ -84,6 +94,7 @@ IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& 
   c.w = score_weights(w, q_idx);
   c.out = at::empty({d.B, d.T, topk}, q_idx.options().dtype(at::kInt));
   c.p = indexer_params(d, c.q, c.k, c.w, scale, causal);
+  c.k_scale = with_key_scale(c.p, k_scale);
   c.topk = topk;
   return c;
 }

@@ -11,19 +11,24 @@
 
 namespace dsa {
 
-// The indexer part of a params block over q_idx, k_idx (stride-1 last dims) and w (score_weights).
+// The indexer part of a params block over q_idx, k_idx (stride-1 last dims) and w (score_weights);
+// no key scale (see with_key_scale).
 IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                              double scale, bool causal);
+
+// k_scale, when given, as a contiguous [B, S] float32 tensor whose pointer goes into p.k_scale
+// (the returned tensor keeps it alive); an undefined tensor otherwise.
+at::Tensor with_key_scale(IndexerParams& p, const c10::optional<at::Tensor>& k_scale);
 
 // w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx);
 
 struct IndexerLogitsCall {
-  at::Tensor q, k, w, logits;
+  at::Tensor q, k, w, k_scale, logits;
   IndexerParams p;
 };
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                         double scale, bool causal);
+                                         double scale, bool causal, const c10::optional<at::Tensor>& k_scale);
 
 struct IndexerLogitsBwdCall {
   at::Tensor q, k, w, grad_logits, grad_q, grad_k, grad_w;
@@ -42,12 +47,13 @@ struct TopkCall {
 TopkCall prepare_topk(const at::Tensor& logits, int64_t k);
 
 struct IndexerTopkCall {
-  at::Tensor q, k, w, out;
+  at::Tensor q, k, w, k_scale, out;
   IndexerParams p;
   int64_t topk;
 };
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                     int64_t topk, double scale, bool causal);
+                                     int64_t topk, double scale, bool causal,
+                                     const c10::optional<at::Tensor>& k_scale);
 
 struct SparseAttentionCall {
   at::Tensor q, k, v, indices, out, lse;

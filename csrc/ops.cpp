@@ -6,7 +6,11 @@
 TORCH_LIBRARY(dsa, m) {
   // Lightning indexer: logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j,:] . k_idx[b,s,:]),
   // -inf where s is masked (causal, bottom-right aligned). float32 out (float64 for float64 in).
-  m.def("indexer_logits(Tensor q_idx, Tensor k_idx, Tensor w, float scale, bool causal) -> Tensor");
+  // FP8: q_idx and k_idx float8_e4m3fn, w float32 (with the per-row query scales folded in) and
+  // an optional per-key scale k_scale [B, S] float32 that multiplies logits[b,t,s]; forward only.
+  m.def(
+      "indexer_logits(Tensor q_idx, Tensor k_idx, Tensor w, float scale, bool causal, Tensor? k_scale=None) "
+      "-> Tensor");
   m.def(
       "indexer_logits_backward(Tensor grad_logits, Tensor q_idx, Tensor k_idx, Tensor w, "
       "float scale, bool causal) -> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
@@ -14,8 +18,10 @@ TORCH_LIBRARY(dsa, m) {
   // Deterministic top-k: ties go to the lower position, rows ascending, -1 padding.
   m.def("topk_indices(Tensor logits, int k) -> Tensor");
 
-  // Fused indexer + top-k, streaming over keys: [B, T, S] never exists.
-  m.def("indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int k, float scale, bool causal) -> Tensor");
+  // Fused indexer + top-k, streaming over keys: [B, T, S] never exists. FP8 as indexer_logits.
+  m.def(
+      "indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int k, float scale, bool causal, "
+      "Tensor? k_scale=None) -> Tensor");
 
   // Attention over the gathered keys indices[b,t,(hkv,)i]; returns (out, lse).
   m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale) -> (Tensor out, Tensor lse)");

@@ -18,6 +18,7 @@ struct IndexerParams {
   const void* q;  // [B, T, Hi, Di]
   const void* k;  // [B, S, Di]
   const void* w;  // [B, T, Hi], dtype: float32 (float64 for float64 inputs), contiguous
+  const float* k_scale;  // [B, S] contiguous: multiplies every score of key s (FP8 inputs), or nullptr
   int64_t B, T, S, Hi, Di;
   int64_t q_sb, q_st, q_sh;
   int64_t k_sb, k_ss;

@@ -35,23 +35,28 @@ def _indexer_scale(q_idx: Tensor, scale: Optional[float]) -> float:
 
 
 def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
-                   causal: bool = True) -> Tensor:
+                   causal: bool = True, k_scale: Optional[Tensor] = None) -> Tensor:
     """Lightning-indexer scores of every (query, key) pair.
 
     ``logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j,:] . k_idx[b,s,:])``, ``-inf``
-    where key s is masked (causal: ``s > t + S - T``).
+    where key s is masked (causal: ``s > t + S - T``). With ``k_scale``, each score of key s is
+    also multiplied by ``k_scale[b,s]``.
 
     Args:
-        q_idx: ``[B, T, Hi, Di]`` float64, float32, bfloat16 or float16: indexer queries.
+        q_idx: ``[B, T, Hi, Di]`` float64, float32, bfloat16 or float16: indexer queries; or
+            float8_e4m3fn (forward only, see :mod:`dsa_ext.fp8`).
         k_idx: ``[B, S, Di]``, q_idx's dtype: one indexer key per token, shared by all Hi heads.
-        w: ``[B, T, Hi]`` float32 or q_idx's dtype: per-query head weights.
+        w: ``[B, T, Hi]`` float32 or q_idx's dtype: per-query head weights (float32 for FP8 inputs,
+            with the query rows' scales folded in).
         scale: multiplies every score; default ``(Hi * Di) ** -0.5``.
         causal: mask keys after each query (bottom-right aligned; needs S >= T).
+        k_scale: ``[B, S]`` float32 per-key scales of float8_e4m3fn keys, or None.
 
     Returns:
-        ``[B, T, S]`` float32 (float64 for float64 inputs). Differentiable in q_idx, k_idx, w.
+        ``[B, T, S]`` float32 (float64 for float64 inputs). Differentiable in q_idx, k_idx, w
+        (not for FP8 inputs).
     """
-    return _ops.indexer_logits(q_idx, k_idx, w, _indexer_scale(q_idx, scale), bool(causal))
+    return _ops.indexer_logits(q_idx, k_idx, w, _indexer_scale(q_idx, scale), bool(causal), k_scale)
 
 
 def topk_indices(logits: Tensor, k: int) -> Tensor:
@@ -72,7 +77,7 @@ def topk_indices(logits: Tensor, k: int) -> Tensor:
 
 
 def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optional[float] = None,
-                 causal: bool = True) -> Tensor:
+                 causal: bool = True, k_scale: Optional[Tensor] = None) -> Tensor:
     """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), k)`` without ever
     materialising the ``[B, T, S]`` logits: scores stream through a running selection, memory is
     O(B*T*k).
@@ -83,11 +88,12 @@ def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optiona
         k: positions per row, ``k >= 1``.
         scale: default ``(Hi * Di) ** -0.5``.
         causal: bottom-right causal mask (needs S >= T).
+        k_scale: ``[B, S]`` float32 key scales of float8_e4m3fn inputs, as in :func:`indexer_logits`.
 
     Returns:
         ``[B, T, k]`` int32, ascending positions then -1 padding. Not differentiable.
     """
-    return _ops.indexer_topk(q_idx, k_idx, w, int(k), _indexer_scale(q_idx, scale), bool(causal))
+    return _ops.indexer_topk(q_idx, k_idx, w, int(k), _indexer_scale(q_idx, scale), bool(causal), k_scale)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None,
@@ -182,7 +188,7 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
 
 
 @torch.library.register_fake("dsa::indexer_logits")
-def _indexer_logits_fake(q_idx, k_idx, w, scale, causal):
+def _indexer_logits_fake(q_idx, k_idx, w, scale, causal, k_scale=None):
     return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]),
                            dtype=_score_dtype(q_idx.dtype))
 
@@ -198,7 +204,7 @@ def _topk_indices_fake(logits, k):
 
 
 @torch.library.register_fake("dsa::indexer_topk")
-def _indexer_topk_fake(q_idx, k_idx, w, k, scale, causal):
+def _indexer_topk_fake(q_idx, k_idx, w, k, scale, causal, k_scale=None):
     return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k), dtype=torch.int32)
 
 
@@ -236,15 +242,16 @@ def _indexer_kl_loss_backward_fake(grad_loss, q_idx, k_idx, w, q, k, indices, id
 
 
 def _indexer_logits_setup(ctx, inputs, output):
-    q_idx, k_idx, w, scale, causal = inputs
+    q_idx, k_idx, w, scale, causal, k_scale = inputs
     ctx.save_for_backward(q_idx, k_idx, w)
     ctx.scale, ctx.causal = scale, causal
 
 
 def _indexer_logits_backward(ctx, grad_logits):
     q_idx, k_idx, w = ctx.saved_tensors
+    # FP8 inputs (the only ones with k_scale) raise in the backward op: they are forward-only
     gq, gk, gw = _ops.indexer_logits_backward(grad_logits, q_idx, k_idx, w, ctx.scale, ctx.causal)
-    return gq, gk, gw, None, None
+    return gq, gk, gw, None, None, None
 
 
 torch.library.register_autograd("dsa::indexer_logits", _indexer_logits_backward,

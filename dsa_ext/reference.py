@@ -30,10 +30,12 @@ def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
     return s <= t + (S - T)
 
 
-def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, upcast=True):
-    """logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j] . k_idx[b,s]); -inf if masked.
+def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, upcast=True):
+    """logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j] . k_idx[b,s]) (* k_scale[b,s]
+    when given); -inf if masked.
 
     q_idx [B,T,Hi,Di], k_idx [B,S,Di], w [B,T,Hi] -> [B,T,S] float32 (float64 for float64 input).
+    float8_e4m3fn inputs compute in float32 (pass them .double() for a float64 oracle).
     upcast=False computes in the input dtype throughout (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
@@ -43,6 +45,8 @@ def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, upcast=True):
     acc = _acc(q_idx.dtype, upcast)
     dots = torch.einsum("bthd,bsd->bths", q_idx.to(acc), k_idx.to(acc))
     logits = scale * torch.einsum("bth,bths->bts", w.to(acc), dots.relu())
+    if k_scale is not None:
+        logits = logits * k_scale.to(acc)[:, None, :]
     if causal:
         if S < T:
             raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
@@ -72,9 +76,9 @@ def topk_indices(logits, k):
     return out
 
 
-def indexer_topk(q_idx, k_idx, w, k, scale=None, causal=True):
+def indexer_topk(q_idx, k_idx, w, k, scale=None, causal=True, k_scale=None):
     """topk_indices(indexer_logits(...), k): [B,T,k] int32."""
-    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), k)
+    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale), k)
 
 
 def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True):

@@ -107,9 +107,9 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
 }
 
 at::Tensor indexer_logits_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, double scale,
-                              bool causal) {
-  auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal);
-  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_logits", [&] {
+                              bool causal, const c10::optional<at::Tensor>& k_scale) {
+  auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal, k_scale);
+  DSA_DISPATCH_INDEXER_INPUTS(c.q.scalar_type(), "dsa.indexer_logits", [&] {
     indexer_logits_kernel<scalar_t>(c.p, c.logits.data_ptr<acc_type<scalar_t>>());
   });
   return c.logits;

@@ -29,6 +29,7 @@ struct IndexerTile {
   std::vector<acc_t> k;     // [ns, Di]
   std::vector<acc_t> dots;  // [m, ns]
   std::vector<const acc_t*> k_rows;  // k_rows[s] = k + s * Di
+  const float* key_scale = nullptr;  // the loaded keys' scales (p.k_scale), or nullptr
   int64_t tq = 0, ns = 0;
   int64_t m = 0;  // tq * Hi rounded up to the micro-kernel's kHeadTile (kQueryBlock * Hi is a multiple)
 
@@ -58,12 +59,15 @@ struct IndexerTile {
 
   void load_keys(int64_t b, int64_t s0, int64_t n) {
     ns = n;
+    key_scale = p.k_scale != nullptr ? p.k_scale + b * p.S + s0 : nullptr;
     const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
     for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_ss, k.data() + s * p.Di, p.Di);
   }
 
   // The keys at positions keys[0:n] of batch b (a gathered block, e.g. one query's top-k).
+  // (Only the KL loss gathers; it takes no FP8 inputs, hence no key scales.)
   void gather_keys(int64_t b, const int64_t* keys, int64_t n) {
+    TORCH_INTERNAL_ASSERT(p.k_scale == nullptr, "gathered indexer keys carry no key scales");
     ns = n;
     const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
     for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_ss, k.data() + s * p.Di, p.Di);
@@ -75,7 +79,8 @@ struct IndexerTile {
   const acc_t* dots_row(int64_t t, int64_t j) const { return dots.data() + (t * p.Hi + j) * ns; }
   acc_t* dots_row(int64_t t, int64_t j) { return dots.data() + (t * p.Hi + j) * ns; }
 
-  // out[0:n] = scale * sum_j w[t,j] * relu(dots[t,j,0:n]) for the tile's query t.
+  // out[0:n] = scale * sum_j w[t,j] * relu(dots[t,j,0:n]) for the tile's query t, times the
+  // keys' scales when the inputs are FP8 (after the head sum, as the GPU kernels do).
   void scores(int64_t b, int64_t t0, int64_t t, int64_t n, acc_t* out) const {
     using Vec = at::vec::Vectorized<acc_t>;
     constexpr int64_t W = Vec::size();
@@ -90,6 +95,8 @@ struct IndexerTile {
         at::vec::fmadd(wj, at::vec::maximum(Vec::loadu(d + s), zero), Vec::loadu(out + s)).store(out + s);
       for (; s < n; ++s) out[s] += w[j] * static_cast<acc_t>(p.scale) * std::max(d[s], acc_t(0));
     }
+    if (key_scale != nullptr)
+      for (int64_t s = 0; s < n; ++s) out[s] *= static_cast<acc_t>(key_scale[s]);
   }
 
   // Turns the dots of the tile's query t into dL/d(dots) in place, given g[0:n] = dL/dscore on its

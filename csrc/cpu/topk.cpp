@@ -64,9 +64,9 @@ at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k) {
 }
 
 at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t k,
-                            double scale, bool causal) {
-  auto c = prepare_indexer_topk(q_idx, k_idx, w, k, scale, causal);
-  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_topk",
+                            double scale, bool causal, const c10::optional<at::Tensor>& k_scale) {
+  auto c = prepare_indexer_topk(q_idx, k_idx, w, k, scale, causal, k_scale);
+  DSA_DISPATCH_INDEXER_INPUTS(c.q.scalar_type(), "dsa.indexer_topk",
                                   [&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); });
   return c.out;
 }

@@ -17,6 +17,10 @@
 #define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
 
+// The forward indexer kernels (indexer_logits, indexer_topk) also read float8_e4m3fn rows.
+#define DSA_DISPATCH_INDEXER_INPUTS(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, TYPE, NAME, __VA_ARGS__)
+
 namespace dsa::cpu {
 
 template <typename scalar_t>

@@ -1,30 +1,13 @@
-// The CUDA element types behind ATen's scalar types, and their conversions to float.
+// Conversions between float and the CUDA element types the indexer kernels read.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 namespace dsa {
 namespace cuda {
 namespace indexer {
-
-// at::Half -> __half, at::BFloat16 -> __nv_bfloat16, float -> float (same bit layouts).
-template <typename scalar_t>
-struct DeviceType {
-  using type = scalar_t;
-};
-template <>
-struct DeviceType<c10::Half> {
-  using type = __half;
-};
-template <>
-struct DeviceType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-};
-template <typename scalar_t>
-using device_t = typename DeviceType<scalar_t>::type;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -38,6 +21,8 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __nv_fp8_e4m3 from_float<__nv_fp8_e4m3>(float x) { return __nv_fp8_e4m3(x); }
 
 }  // namespace indexer
 }  // namespace cuda

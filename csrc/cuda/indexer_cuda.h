@@ -16,7 +16,8 @@ namespace dsa {
 namespace cuda {
 namespace indexer {
 
-// The CUDA operators take float32, bfloat16 and float16 (shared/DESIGN.md section 2).
+// The CUDA operators take float32, bfloat16 and float16 (shared/DESIGN.md section 2), and the
+// forward indexer ops float8_e4m3fn (checked on the host, checks.cpp).
 inline void check_cuda_float(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": expected ", name,
               " to be float32, bfloat16 or float16 on CUDA, got float64 (the float64 kernels run on CPU)");
@@ -58,31 +59,50 @@ void allow_smem(Kernel kernel, int bytes) {
   if (bytes > 44 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
 }
 
-// The same call on float32 copies of q_idx and k_idx (qf, kf), for the CUDA-core engine.
-inline IndexerParams with_float_inputs(IndexerParams p, const at::Tensor& qf, const at::Tensor& kf) {
-  p.q = qf.data_ptr();
-  p.k = kf.data_ptr();
-  p.q_sb = qf.stride(0), p.q_st = qf.stride(1), p.q_sh = qf.stride(2);
-  p.k_sb = kf.stride(0), p.k_ss = kf.stride(1);
+// The same call on converted copies of q_idx and k_idx (qc, kc).
+inline IndexerParams with_inputs(IndexerParams p, const at::Tensor& qc, const at::Tensor& kc) {
+  p.q = qc.data_ptr();
+  p.k = kc.data_ptr();
+  p.q_sb = qc.stride(0), p.q_st = qc.stride(1), p.q_sh = qc.stride(2);
+  p.k_sb = kc.stride(0), p.k_ss = kc.stride(1);
   return p;
 }
 
+// An empty kernel compiled in the same translation unit (hence for the same architectures) as
+// the score kernels: its binary version on this device says which code the device runs.
+template <int = 0>
+__global__ void arch_probe_kernel() {}
+
+// e4m3 tensor cores need sm_89+ hardware running code compiled for sm_89+ (a build for sm_80
+// alone runs its sm_80 code on an H100, where the e4m3 mma is compiled out).
+inline bool native_fp8_mma() {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, arch_probe_kernel<>));
+  return attr.binaryVersion >= 89;
+}
+
 // Runs launch.template operator()<Tile>(params, vec16) with the score engine of this call:
-// tensor cores for bfloat16/float16 when the shapes fit, else the CUDA-core float32 engine (on
-// float32 copies of q_idx and k_idx for bfloat16/float16 inputs).
+// tensor cores for bfloat16/float16 (and e4m3 where native_fp8_mma) when the shapes fit, else
+// the CUDA-core float32 engine (on float32 copies of q_idx and k_idx). e4m3 inputs on older GPUs
+// take the bfloat16 tensor cores on bfloat16 copies: every e4m3 value is exact in bfloat16.
 template <class Launch>
 void with_score_engine(const IndexerParams& p, at::ScalarType dtype, const at::Tensor& q, const at::Tensor& k,
                        const Launch& launch) {
+  const int smem = max_block_smem();
   if (dtype == at::kFloat) {
     launch.template operator()<SimtTile>(p, false);
-  } else if (mma_fits(p, max_block_smem())) {
-    if (dtype == at::kHalf)
-      launch.template operator()<MmaTile<__half>>(p, rows_16b_aligned(p));
-    else
-      launch.template operator()<MmaTile<__nv_bfloat16>>(p, rows_16b_aligned(p));
+  } else if (dtype == at::kFloat8_e4m3fn && !(native_fp8_mma() && mma_fits<__nv_fp8_e4m3>(p, smem))) {
+    const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16);
+    with_score_engine(with_inputs(p, qb, kb), at::kBFloat16, qb, kb, launch);
+  } else if (dtype == at::kFloat8_e4m3fn) {
+    launch.template operator()<MmaTile<__nv_fp8_e4m3>>(p, rows_16b_aligned(p, 1));
+  } else if (dtype == at::kHalf && mma_fits<__half>(p, smem)) {
+    launch.template operator()<MmaTile<__half>>(p, rows_16b_aligned(p, 2));
+  } else if (dtype == at::kBFloat16 && mma_fits<__nv_bfloat16>(p, smem)) {
+    launch.template operator()<MmaTile<__nv_bfloat16>>(p, rows_16b_aligned(p, 2));
   } else {
     const at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat);
-    launch.template operator()<SimtTile>(with_float_inputs(p, qf, kf), false);
+    launch.template operator()<SimtTile>(with_inputs(p, qf, kf), false);
   }
 }
 

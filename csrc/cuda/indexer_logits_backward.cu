@@ -23,7 +23,7 @@ namespace {
 template <typename T>
 void launch_mma_backward(const IndexerBwdParams& bp, cudaStream_t stream) {
   const char* op = "dsa.indexer_logits_backward";
-  const BwdLayout L = bwd_layout<T>(bp.fwd, rows_16b_aligned(bp.fwd));
+  const BwdLayout L = bwd_layout<T>(bp.fwd, rows_16b_aligned(bp.fwd, sizeof(T)));
   const IndexerBwdGrid grid = bwd_grid(bp.fwd);
   check_grid(op, grid.dq_blocks);
   check_grid(op, grid.dk_blocks);

@@ -6,8 +6,11 @@
 // written to a float [kQueries][kKeys] array in shared memory, unmasked (callers apply the
 // causal mask and the end of the key range; keys past S score on zero rows).
 //
+// With FP8 inputs every score is also multiplied by its key's scale (p.k_scale), after the head sum.
+//
 // Two engines with one interface:
-//   MmaTile<T> (bfloat16, float16): tensor cores (mma.sync m16n8k16, fp32 accumulation). The
+//   MmaTile<T> (bfloat16, float16; float8 e4m3 on sm_89+ with m16n8k32): tensor cores (mma.sync,
+//     fp32 accumulation). The
 //     block's queries (all Hi heads, zero-padded to 16) stay in shared memory; key tiles are
 //     double-buffered with cp.async. Warp w computes query w/2 against keys 32*(w%2)..+31: the
 //     dot products of up to 64 heads at a time sit in registers, ReLU and the weighted head sum
@@ -65,19 +68,30 @@ __device__ __forceinline__ int64_t k_row(const IndexerParams& p, int64_t b, int6
 // ------------------------------------------------------------------------------------------
 
 struct MmaLayout {
-  int hp, dp, ld;  // heads and head dim rounded up to 16; shared row stride dp + 8 (elements)
+  int hp, dp, ld;  // heads rounded up to 16, head dim to one mma k-step; shared row stride (elements)
   bool vec16;      // rows can be copied in 16-byte pieces (Di % 8 == 0, aligned strides/pointers)
   int q, k, k_stage, w, scores, bytes;  // byte offsets into dynamic shared memory (key stage i at
                                         // k + i * k_stage), total size
 };
 
+// The score of a key in the epilogue: times its FP8 scale when there is one (keys past S: 0).
+__device__ __forceinline__ float key_scaled(const IndexerParams& p, int64_t b, int64_t s, float score) {
+  if (p.k_scale == nullptr) return score;
+  return s < p.S ? score * p.k_scale[b * p.S + s] : 0.f;
+}
+
 template <typename T>
 struct MmaTile {
+  // Elements per 16-bit fragment slot: ldmatrix and the mma fragments count 16-bit units, and an
+  // e4m3 slot holds two consecutive values along the head dim (tensor_core.cuh). One mma k-step
+  // is 16 * kPack elements, one 16-byte row piece 8 * kPack.
+  static constexpr int kPack = 2 / static_cast<int>(sizeof(T));
+
   static MmaLayout layout(const IndexerParams& p, bool vec16) {
     MmaLayout L{};
     L.hp = round_up(static_cast<int>(p.Hi), 16);
-    L.dp = round_up(static_cast<int>(p.Di), 16);
-    L.ld = L.dp + 8;  // 16 bytes of padding: the 8 rows of an ldmatrix hit distinct banks
+    L.dp = round_up(static_cast<int>(p.Di), 16 * kPack);
+    L.ld = L.dp + 8 * kPack;  // 16 bytes of padding: the 8 rows of an ldmatrix hit distinct banks
     L.vec16 = vec16;
     SmemPlan s;
     L.q = s.take(kQueries * L.hp * L.ld * static_cast<int>(sizeof(T)));
@@ -104,9 +118,9 @@ struct MmaTile {
   __device__ void copy_rows(T* dst, const T* base, int rows, const RowSrc& row_src) const {
     const int Di = static_cast<int>(p.Di);
     if (L.vec16) {
-      const int chunks = L.dp / 8;
+      const int chunks = L.dp / (8 * kPack);
       for (int c = threadIdx.x; c < rows * chunks; c += kThreads) {
-        const int r = c / chunks, col = (c % chunks) * 8;
+        const int r = c / chunks, col = (c % chunks) * 8 * kPack;
         const int64_t off = row_src(r);
         const bool valid = off >= 0 && col < Di;
         cp_async_16(smem_addr(dst + r * L.ld + col), valid ? base + off + col : base, valid);
@@ -141,22 +155,22 @@ struct MmaTile {
               [&](int r) -> int64_t { return s0 + r < p.S ? k_row(p, b, s0 + r) : -1; });
   }
 
-  __device__ void score(int stage, int64_t /*s0*/, float* out) const {
+  __device__ void score(int stage, int64_t s0, float* out) const {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int qi = warp >> 1, key0 = (warp & 1) * 32;
     const int grp = lane >> 2, quad = lane & 3;
     const T* qs = q_s() + qi * L.hp * L.ld;
     const T* ks = k_s(stage) + key0 * L.ld;
     const float* w = w_s() + qi * L.hp;
-    // ldmatrix row addresses: A (16 heads x 16 dims) and B (2 x 8 keys x 16 dims) per x4 load.
-    const int a_row = lane & 15, a_col = (lane >> 4) * 8;
-    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8;
+    // ldmatrix row addresses: A (16 heads x one k-step) and B (2 x 8 keys x one k-step) per x4 load.
+    const int a_row = lane & 15, a_col = (lane >> 4) * 8 * kPack;
+    const int b_row = (lane & 7) + (lane >> 4) * 8, b_col = ((lane >> 3) & 1) * 8 * kPack;
 
     float part[4][2] = {};  // this lane's share of the head sum for its 8 key columns
     for (int h0 = 0; h0 < L.hp; h0 += 64) {
       const int mtiles = min(4, (L.hp - h0) / 16);
       float acc[4][4][4] = {};
-      for (int d0 = 0; d0 < L.dp; d0 += 16) {
+      const auto k_step = [&](int d0) {
         uint32_t a[4][4], bk[2][4];
 #pragma unroll
         for (int m = 0; m < 4; ++m)
@@ -169,6 +183,13 @@ struct MmaTile {
 #pragma unroll
           for (int n = 0; n < 4; ++n) Mma<T>::run(acc[m][n], a[m], bk[n >> 1][(n & 1) * 2], bk[n >> 1][(n & 1) * 2 + 1]);
         }
+      };
+      if constexpr (kPack == 2) {
+        // e4m3: not unrolled; unrolling made ptxas spill at the 168-register budget (sm_90)
+#pragma unroll 1
+        for (int d0 = 0; d0 < L.dp; d0 += 16 * kPack) k_step(d0);
+      } else {
+        for (int d0 = 0; d0 < L.dp; d0 += 16 * kPack) k_step(d0);
       }
 #pragma unroll
       for (int m = 0; m < 4; ++m) {
@@ -193,7 +214,8 @@ struct MmaTile {
         v += __shfl_xor_sync(0xffffffffu, v, 4);
         v += __shfl_xor_sync(0xffffffffu, v, 8);
         v += __shfl_xor_sync(0xffffffffu, v, 16);
-        if (grp == 0) out[qi * kKeys + key0 + 8 * n + 2 * quad + e] = v * scale;
+        const int key = key0 + 8 * n + 2 * quad + e;
+        if (grp == 0) out[qi * kKeys + key] = key_scaled(p, b, s0 + key, v * scale);
       }
   }
 };
@@ -278,7 +300,7 @@ struct SimtTile {
           if (h0 + j < p.Hi) total = fmaf(w[(b * p.T + t) * p.Hi + h0 + j], relu(acc[j]), total);
       }
     }
-    out[qi * kKeys + s] = total * static_cast<float>(p.scale);
+    out[qi * kKeys + s] = key_scaled(p, b, s0 + s, total * static_cast<float>(p.scale));
   }
 };
 
@@ -286,18 +308,20 @@ struct SimtTile {
 // Host side: which engine a call takes
 // ------------------------------------------------------------------------------------------
 
-// 16-byte cp.async needs 16-byte aligned rows: Di and every row stride a multiple of 8 elements.
-inline bool rows_16b_aligned(const IndexerParams& p) {
-  const auto ok = [](int64_t stride) { return stride % 8 == 0; };
-  return p.Di % 8 == 0 && ok(p.q_sb) && ok(p.q_st) && ok(p.q_sh) && ok(p.k_sb) && ok(p.k_ss) &&
+// 16-byte cp.async needs 16-byte aligned rows: Di and every row stride a multiple of 16 bytes.
+inline bool rows_16b_aligned(const IndexerParams& p, int elem_bytes) {
+  const int64_t n = 16 / elem_bytes;
+  const auto ok = [n](int64_t stride) { return stride % n == 0; };
+  return p.Di % n == 0 && ok(p.q_sb) && ok(p.q_st) && ok(p.q_sh) && ok(p.k_sb) && ok(p.k_ss) &&
          reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
 }
 
-// bfloat16/float16 take the tensor cores when the padded head dim and the block's shared memory
-// fit; otherwise their inputs are converted to float32 for the CUDA-core engine.
-inline bool mma_fits(const IndexerParams& p, int max_smem) {
-  return p.Hi <= 1024 && round_up(static_cast<int>(p.Di), 16) <= kMaxMmaDim &&
-         MmaTile<__half>::layout(p, false).bytes <= max_smem;
+// bfloat16/float16/e4m3 take the tensor cores when the padded head dim and the block's shared
+// memory fit; otherwise their inputs are converted to float32 for the CUDA-core engine.
+template <typename T>
+bool mma_fits(const IndexerParams& p, int max_smem) {
+  const auto L = MmaTile<T>::layout(p, false);
+  return p.Hi <= 1024 && L.dp <= kMaxMmaDim && L.bytes <= max_smem;
 }
 
 }  // namespace indexer

@@ -1,6 +1,6 @@
 // Warp-level tensor-core and async-copy primitives available from sm_80 on (and on sm_90):
 // cp.async gathers into shared memory, ldmatrix fragment loads and mma.sync m16n8k16 with
-// float32 accumulation, for bfloat16 and float16.
+// float32 accumulation, for bfloat16 and float16; mma.sync m16n8k32 for float8 e4m3 (sm_89 on).
 //
 // Fragment layouts of mma.m16n8k16 (lane = 4 * grp + quad):
 //   A (16x16, row-major)  a0: (grp, 2quad..+1)  a1: (grp+8, 2quad..)  a2: (grp, 2quad+8..)  a3: (grp+8, 2quad+8..)
@@ -10,6 +10,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -79,6 +80,25 @@ struct Mma<__half> {
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     const __half2 v = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<const uint32_t*>(&v);
+  }
+};
+
+// e4m3 x e4m3 -> float32, m16n8k32. Its fragments are those of m16n8k16 with every 16-bit slot
+// holding two consecutive e4m3 values along k (a0: row grp, k = 4quad..4quad+3; a2: k + 16; b0:
+// k = 4quad..4quad+3, n = grp; b1: k + 16), so the same ldmatrix addressing loads them when
+// columns are counted in pairs of e4m3 (kPack in indexer_tile.cuh).
+template <>
+struct Mma<__nv_fp8_e4m3> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();  // never launched: the host checks the kernel's binary version first (indexer_cuda.h)
+#endif
   }
 };
 

@@ -27,9 +27,9 @@ TEST(DsaOps, IndexerLogitsMatchesFormula) {
   torch::manual_seed(1);
   const int64_t B = 2, T = 5, S = 9, Hi = 3, Di = 8;
   auto q = torch::randn({B, T, Hi, Di}, kF64), k = torch::randn({B, S, Di}, kF64), w = torch::randn({B, T, Hi}, kF64);
-  auto logits = op<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, bool)>(
-                    "dsa::indexer_logits")
-                    .call(q, k, w, 0.5, true);
+  auto logits = op<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, bool,
+                                  const std::optional<torch::Tensor>&)>("dsa::indexer_logits")
+                    .call(q, k, w, 0.5, true, std::nullopt);
   auto want = 0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q, k}).relu()});
   want = want.masked_fill(causal_mask(T, S).logical_not(), -std::numeric_limits<double>::infinity());
   ASSERT_EQ(logits.sizes(), want.sizes());

@@ -59,7 +59,7 @@ std::unique_ptr<T[]> exact_copy(const std::vector<uint8_t>& bytes) {
 
 struct Inputs {
   std::vector<uint8_t> q_bytes, k_bytes;
-  std::unique_ptr<float[]> w;
+  std::unique_ptr<float[]> w, k_scale;
   IndexerParams p{};
   std::string dtype;
 };
@@ -83,6 +83,10 @@ Inputs read_indexer_inputs() {
   p.causal = geti("causal") != 0;
   p.causal_offset = p.S - p.T;
   p.w = in.w.get();
+  if (geti("k_scale") != 0) {
+    in.k_scale = exact_copy<float>(read_file("ks.bin"));
+    p.k_scale = in.k_scale.get();
+  }
   return in;
 }
 
@@ -93,6 +97,7 @@ void with_engine(Inputs& in, const Fn& fn) {
   static std::unique_ptr<float[]> qf, kf;
   static std::unique_ptr<__half[]> qh, kh;
   static std::unique_ptr<__nv_bfloat16[]> qb, kb;
+  static std::unique_ptr<__nv_fp8_e4m3[]> q8, k8;
   IndexerParams p = in.p;
   const int max_smem = static_cast<int>(geti("max_smem"));
   const int64_t q_off = geti("q_off"), k_off = geti("k_off");
@@ -102,6 +107,18 @@ void with_engine(Inputs& in, const Fn& fn) {
     fn.template operator()<SimtTile>(p, false);
     return;
   }
+  if (in.dtype == "e4m3") {  // an sm_89+ device (the e4m3 tensor cores)
+    q8 = exact_copy<__nv_fp8_e4m3>(in.q_bytes), k8 = exact_copy<__nv_fp8_e4m3>(in.k_bytes);
+    p.q = q8.get() + q_off, p.k = k8.get() + k_off;
+    if (mma_fits<__nv_fp8_e4m3>(p, max_smem)) {
+      const bool vec16 = rows_16b_aligned(p, 1);
+      std::printf("engine mma e4m3 vec16=%d\n", vec16 ? 1 : 0);
+      fn.template operator()<MmaTile<__nv_fp8_e4m3>>(p, vec16);
+      return;
+    }
+    std::fprintf(stderr, "driver: e4m3 case outside the tensor-core tiles\n");
+    std::exit(3);
+  }
   if (in.dtype == "f16") {
     qh = exact_copy<__half>(in.q_bytes), kh = exact_copy<__half>(in.k_bytes);
     p.q = qh.get() + q_off, p.k = kh.get() + k_off;
@@ -109,8 +126,8 @@ void with_engine(Inputs& in, const Fn& fn) {
     qb = exact_copy<__nv_bfloat16>(in.q_bytes), kb = exact_copy<__nv_bfloat16>(in.k_bytes);
     p.q = qb.get() + q_off, p.k = kb.get() + k_off;
   }
-  if (mma_fits(p, max_smem)) {
-    const bool vec16 = rows_16b_aligned(p);
+  if (mma_fits<__half>(p, max_smem)) {  // the same layout for both 16-bit types
+    const bool vec16 = rows_16b_aligned(p, 2);
     std::printf("engine mma vec16=%d\n", vec16 ? 1 : 0);
     if (in.dtype == "f16")
       fn.template operator()<MmaTile<__half>>(p, vec16);
@@ -237,7 +254,7 @@ void run_backward_typed(Inputs& in) {
     std::exit(3);
   }
   // as launch_mma_backward in indexer_logits_backward.cu
-  const BwdLayout L = bwd_layout<T>(p, rows_16b_aligned(p));
+  const BwdLayout L = bwd_layout<T>(p, rows_16b_aligned(p, sizeof(T)));
   std::printf("engine mma vec16=%d\n", L.vec16 ? 1 : 0);
   const IndexerBwdGrid grid = bwd_grid(p);
   emu::launch(static_cast<unsigned>(grid.dq_blocks), kThreads, L.bytes, [&] { indexer_dq_kernel<T>(bp, L, grid); });

@@ -7,6 +7,11 @@
 //   mma.m16n8k16 (row.col): A 16x16 with a0 = (g, 2q..2q+1), a1 = (g+8, 2q..), a2 = (g, 2q+8..),
 //     a3 = (g+8, 2q+8..); B 16x8 (k x n) with b0 = (k = 2q..2q+1, n = g), b1 = (k = 2q+8.., n = g);
 //     C/D 16x8 with c0, c1 = (g, 2q..2q+1), c2, c3 = (g+8, 2q..); g = lane / 4, q = lane % 4.
+//   mma.m16n8k32 e4m3 (row.col): 8-bit elements, four per register, byte i = element k + i:
+//     A 16x32 with a0 = (g, 4q..4q+3), a1 = (g+8, 4q..), a2 = (g, 4q+16..), a3 = (g+8, 4q+16..);
+//     B 32x8 with b0 = (k = 4q..4q+3, n = g), b1 = (k = 4q+16.., n = g); C/D as above.
+//     e4m3: sign, 4 exponent bits (bias 7), 3 mantissa bits; exponent 0 is subnormal; S.1111.111
+//     is NaN; no infinities.
 // Every shared-memory access is bounds- and alignment-checked.
 #pragma once
 
@@ -114,6 +119,43 @@ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   }
   emu::warp_sync();
 }
+inline float e4m3_to_float(uint8_t bits) {
+  const int sign = bits >> 7, exp = (bits >> 3) & 15, man = bits & 7;
+  float v;
+  if (exp == 15 && man == 7)
+    v = NAN;
+  else if (exp == 0)
+    v = std::ldexp(static_cast<float>(man), -9);  // subnormal: man/8 * 2^(1-7)
+  else
+    v = std::ldexp(1.f + man / 8.f, exp - 7);
+  return sign ? -v : v;
+}
+
+inline void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint64_t* ex = emu::warp_exch();
+  const unsigned lane = emu::lane();
+  for (int i = 0; i < 4; ++i) ex[lane * 16 + i] = a[i];
+  ex[lane * 16 + 4] = b0;
+  ex[lane * 16 + 5] = b1;
+  emu::warp_sync();
+  const auto byte_of = [](uint64_t reg, int k) { return static_cast<uint8_t>(reg >> (8 * (k % 4))); };
+  const auto A = [&](int r, int k) {  // A[r][k], k in [0, 32)
+    const int l = (r % 8) * 4 + (k % 16) / 4, reg = (r >= 8 ? 1 : 0) + (k >= 16 ? 2 : 0);
+    return e4m3_to_float(byte_of(ex[l * 16 + reg], k));
+  };
+  const auto B = [&](int k, int n) {  // B[k][n]
+    const int l = n * 4 + (k % 16) / 4, reg = 4 + (k >= 16 ? 1 : 0);
+    return e4m3_to_float(byte_of(ex[l * 16 + reg], k));
+  };
+  const int g = lane / 4, q = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int r = g + (i >= 2 ? 8 : 0), n = 2 * q + (i % 2);
+    float acc = d[i];
+    for (int k = 0; k < 32; ++k) acc = std::fma(A(r, k), B(k, n), acc);
+    d[i] = acc;
+  }
+  emu::warp_sync();
+}
 }  // namespace detail
 
 inline void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) { detail::ldsm(addr, r, false); }
@@ -136,6 +178,11 @@ struct Mma {
     std::memcpy(&hb, &h, 2);
     return static_cast<uint32_t>(lb) | (static_cast<uint32_t>(hb) << 16);
   }
+};
+
+template <>
+struct Mma<__nv_fp8_e4m3> {
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { detail::mma_e4m3(d, a, b0, b1); }
 };
 
 }  // namespace cuda

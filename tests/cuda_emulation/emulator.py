@@ -23,7 +23,7 @@ BUILD = os.path.join(tempfile.gettempdir(), "dsa_ext_cuda_emulation")
 
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
 
-_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 
 
 def _sources() -> dict[str, str]:
@@ -66,6 +66,8 @@ def _write(path: str, t: torch.Tensor) -> None:
     t = t.detach().contiguous().cpu()
     if t.dtype in (torch.float16, torch.bfloat16):
         t = t.view(torch.int16)
+    elif t.dtype == torch.float8_e4m3fn:
+        t = t.view(torch.uint8)
     t.numpy().tofile(path)
 
 
@@ -107,12 +109,17 @@ def storage_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float, causal: bool,
-                 max_smem: int = 227 * 1024) -> tuple[dict, dict]:
-    """meta and tensors of an indexer call (q and k may be strided views)."""
+                 max_smem: int = 227 * 1024, k_scale: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """meta and tensors of an indexer call (q and k may be strided views; k_scale [B, S] float32
+    for float8_e4m3fn inputs)."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
     B, T, Hi, Di = q.shape
     meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=k.shape[1], Hi=Hi, Di=Di,
                 q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
-                q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), max_smem=max_smem)
-    return meta, {"q": qs, "k": ks, "w": w.float().contiguous()}
+                q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), max_smem=max_smem,
+                k_scale=k_scale is not None)
+    tensors = {"q": qs, "k": ks, "w": w.float().contiguous()}
+    if k_scale is not None:
+        tensors["ks"] = k_scale.float().contiguous()
+    return meta, tensors

@@ -16,6 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulator  # noqa: E402
 
+from dsa_ext import fp8 as dsa_fp8  # noqa: E402
 from dsa_ext import reference  # noqa: E402
 
 pytestmark = [
@@ -95,24 +96,27 @@ def indexer_inputs(B, T, S, Hi, Di, dtype, seed, strided=False, quantized=False)
     return q, k, w
 
 
-def emulated_logits(q, k, w, scale, causal, max_smem=227 * 1024):
-    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, max_smem)
+def emulated_logits(q, k, w, scale, causal, max_smem=227 * 1024, k_scale=None):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, max_smem, k_scale)
     meta["op"] = "logits"
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     out, log = emulator.run(meta, tensors, {"out": (torch.float32, (B, T, S))})
     return out["out"], log
 
 
-def check_logits(q, k, w, causal, max_smem=227 * 1024, expect_engine=None):
+def check_logits(q, k, w, causal, max_smem=227 * 1024, expect_engine=None, k_scale=None):
     scale = (q.shape[2] * q.shape[3]) ** -0.5
-    got, log = emulated_logits(q, k, w, scale, causal, max_smem)
+    got, log = emulated_logits(q, k, w, scale, causal, max_smem, k_scale)
     if expect_engine:
         assert expect_engine in log, log
-    ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal)
+    ks = None if k_scale is None else k_scale.double()
+    ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal, k_scale=ks)
     masked = torch.isinf(ref)
     assert torch.equal(torch.isinf(got) & (got < 0), masked)
     # fp32 accumulation of exact products: error ~ eps32 * sum of |terms|
     bound = scale * torch.einsum("bth,bthd,bsd->bts", w.double().abs(), q.double().abs(), k.double().abs())
+    if ks is not None:
+        bound = bound * ks.abs()[:, None, :]
     err = (got.double() - ref).abs()[~masked]
     assert (err <= 1e-5 * bound[~masked] + 1e-30).all(), err.max()
 
@@ -141,6 +145,28 @@ def test_logits_simt_float32():
 def test_logits_fallback_when_smem_too_small():
     q, k, w = indexer_inputs(1, 3, 40, 16, 32, torch.bfloat16, seed=7)
     check_logits(q, k, w, causal=True, max_smem=1024, expect_engine="engine simt (converted)")
+
+
+def fp8_indexer_inputs(B, T, S, Hi, Di, seed, strided=False):
+    """e4m3 q/k with float32 folded weights and key scales, as dsa_ext.fp8.indexer_inputs makes them."""
+    q, k, w = indexer_inputs(B, T, S, Hi, Di, torch.float32, seed)
+    q8, k8, ws, ks = dsa_fp8.indexer_inputs(q, k, w)
+    if strided:  # rows 16-byte aligned or not, inside wider storage
+        q8 = torch.cat([q8, q8[..., :16]], dim=-1)[..., :Di]
+        k8 = torch.cat([k8[..., :1], k8], dim=-1)[..., 1:]
+    return q8, k8, ws, ks
+
+
+@pytest.mark.parametrize("Hi,Di", [(8, 64), (20, 32), (3, 128), (16, 24)])
+def test_logits_mma_e4m3(Hi, Di):
+    q8, k8, ws, ks = fp8_indexer_inputs(2, 5, 77, Hi, Di, seed=Hi * Di)
+    engine = "engine mma e4m3 vec16=" + ("1" if Di % 16 == 0 else "0")
+    check_logits(q8, k8, ws, causal=True, expect_engine=engine, k_scale=ks)
+
+
+def test_logits_mma_e4m3_strided():
+    q8, k8, ws, ks = fp8_indexer_inputs(1, 4, 70, 16, 32, seed=12, strided=True)
+    check_logits(q8, k8, ws, causal=False, expect_engine="engine mma e4m3 vec16=0", k_scale=ks)
 
 
 def test_logits_long_prefix_chunks():
@@ -180,6 +206,15 @@ def test_indexer_topk_equals_unfused_with_ties(dtype, topk, sm_count, budget):
         # and the set is right for the exact scores (integer inputs: fp32 is exact)
         ref = reference.indexer_topk(q.double(), k.double(), w.double(), topk, scale, causal)
         assert torch.equal(got, ref), (causal, log)
+
+
+def test_indexer_topk_e4m3_equals_unfused():
+    q8, k8, ws, ks = fp8_indexer_inputs(1, 6, 300, 8, 32, seed=13)
+    meta, tensors = emulator.indexer_case(q8, k8, ws, 0.125, True, k_scale=ks)
+    meta.update(op="indexer_topk", k=40, sm_count=1, budget=256 << 20)
+    got, log = emulator.run(meta, tensors, {"out": (torch.int32, (1, 6, 40))})
+    logits, _ = emulated_logits(q8, k8, ws, 0.125, True, k_scale=ks)
+    assert torch.equal(got["out"], reference.topk_indices(logits, 40)), log
 
 
 def test_indexer_topk_splits_need_many_keys():

@@ -1,0 +1,76 @@
+"""FP8 (e4m3) lightning-indexer inputs, the way DeepSeek-V3.2 runs its indexer.
+
+Each row of q_idx ([B, T, Hi, Di], one row per query head) and of k_idx ([B, S, Di], one row per
+key) is scaled by its own float32 factor so that its largest magnitude maps to e4m3's 448, then
+rounded to float8_e4m3fn (for Di = 128 this is DeepSeek's 128-element block scaling). Because the
+scales are positive they leave the ReLU alone and factor out of the score:
+
+    logits[t,s] = scale * k_scale[s] * sum_j (w[t,j] * q_scale[t,j]) * relu(q8[t,j] . k8[s])
+
+so the query scales fold into the head weights and the key scale multiplies after the head sum;
+``dsa_ext.indexer_logits`` / ``indexer_topk`` take the e4m3 tensors, the folded float32 weights
+and ``k_scale``. The products of e4m3 values are exact in the float32 accumulation: the only
+error is the rounding of q_idx and k_idx to 3 mantissa bits (measured against bfloat16 by
+``python/bench_fp8_indexer.py``). FP8 inputs are forward-only: train the indexer in bfloat16.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import ops
+
+__all__ = ["E4M3_MAX", "quantize_rows", "indexer_inputs", "indexer_logits", "indexer_topk"]
+
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_rows(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-row e4m3 quantisation over the last dimension.
+
+    Args:
+        x: ``[..., D]`` float tensor.
+
+    Returns:
+        ``(x8, scale)``: ``x8`` ``[..., D]`` float8_e4m3fn and ``scale`` ``[...]`` float32 with
+        ``x ~= x8.float() * scale[..., None]``; an all-zero row gets scale 1.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # clamp: amax / (amax / 448) can round a hair above 448, which e4m3fn cannot hold
+    x8 = (xf / scale[..., None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return x8, scale
+
+
+def indexer_inputs(q_idx: Tensor, k_idx: Tensor, w: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FP8 operands of the indexer ops from full-precision ones.
+
+    Args:
+        q_idx: ``[B, T, Hi, Di]``; k_idx: ``[B, S, Di]``; w: ``[B, T, Hi]`` (any float dtype).
+
+    Returns:
+        ``(q8, k8, w_scaled, k_scale)``: ``[B, T, Hi, Di]`` and ``[B, S, Di]`` float8_e4m3fn,
+        ``[B, T, Hi]`` float32 head weights times the query rows' scales, ``[B, S]`` float32 key
+        scales. Pass them as ``indexer_topk(q8, k8, w_scaled, k, scale, causal, k_scale=k_scale)``.
+    """
+    q8, q_scale = quantize_rows(q_idx)
+    k8, k_scale = quantize_rows(k_idx)
+    return q8, k8, w.float() * q_scale, k_scale
+
+
+def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
+                   causal: bool = True) -> Tensor:
+    """``dsa_ext.indexer_logits`` on e4m3-quantised q_idx and k_idx (same arguments and output;
+    the scale default ``(Hi * Di) ** -0.5`` is unchanged). Not differentiable."""
+    q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
+    return ops.indexer_logits(q8, k8, ws, ops._indexer_scale(q_idx, scale), causal, k_scale=ks)
+
+
+def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optional[float] = None,
+                 causal: bool = True) -> Tensor:
+    """``dsa_ext.indexer_topk`` on e4m3-quantised q_idx and k_idx: ``[B, T, k]`` int32."""
+    q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
+    return ops.indexer_topk(q8, k8, ws, k, ops._indexer_scale(q_idx, scale), causal, k_scale=ks)
