@@ -134,6 +134,6 @@ def convert(model: Decoder, config: DSAConfig) -> Decoder:
             raise ValueError("convert: the model already has DSA attention")
         indexer = LightningIndexer(model.cfg.d_model, config.n_heads, config.head_dim,
                                    config.rope_dim, config.rope_theta, config.hadamard)
-        block.attn.core = DSAAttention(indexer, config.topk, config.mode).to(p.device, p.dtype)
+        block.attn.core = DSAAttention(indexer, config.topk, config.mode, config.fp8_topk).to(p.device, p.dtype)
     model.dsa_config = config
     return model

@@ -118,7 +118,7 @@ def convert(model: nn.Module, config: DSAConfig, allow_untested: bool = False) -
         ref = m.q_proj.weight
         indexer = LightningIndexer(hidden_size, config.n_heads, config.head_dim, config.rope_dim,
                                    config.rope_theta, config.hadamard)
-        m.dsa = DSAAttention(indexer, config.topk, config.mode).to(ref.device, ref.dtype)
+        m.dsa = DSAAttention(indexer, config.topk, config.mode, config.fp8_topk).to(ref.device, ref.dtype)
         m._dsa_inputs = (None, None)
         m.register_forward_pre_hook(_stash_inputs, with_kwargs=True)
     if hasattr(model, "set_attn_implementation"):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import fp8, ops, reference
 
 __all__ = [
     "DSAConfig", "LightningIndexer", "DSAAttention", "MODES", "dense_causal_attention",
@@ -47,7 +47,9 @@ class DSAConfig:
     n_heads, head_dim: indexer heads Hi and their width Di (V3.2: 64 x 128; small models want
     few heads). rope_dim: leading dims of q_idx/k_idx that get RoPE (V3.2: 64). topk: keys per
     query in sparse mode (V3.2: 2048). hadamard: rotate q_idx/k_idx by an orthonormal Hadamard
-    matrix (head_dim a power of two). mode: the initial mode, one of MODES.
+    matrix (head_dim a power of two). fp8_topk: select the top-k from e4m3 indexer scores
+    (dsa_ext.fp8, as V3.2 runs its indexer); the KL loss stays in the input dtype. mode: the
+    initial mode, one of MODES.
     """
     n_heads: int = 4
     head_dim: int = 64
@@ -55,6 +57,7 @@ class DSAConfig:
     topk: int = 128
     rope_theta: float = 10000.0
     hadamard: bool = False
+    fp8_topk: bool = False
     mode: str = "sparse"
 
     def __post_init__(self):
@@ -228,10 +231,11 @@ class DSAAttention(nn.Module):
     forward also accumulates recall statistics against the dense attention (see recall_stats).
     """
 
-    def __init__(self, indexer: LightningIndexer, topk: int, mode: str = "sparse"):
+    def __init__(self, indexer: LightningIndexer, topk: int, mode: str = "sparse", fp8_topk: bool = False):
         super().__init__()
         self.indexer = indexer
         self.topk = int(topk)
+        self.fp8_topk = bool(fp8_topk)
         self.mode = mode
         self.pending_loss: Optional[Tensor] = None
         self.record_recall = False
@@ -271,8 +275,8 @@ class DSAAttention(nn.Module):
         indices = None
         if self.mode == "sparse" or self.record_recall:
             with torch.no_grad():
-                indices = ops.indexer_topk(q_idx.detach(), k_idx.detach(), w.detach(), self.topk,
-                                           idx_scale)
+                select = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
+                indices = select(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, idx_scale)
         if self.record_recall:
             self._accumulate_recall(q, k, scale, indices)
         if self.mode == "sparse":
@@ -305,7 +309,7 @@ class DSAAttention(nn.Module):
         self.recall_sums += torch.stack(sums).cpu()
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, topk={self.topk}"
+        return f"mode={self.mode!r}, topk={self.topk}, fp8_topk={self.fp8_topk}"
 
 
 # ---------------------------------------------------------------------------------------------

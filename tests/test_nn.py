@@ -248,6 +248,22 @@ def test_modes(dtype):
         assert core.pending_loss is None
 
 
+def test_fp8_topk_selects_from_e4m3_scores():
+    q, k, v, x = core_inputs(T=40, dtype=torch.float32)
+    core = dnn.DSAAttention(dnn.LightningIndexer(20, 2, 16, 4), topk=6, mode="sparse", fp8_topk=True)
+    core.train()
+    out = core(q, k, v, x, scale=0.3)
+    q_idx, k_idx, w = core.indexer(x)
+    indices = dsa_ext.fp8.indexer_topk(q_idx, k_idx, w, 6)
+    assert not torch.equal(indices, dsa_ext.indexer_topk(q_idx, k_idx, w, 6))  # e4m3 moves the margin
+    torch.testing.assert_close(out, reference.sparse_attention(q, k, v, indices, 0.3), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(core.pending_loss,
+                               dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, None, 0.3).mean())
+    assert "fp8_topk=True" in repr(core)
+    converted = decoder.convert(small_decoder(), dsa_cfg(fp8_topk=True))
+    assert all(c.fp8_topk for c in dnn.dsa_modules(converted))
+
+
 def test_sparse_with_k_at_least_T_is_dense():
     q, k, v, x = core_inputs(T=10)
     core = dnn.DSAAttention(dnn.LightningIndexer(20, 2, 8, 4), topk=10, mode="sparse").double()
