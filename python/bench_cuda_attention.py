@@ -7,6 +7,13 @@ Shapes (bfloat16):
 
 FLOP conventions (shared/REFERENCES.md): sparse forward 2*B*T*k*H*(Dqk+Dv), backward
 2*B*T*k*H*(2*Dv+3*Dqk); dense causal the same with k replaced by the number of visible keys.
+Bytes: every (token, kv head) gathers k rows of K (and V unless v is a prefix of k) in bf16, and
+reads q / writes out; the backward gathers them again, reads q, dO and writes dq, and adds
+dk/dv into float32 (4 bytes per element per gathered row). TB/s is that count over the time,
+against the ~4.3 TB/s copy bandwidth measured on the H200: a shape whose FLOP/byte ratio is far
+below the GPU's (~200) is bound by these gathers, not by the tensor cores. GQA with 4 heads per
+kv head does 2*4*(Dqk+Dv)/(2*(Dqk+Dv)) = 4 FLOP per gathered byte; MLA (128 heads on one
+576-wide latent) about 240.
 The indices are k random causal positions per query (ascending, -1 padded): real DSA selections
 overlap more between neighbouring queries, so gathers hit L2 more often than here.
 
@@ -85,7 +92,11 @@ def bench_sparse(cfg, warmup, iters):
     bwd = time_ms(lambda: torch.ops.dsa.sparse_attention_backward(go, None, q, kk, v, idx, out, lse, scale),
                   warmup, iters)
     pairs = B * T * k
-    return fwd, bwd, 2 * pairs * H * (Dqk + Dv), 2 * pairs * H * (2 * Dv + 3 * Dqk)
+    gathered = B * T * Hkv * k * 2 * (Dqk + (0 if cfg["v_in_k"] else Dv))  # bf16 rows
+    rows = B * T * H * 2 * (Dqk + Dv)  # q in, out out
+    fwd_bytes = gathered + rows
+    bwd_bytes = gathered + B * T * Hkv * k * 4 * (Dqk + Dv) + rows + B * T * H * 2 * Dqk  # + fp32 dk/dv adds, dq
+    return (fwd, bwd, 2 * pairs * H * (Dqk + Dv), 2 * pairs * H * (2 * Dv + 3 * Dqk), fwd_bytes, bwd_bytes)
 
 
 def bench_dense(cfg, warmup, iters):
@@ -138,11 +149,12 @@ def main(argv=None):
     rows = []
     for name in args.shapes:
         cfg = SHAPES[name]
-        fwd, bwd, fwd_flop, bwd_flop = bench_sparse(cfg, args.warmup, args.iters)
+        fwd, bwd, fwd_flop, bwd_flop, fwd_bytes, bwd_bytes = bench_sparse(cfg, args.warmup, args.iters)
         dense = None if args.no_dense else bench_dense(cfg, args.warmup, args.iters)
         torch.cuda.empty_cache()
-        for pass_, ms, flop in (("fwd", fwd, fwd_flop), ("bwd", bwd, bwd_flop)):
-            row = dict(shape=name, **{k: v for k, v in cfg.items()}, pass_=pass_, ms=ms, tflops=flop / ms / 1e9)
+        for pass_, ms, flop, nbytes in (("fwd", fwd, fwd_flop, fwd_bytes), ("bwd", bwd, bwd_flop, bwd_bytes)):
+            row = dict(shape=name, **{k: v for k, v in cfg.items()}, pass_=pass_, ms=ms, tflops=flop / ms / 1e9,
+                       gbytes=nbytes / 1e9, tbps=nbytes / ms / 1e9, flop_per_byte=flop / nbytes)
             row["pct_of_peak"] = 100 * row["tflops"] / H200_BF16_TFLOPS
             if dense is not None and dense.get("backend"):
                 d_ms = dense[f"{pass_}_ms"]
@@ -153,13 +165,15 @@ def main(argv=None):
             rows.append(row)
 
     print(f"\nsparse_attention on {torch.cuda.get_device_name()} (bf16 ceiling ~{H200_BF16_TFLOPS:.0f} TFLOP/s)")
-    head = f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'dense ms':>9} {'dense TF/s':>10} {'speedup':>8}"
+    head = (f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB':>7} {'TB/s':>5} {'F/B':>5} "
+            f"{'dense ms':>9} {'dense TF/s':>10} {'speedup':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         dense_cols = (f"{r['dense_ms']:>9.2f} {r['dense_tflops']:>10.1f} {r['speedup_vs_dense']:>7.2f}x"
                       if "dense_ms" in r else f"{'n/a':>9} {'':>10} {'':>8}")
-        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% {dense_cols}")
+        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% "
+              f"{r['gbytes']:>7.1f} {r['tbps']:>5.2f} {r['flop_per_byte']:>5.0f} {dense_cols}")
     for r in rows:
         if "dense_error" in r and r["pass_"] == "fwd":
             print(f"  dense {r['shape']}: {r['dense_error']}")

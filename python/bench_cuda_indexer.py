@@ -7,6 +7,7 @@ For each shape (causal, queries aligned to the last keys):
   * topk_indices on those logits vs torch.topk(sorted=False) on the same GPU
   * fused indexer_topk vs indexer_logits followed by topk_indices: time and peak memory, and
     whether both return the same indices (they must: same score tiles)
+  * the same logits and fused top-k on FP8 (e4m3) inputs (dsa_ext.fp8; quantised once, untimed)
 Shapes: S in {8K, 32K, 128K} with Hi=64, Di=128, k=2048 and the small head shape Hi=8, Di=64;
 T = min(S, --max-t). The run is time-bounded (--max-seconds); anything not measured is
 reported as skipped. Prints a table and writes JSON (--json).
@@ -72,6 +73,8 @@ def bench_shape(B, T, S, Hi, Di, k, dtype, budget_s, with_backward):
     r["fused_ms"] = time_ms(fused, budget_s)
     r["fused_tflops"] = flops / r["fused_ms"] / 1e9
     r["fused_peak_mb"] = peak_bytes(fused) / 2**20
+    q8, k8, w8, ks = dsa_ext.fp8.indexer_inputs(q, kk, w)
+    r["fp8_fused_ms"] = time_ms(lambda: dsa_ext.indexer_topk(q8, k8, w8, k, k_scale=ks), budget_s)
 
     logits_bytes = B * T * S * 4
     free, _ = torch.cuda.mem_get_info()
@@ -81,6 +84,8 @@ def bench_shape(B, T, S, Hi, Di, k, dtype, budget_s, with_backward):
     logits_fn = lambda: dsa_ext.indexer_logits(q, kk, w)  # noqa: E731
     r["logits_ms"] = time_ms(logits_fn, budget_s)
     r["logits_tflops"] = flops / r["logits_ms"] / 1e9
+    r["fp8_logits_ms"] = time_ms(lambda: dsa_ext.indexer_logits(q8, k8, w8, k_scale=ks), budget_s)
+    r["fp8_logits_tflops"] = flops / r["fp8_logits_ms"] / 1e9
     logits = logits_fn()
     r["topk_ms"] = time_ms(lambda: dsa_ext.topk_indices(logits, k), budget_s)
     r["torch_topk_ms"] = time_ms(lambda: torch.topk(logits, k, dim=-1, sorted=False), budget_s)
@@ -105,9 +110,11 @@ def fmt(v, spec):
 def print_table(rows):
     cols = [("shape", None), ("logits ms", ".2f"), ("TFLOP/s", ".0f"), ("bwd ms", ".2f"), ("bwd TF/s", ".0f"),
             ("topk ms", ".2f"), ("torch.topk", ".2f"), ("fused ms", ".2f"), ("unfused ms", ".2f"),
-            ("fused MiB", ".0f"), ("unfused MiB", ".0f"), ("same", None)]
+            ("fused MiB", ".0f"), ("unfused MiB", ".0f"), ("same", None), ("fp8 TF/s", ".0f"),
+            ("fp8 fused ms", ".2f")]
     keys = [None, "logits_ms", "logits_tflops", "backward_ms", "backward_tflops", "topk_ms", "torch_topk_ms",
-            "fused_ms", "unfused_ms", "fused_peak_mb", "unfused_peak_mb", "fused_equals_unfused"]
+            "fused_ms", "unfused_ms", "fused_peak_mb", "unfused_peak_mb", "fused_equals_unfused",
+            "fp8_logits_tflops", "fp8_fused_ms"]
     lines = [[name for name, _ in cols]]
     for r in rows:
         shape = f"T={r['T']} S={r['S']} Hi={r['Hi']} Di={r['Di']} k={r['k']}"

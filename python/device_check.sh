@@ -80,8 +80,9 @@ rows = []
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     rows += json.load(open(path))["rows"]
 if rows:
-    print(f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'dense ms':>9} {'vs dense':>8}")
+    print(f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'TB/s':>5} {'dense ms':>9} {'vs dense':>8}")
     for r in rows:
         dense = f"{r['dense_ms']:>9.2f} {r['speedup_vs_dense']:>7.2f}x" if "dense_ms" in r else f"{'n/a':>9} {'':>8}"
-        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% {dense}")
+        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% "
+              f"{r['tbps']:>5.2f} {dense}")
 EOF
