@@ -10,9 +10,8 @@
 //
 // Two engines with one interface:
 //   MmaTile<T> (bfloat16, float16; float8 e4m3 on sm_89+ with m16n8k32): tensor cores (mma.sync,
-//     fp32 accumulation). The
-//     block's queries (all Hi heads, zero-padded to 16) stay in shared memory; key tiles are
-//     double-buffered with cp.async. Warp w computes query w/2 against keys 32*(w%2)..+31: the
+//     fp32 accumulation). The block's queries (all Hi heads, zero-padded to 16) stay in shared
+//     memory; key tiles are double-buffered with cp.async. Warp w computes query w/2 against keys 32*(w%2)..+31: the
 //     dot products of up to 64 heads at a time sit in registers, ReLU and the weighted head sum
 //     happen there, and a butterfly over the 8 lanes that share a column finishes the sum.
 //   SimtTile (float32): CUDA cores, chunks of 16 heads x 64 dims through shared memory; every
@@ -69,7 +68,7 @@ __device__ __forceinline__ int64_t k_row(const IndexerParams& p, int64_t b, int6
 
 struct MmaLayout {
   int hp, dp, ld;  // heads rounded up to 16, head dim to one mma k-step; shared row stride (elements)
-  bool vec16;      // rows can be copied in 16-byte pieces (Di % 8 == 0, aligned strides/pointers)
+  bool vec16;      // rows can be copied in 16-byte pieces (16-byte Di, aligned strides and pointers)
   int q, k, k_stage, w, scores, bytes;  // byte offsets into dynamic shared memory (key stage i at
                                         // k + i * k_stage), total size
 };
