@@ -68,9 +68,8 @@ bool v_is_prefix_of_k(const at::Tensor& k, const at::Tensor& v) {
   return true;
 }
 
-// The tensor-core block shape for these inputs, or nullopt for the row-wise path. Column warps
-// split the out (forward) or dq (backward) columns so that each keeps at most kMaxPairs* 16-wide
-// pairs in registers; row warps cover as many heads of the GQA group as fit in shared memory.
+// The tensor-core block shape for these inputs (choose_mma_shape), or nullopt for the row-wise
+// path: other dtypes, head dims that are not multiples of 8 (or absurdly large), misaligned rows.
 std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at::Tensor* grad_out, bool backward) {
   const auto& p = c.p;
   const auto dtype = c.q.scalar_type();
@@ -78,25 +77,9 @@ std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at
   if (p.Dqk % 8 != 0 || p.Dv % 8 != 0 || p.Dqk > 4096 || p.Dv > 4096) return std::nullopt;
   if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
   if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
-  MmaShape s{};
-  s.group = static_cast<int>(p.H / p.Hkv);
-  s.dqk_pad = static_cast<int>(ceil_div(p.Dqk, 32) * 32);
-  s.dv_pad = static_cast<int>(ceil_div(p.Dv, 32) * 32);
-  s.v_in_k = v_is_prefix_of_k(c.k, c.v);
-  const int pairs = (backward ? s.dqk_pad : s.dv_pad) / 16;
-  s.col_warps = static_cast<int>(ceil_div(pairs, backward ? kMaxPairsBwd : kMaxPairsFwd));
-  if (s.col_warps > kMaxWarps) return std::nullopt;
-  s.pairs_per_warp = static_cast<int>(ceil_div(pairs, s.col_warps));
-  const int most_row_warps =
-      static_cast<int>(std::min<int64_t>({ceil_div(s.group, 16), kMaxRowWarps, kMaxWarps / s.col_warps}));
-  const int limit = smem_opt_in();
-  for (s.row_warps = most_row_warps; s.row_warps >= 1; --s.row_warps) {
-    s.rows = 16 * s.row_warps;
-    s.chunks = static_cast<int>(ceil_div(s.group, s.rows));
-    for (s.stages = 2; s.stages >= 1; --s.stages)
-      if (smem_layout(s, backward).bytes <= limit) return s;
-  }
-  return std::nullopt;
+  MmaShape s;
+  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, smem_opt_in(), s)) return std::nullopt;
+  return s;
 }
 
 void check_grid(const char* op, int64_t blocks) {

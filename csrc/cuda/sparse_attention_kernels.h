@@ -1,7 +1,8 @@
 // Interface between the CUDA host code of sparse_attention (sparse_attention.cu) and its kernels
-// (sparse_attention_fwd.cu, sparse_attention_bwd.cu): block shapes, the shared-memory layout (one
-// function used by both sides, so the size the host reserves is the size the kernel carves up),
-// kernel arguments and launchers.
+// (sparse_attention_mma_fwd.cuh, sparse_attention_mma_bwd.cuh, sparse_attention_rowwise.cuh, each
+// launched from its .cu): block shapes and their choice, the shared-memory layout (one function
+// used by both sides, so the size the host reserves is the size the kernel carves up), kernel
+// arguments and launchers.
 //
 // Tensor-core path (bfloat16, float16): one block serves `rows` query heads of one token that
 // read the same kv head (the heads of a GQA/MQA group), so every gathered key tile is loaded
@@ -14,6 +15,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -89,6 +91,34 @@ __host__ __device__ inline SmemLayout smem_layout(const MmaShape& s, bool backwa
   L.delta = backward ? c.take(s.rows * 4) : -1;
   L.bytes = c.end;
   return L;
+}
+
+__host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// The tensor-core block shape for these dims (16-bit inputs whose rows are 16-byte aligned and
+// whose head dims are multiples of 8: the caller checks that), or false when none fits in
+// smem_limit bytes. Column warps split the out (forward) or dq (backward) columns so that each
+// keeps at most kMaxPairs* 16-wide pairs in registers; row warps cover as many heads of the GQA
+// group as fit in shared memory, with two stages when they fit.
+inline bool choose_mma_shape(const SparseAttentionParams& p, bool v_in_k, bool backward, int smem_limit,
+                             MmaShape& s) {
+  s = MmaShape{};
+  s.group = static_cast<int>(p.H / p.Hkv);
+  s.dqk_pad = ceil_div_int(p.Dqk, 32) * 32;
+  s.dv_pad = ceil_div_int(p.Dv, 32) * 32;
+  s.v_in_k = v_in_k;
+  const int pairs = (backward ? s.dqk_pad : s.dv_pad) / 16;
+  s.col_warps = ceil_div_int(pairs, backward ? kMaxPairsBwd : kMaxPairsFwd);
+  if (s.col_warps > kMaxWarps) return false;
+  s.pairs_per_warp = ceil_div_int(pairs, s.col_warps);
+  const int most_row_warps = std::min({ceil_div_int(s.group, 16), kMaxRowWarps, kMaxWarps / s.col_warps});
+  for (s.row_warps = most_row_warps; s.row_warps >= 1; --s.row_warps) {
+    s.rows = 16 * s.row_warps;
+    s.chunks = ceil_div_int(s.group, s.rows);
+    for (s.stages = 2; s.stages >= 1; --s.stages)
+      if (smem_layout(s, backward).bytes <= smem_limit) return true;
+  }
+  return false;
 }
 
 struct FwdArgs {

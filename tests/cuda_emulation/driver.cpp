@@ -9,6 +9,9 @@
 #include "indexer_logits_kernels.cuh"
 #include "indexer_topk_kernels.cuh"
 #include "select_rows.cuh"
+#include "sparse_attention_mma_bwd.cuh"
+#include "sparse_attention_mma_fwd.cuh"
+#include "sparse_attention_rowwise.cuh"
 
 #include <fstream>
 #include <map>
@@ -272,6 +275,137 @@ void run_backward() {
     run_backward_typed<__nv_bfloat16>(in);
 }
 
+// ---------------------------------------------------------------------------------------------
+// sparse_attention: the launches of sparse_attention.cu / sparse_attention_*.cu
+// ---------------------------------------------------------------------------------------------
+
+namespace attn = dsa::cuda;
+
+// q, k, v (v may be a view of k's storage: v_in_k), indices and the forward's params.
+template <typename T>
+struct AttnCase {
+  std::unique_ptr<T[]> q, k, v;
+  std::unique_ptr<int32_t[]> idx;
+  SparseAttentionParams p{};
+  bool v_in_k = false;
+
+  AttnCase() {
+    q = exact_copy<T>(read_file("q.bin"));
+    k = exact_copy<T>(read_file("k.bin"));
+    v_in_k = geti("v_in_k") != 0;
+    if (!v_in_k) v = exact_copy<T>(read_file("v.bin"));
+    idx = exact_copy<int32_t>(read_file("idx.bin"));
+    p.B = geti("B"), p.T = geti("T"), p.S = geti("S"), p.H = geti("H"), p.Hkv = geti("Hkv");
+    p.Dqk = geti("Dqk"), p.Dv = geti("Dv"), p.K = geti("K");
+    p.q_sb = geti("q_sb"), p.q_st = geti("q_st"), p.q_sh = geti("q_sh");
+    p.k_sb = geti("k_sb"), p.k_ss = geti("k_ss"), p.k_sh = geti("k_sh");
+    p.v_sb = geti("v_sb"), p.v_ss = geti("v_ss"), p.v_sh = geti("v_sh");
+    p.i_sb = geti("i_sb"), p.i_st = geti("i_st"), p.i_sh = geti("i_sh");
+    p.scale = getf("scale");
+    p.q = q.get() + geti("q_off");
+    p.k = k.get() + geti("k_off");
+    p.v = v_in_k ? static_cast<const void*>(k.get() + geti("v_off")) : v.get() + geti("v_off");
+    p.indices = idx.get();
+  }
+
+  // The tensor-core block shape as sparse_attention.cu picks it; exits when there is none.
+  attn::MmaShape mma_shape(bool backward) const {
+    attn::MmaShape s;
+    if (!attn::choose_mma_shape(p, v_in_k, backward, static_cast<int>(geti("smem_limit")), s)) {
+      std::fprintf(stderr, "driver: no tensor-core shape fits\n");
+      std::exit(3);
+    }
+    std::printf("%s shape rows=%d row_warps=%d col_warps=%d chunks=%d stages=%d pairs=%d\n",
+                backward ? "bwd" : "fwd", s.rows, s.row_warps, s.col_warps, s.chunks, s.stages, s.pairs_per_warp);
+    return s;
+  }
+};
+
+constexpr float kLog2eF = 1.4426950408889634f;
+
+template <typename T>
+void run_attention_forward_typed() {
+  using Acc = typename attn::rowwise::AccOf<T>::type;
+  AttnCase<T> c;
+  SparseAttentionParams& p = c.p;
+  std::unique_ptr<T[]> out(new T[p.B * p.T * p.H * p.Dv]);
+  std::unique_ptr<Acc[]> lse(new Acc[p.B * p.T * p.H]);
+  p.out = out.get();
+  p.lse = lse.get();
+  if (get("path") == "mma") {
+    if constexpr (sizeof(T) == 2) {
+      const attn::MmaShape s = c.mma_shape(false);
+      const attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
+      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
+                  attn::smem_layout(s, false).bytes, [&] { attn::sparse_attention_fwd_mma_kernel<T>(a); });
+    }
+  } else {
+    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+                attn::rowwise_smem_bytes(p, sizeof(Acc), false), [&] { attn::rowwise::rowwise_fwd_kernel<T>(p); });
+  }
+  write_file("out.bin", out.get(), p.B * p.T * p.H * p.Dv);
+  write_file("lse.bin", lse.get(), p.B * p.T * p.H);
+}
+
+template <typename T>
+void run_attention_backward_typed() {
+  using Acc = typename attn::rowwise::AccOf<T>::type;
+  AttnCase<T> c;
+  const SparseAttentionParams& p = c.p;
+  SparseAttentionBwdParams bp{};
+  bp.fwd = p;
+  auto out = exact_copy<T>(read_file("out.bin"));
+  auto lse = exact_copy<Acc>(read_file("lse.bin"));
+  auto dout = exact_copy<T>(read_file("dout.bin"));
+  std::unique_ptr<Acc[]> glse;
+  if (geti("grad_lse") != 0) glse = exact_copy<Acc>(read_file("glse.bin"));
+  bp.fwd.out = out.get();
+  bp.fwd.lse = lse.get();
+  bp.grad_out = dout.get();
+  bp.do_sb = geti("do_sb"), bp.do_st = geti("do_st"), bp.do_sh = geti("do_sh");
+  bp.grad_lse = glse.get();
+  std::unique_ptr<T[]> dq(new T[p.B * p.T * p.H * p.Dqk]);
+  bp.grad_q = dq.get();
+  const int64_t nk = p.B * p.S * p.Hkv * p.Dqk, nv = p.B * p.S * p.Hkv * p.Dv;
+  std::unique_ptr<Acc[]> dk(new Acc[nk]()), dv(new Acc[nv]()), delta(new Acc[p.B * p.T * p.H]);
+  emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32, 0,
+              [&] { attn::rowwise::delta_kernel<T>(bp, delta.get()); });
+  if (get("path") == "mma") {
+    if constexpr (sizeof(T) == 2) {
+      const attn::MmaShape s = c.mma_shape(true);
+      const attn::BwdArgs a{bp, s, static_cast<float>(p.scale) * kLog2eF, delta.get(), dk.get(), dv.get()};
+      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
+                  attn::smem_layout(s, true).bytes, [&] { attn::sparse_attention_bwd_mma_kernel<T>(a); });
+    }
+  } else {
+    const attn::SimpleBwdArgs a{bp, delta.get(), dk.get(), dv.get()};
+    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+                attn::rowwise_smem_bytes(p, sizeof(Acc), true), [&] { attn::rowwise::rowwise_bwd_kernel<T>(a); });
+  }
+  write_file("grad_q.bin", dq.get(), p.B * p.T * p.H * p.Dqk);
+  write_file("grad_k.bin", dk.get(), nk);
+  write_file("grad_v.bin", dv.get(), nv);
+}
+
+template <template <typename> class Run>
+void with_attention_dtype() {
+  const std::string dtype = get("dtype");
+  if (dtype == "bf16")
+    Run<__nv_bfloat16>{}();
+  else if (dtype == "f16")
+    Run<__half>{}();
+  else
+    Run<float>{}();
+}
+template <typename T>
+struct AttnFwd {
+  void operator()() const { run_attention_forward_typed<T>(); }
+};
+template <typename T>
+struct AttnBwd {
+  void operator()() const { run_attention_backward_typed<T>(); }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -296,6 +430,10 @@ int main(int argc, char** argv) {
     run_topk();
   else if (op == "backward")
     run_backward();
+  else if (op == "attn_fwd")
+    with_attention_dtype<AttnFwd>();
+  else if (op == "attn_bwd")
+    with_attention_dtype<AttnBwd>();
   else {
     std::fprintf(stderr, "driver: unknown op %s\n", op.c_str());
     return 2;

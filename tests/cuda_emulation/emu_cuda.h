@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
+#include <cuda_runtime.h>  // before the macros below (it names parameters blockDim, ...)
 
 #include <algorithm>
 #include <atomic>
@@ -65,7 +66,7 @@ struct Block {
 };
 
 inline Block* current = nullptr;
-inline thread_local EmuDim3 thread_idx, block_idx;
+inline thread_local EmuDim3 thread_idx, block_idx, block_dim;
 inline size_t dyn_smem_bytes = 0;
 
 inline unsigned lane() { return thread_idx.x & 31u; }
@@ -94,6 +95,7 @@ void launch(unsigned grid, unsigned block, size_t smem_bytes, const F& body) {
       threads.emplace_back([&, t, bi] {
         thread_idx = EmuDim3{t, 0, 0};
         block_idx = EmuDim3{bi, 0, 0};
+        block_dim = EmuDim3{block, 1, 1};
         body();
         blk.warp_bars[t / 32]->arrive_and_drop();
         blk.bar.arrive_and_drop();
@@ -123,6 +125,7 @@ V exchange(V v, unsigned src_lane) {
 
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
 
 inline void __syncthreads() { emu::current->bar.arrive_and_wait(); }
 
@@ -153,6 +156,8 @@ inline unsigned __ballot_sync(unsigned, bool pred) {
   return bits;
 }
 
+inline bool __any_sync(unsigned mask, bool pred) { return __ballot_sync(mask, pred) != 0; }
+
 inline int __popc(unsigned x) { return std::popcount(x); }
 inline uint32_t __float_as_uint(float x) { return std::bit_cast<uint32_t>(x); }
 template <typename T>
@@ -160,6 +165,8 @@ T __ldg(const T* p) {
   return *p;
 }
 inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline double atomicAdd(double* p, double v) { return std::atomic_ref<double>(*p).fetch_add(v); }
 
 // CUDA's min/max overloads take two values of the same type; so do these (mixing int and
 // int64_t fails to compile here as a reminder to be explicit).

@@ -159,6 +159,15 @@ inline void mma_e4m3(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_
 }  // namespace detail
 
 inline void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) { detail::ldsm(addr, r, false); }
+// .x2: matrices 0 and 1 from the addresses of lanes 0..15 (the others' addresses are ignored:
+// they are replaced by lane 0..7's rows, which are valid, before the x4 model reads them).
+inline void ldsm_x2(uint32_t addr, uint32_t (&r)[2]) {
+  const uint32_t lo_half = static_cast<uint32_t>(__shfl_sync(0xffffffffu, addr, static_cast<int>(emu::lane() & 15)));
+  uint32_t r4[4];
+  detail::ldsm(emu::lane() < 16 ? addr : lo_half, r4, false);
+  r[0] = r4[0];
+  r[1] = r4[1];
+}
 inline void ldsm_x4_trans(uint32_t addr, uint32_t (&r)[4]) { detail::ldsm(addr, r, true); }
 
 template <typename T>
@@ -184,6 +193,16 @@ template <>
 struct Mma<__nv_fp8_e4m3> {
   static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { detail::mma_e4m3(d, a, b0, b1); }
 };
+
+// Max / sum over the four lanes of a quad (as tensor_core.cuh).
+inline float quad_max(float x) {
+  x = std::fmax(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return std::fmax(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+inline float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
 
 }  // namespace cuda
 }  // namespace dsa

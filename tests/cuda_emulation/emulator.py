@@ -1,6 +1,6 @@
 """Build and run the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h).
 
-`build()` copies the kernel headers into a scratch directory, swaps tensor_core.cuh for the
+`build()` copies the kernel headers (.cuh, .h) into a scratch directory, swaps tensor_core.cuh for the
 emulated one and turns `extern __shared__` arrays into the emulator's per-block buffer, then
 compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
 runs the driver and returns its outputs as torch tensors.
@@ -29,7 +29,7 @@ _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "
 def _sources() -> dict[str, str]:
     out = {}
     for name in sorted(os.listdir(CUDA_SRC)):
-        if name.endswith(".cuh") and name != "tensor_core.cuh":
+        if name.endswith((".cuh", ".h")) and name != "tensor_core.cuh":
             text = open(os.path.join(CUDA_SRC, name)).read()
             out[name] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
     out["tensor_core.cuh"] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
@@ -122,4 +122,25 @@ def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
     tensors = {"q": qs, "k": ks, "w": w.float().contiguous()}
     if k_scale is not None:
         tensors["ks"] = k_scale.float().contiguous()
+    return meta, tensors
+
+
+def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
+                   path: str, smem_limit: int = 227 * 1024) -> tuple[dict, dict]:
+    """meta and tensors of a sparse_attention call; v may be a view of k's storage (MLA)."""
+    qs, q_off = storage_of(q)
+    ks, k_off = storage_of(k)
+    v_in_k = v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    vs, v_off = storage_of(v)
+    B, T, H, Dqk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    idx = indices.contiguous()
+    meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=S, H=H, Hkv=Hkv, Dqk=Dqk, Dv=Dv, K=idx.shape[-1],
+                q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
+                k_sh=k.stride(2), v_sb=v.stride(0), v_ss=v.stride(1), v_sh=v.stride(2), i_sb=idx.stride(0),
+                i_st=idx.stride(1), i_sh=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
+                v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), path=path, smem_limit=smem_limit)
+    tensors = {"q": qs, "k": ks, "idx": idx.view(-1)}
+    if not v_in_k:
+        tensors["v"] = vs
     return meta, tensors

@@ -1,0 +1,181 @@
+"""The CUDA sparse_attention kernels (tensor-core forward/backward, row-wise forward/backward,
+the backward's delta) run from their source on the CPU emulator, against the float64 reference.
+
+The launch code mirrors sparse_attention.cu (driver.cpp), including its block-shape choice
+(choose_mma_shape, shared with the host code). Errors of the bfloat16/float16 paths are bounded by
+twice the error of the reference computed in that precision (flash-attention's rule); the
+float32 row-wise path by float32 rounding.
+"""
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulator  # noqa: E402
+
+from dsa_ext import reference  # noqa: E402
+
+pytestmark = [
+    pytest.mark.emulation,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists("/usr/local/cuda/include/cuda_bf16.h"),
+                       reason="needs g++ and the CUDA headers"),
+]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def make_case(B, T, S, H, Hkv, Dqk, Dv, K, dtype, seed, v_in_k=False, per_head=False):
+    """Inputs with -1 slots, duplicate positions and one row with no valid index."""
+    g = gen(seed)
+    q = torch.randn(B, T, H, Dqk, generator=g).to(dtype)
+    if v_in_k:
+        k = torch.randn(B, S, Hkv, Dqk, generator=g).to(dtype)
+        v = k[..., :Dv]
+    else:
+        k = torch.randn(B, S, Hkv, Dqk, generator=g).to(dtype)
+        v = torch.randn(B, S, Hkv, Dv, generator=g).to(dtype)
+    shape = (B, T, Hkv, K) if per_head else (B, T, K)
+    idx = torch.randint(0, S, shape, generator=g)
+    idx[torch.rand(shape, generator=g) < 0.2] = -1
+    idx[..., 1] = idx[..., 0]  # a duplicate in every row
+    idx[0, T - 1] = -1  # a row (or kv head rows) without any valid key
+    return q, k, v, idx.to(torch.int32)
+
+
+def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit)
+    meta["op"] = "attn_fwd"
+    B, T, H = q.shape[:3]
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    got, log = emulator.run(meta, tensors, {"out": (q.dtype, (B, T, H, v.shape[-1])), "lse": (acc, (B, T, H))})
+    return got["out"], got["lse"], log
+
+
+def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit=227 * 1024):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit)
+    meta.update(op="attn_bwd", grad_lse=glse is not None, do_sb=dout.stride(0), do_st=dout.stride(1),
+                do_sh=dout.stride(2))
+    tensors.update(out=out, lse=lse, dout=dout)
+    if glse is not None:
+        tensors["glse"] = glse
+    acc = torch.float32
+    B, T, H, Dqk = q.shape
+    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    got, log = emulator.run(meta, tensors, {"grad_q": (q.dtype, (B, T, H, Dqk)), "grad_k": (acc, (B, S, Hkv, Dqk)),
+                                            "grad_v": (acc, (B, S, Hkv, Dv))})
+    return got["grad_q"], got["grad_k"], got["grad_v"], log
+
+
+def reference_grads(q, k, v, idx, scale, dout, glse, upcast):
+    """Gradients of <out, dout> + <lse, glse> from the reference: float64, or in q's dtype."""
+    dt = torch.float64 if upcast else q.dtype
+    qq, kk = q.to(dt).requires_grad_(), k.to(dt).requires_grad_()
+    vv = kk[..., :v.shape[-1]] if v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr() else \
+        v.to(dt).requires_grad_()
+    out, lse = reference.sparse_attention(qq, kk, vv, idx, scale, return_lse=True, upcast=upcast)
+    loss = (out.to(dt) * dout.to(dt)).sum()
+    if glse is not None:
+        loss = loss + (lse.to(dt) * glse.to(dt)).sum()
+    leaves = (qq, kk) if vv.grad_fn is not None else (qq, kk, vv)
+    grads = torch.autograd.grad(loss, leaves)
+    gv = grads[2] if len(grads) == 3 else None
+    return out, lse, grads[0], grads[1], gv
+
+
+def assert_within(got, ref64, ref_low, name, factor=2.0, atol=1e-5):
+    got, ref64, ref_low = (x.double() for x in (got, ref64, ref_low))
+    err = (got - ref64).abs().max().item()
+    ref_err = (ref_low - ref64).abs().max().item()
+    assert err <= factor * ref_err + atol, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e}"
+
+
+def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None):
+    scale = q.shape[-1] ** -0.5
+    out, lse, log = emulate_forward(q, k, v, idx, scale, path, smem_limit)
+    if expect:
+        assert expect in log, log
+    ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
+    low_out, low_lse = reference.sparse_attention(q, k, v, idx, scale, return_lse=True, upcast=False)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "rows without keys must get lse -inf"
+    assert out[empty.unsqueeze(-1).expand_as(out)].eq(0).all(), "rows without keys must get out 0"
+    assert_within(out, ref_out, low_out, "out")
+    assert_within(lse[~empty], ref_lse[~empty], low_lse[~empty], "lse")
+
+    g = gen(99)
+    dout = torch.randn(out.shape, generator=g).to(q.dtype)
+    glse = torch.randn(lse.shape, generator=g).float() if with_grad_lse else None
+    dq, dk, dv, _ = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit)
+    _, _, rq, rk, rv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=True)
+    _, _, lq, lk, lv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=False)
+    assert torch.isfinite(dq.double()).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    assert_within(dq, rq, lq, "grad_q")
+    if rv is None:  # v is a view of k: its gradient is part of k's
+        Dv = v.shape[-1]
+        dk = dk.clone()
+        dk[..., :Dv] += dv
+        assert_within(dk, rk, lk, "grad_k (+ grad_v)")
+    else:
+        assert_within(dk, rk, lk, "grad_k")
+        assert_within(dv, rv, lv, "grad_v")
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-core kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mma_gqa_two_tiles(dtype):
+    # group 4 in 16 rows, K = 37: a full and a partial key tile, -1 slots, duplicates, an empty row
+    check(*make_case(1, 3, 40, 8, 2, 64, 64, 37, dtype, seed=1), "mma", expect="stages=2")
+
+
+def test_mma_uneven_head_dims_and_per_kv_head_indices():
+    # Dqk = 96 and Dv = 40 (padded to 64 in shared memory), one index row per kv head
+    check(*make_case(2, 2, 33, 4, 2, 96, 40, 35, torch.bfloat16, seed=2, per_head=True), "mma")
+
+
+def test_mma_mla_two_chunks_v_in_k():
+    # DeepSeek's shape in small: 128 heads on one 576-wide latent, v = k[..., :512] read from the
+    # K tile; 4 column warps x 4 row warps, two blocks (chunks) per token
+    check(*make_case(1, 2, 50, 128, 1, 576, 512, 40, torch.bfloat16, seed=3, v_in_k=True), "mma",
+          expect="chunks=2")
+
+
+def test_mma_one_stage_when_shared_memory_is_small():
+    # 32 heads per kv head, D = 128: under a 40 KiB limit the forward takes one stage, the
+    # backward one stage and 16-row blocks (two chunks per token)
+    check(*make_case(1, 2, 70, 32, 1, 128, 128, 64, torch.bfloat16, seed=4), "mma", smem_limit=40 * 1024,
+          expect="stages=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# row-wise kernels
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rowwise_float32_odd_dims():
+    q, k, v, idx = make_case(2, 3, 17, 4, 2, 20, 12, 7, torch.float32, seed=5)
+    scale = 20 ** -0.5
+    out, lse, _ = emulate_forward(q, k, v, idx, scale, "rowwise")
+    ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty)
+    torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], rtol=1e-5, atol=1e-6)
+    dout, glse = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv, _ = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, "rowwise")
+    _, _, rq, rk, rv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=True)
+    for got, want, name in ((dq, rq, "grad_q"), (dk, rk, "grad_k"), (dv, rv, "grad_v")):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_rowwise_bfloat16():
+    check(*make_case(1, 3, 21, 4, 1, 24, 16, 9, torch.bfloat16, seed=6), "rowwise")
