@@ -17,7 +17,7 @@ TORCH_PREFIX = $(shell $(PY) -c 'import torch; print(torch.utils.cmake_prefix_pa
 demo: build
 	$(PY) python/train.py --out out/train
 
-test: pytest ctest
+test: pytest ctest emulate
 
 # torch pinned for this machine kind (a CUDA 13.0 build from local disk); Python test and
 # program dependencies; GoogleTest for the C++ tests.
@@ -36,7 +36,8 @@ $(STAMPS)/ext: $(STAMPS)/deps $(SOURCES)
 	$(PY) setup.py -q build_ext --inplace
 	@touch $@
 
-# tests/cuda_emulation runs the CUDA kernels on a CPU emulator (slow; `make emulate`)
+# tests/cuda_emulation runs the CUDA kernels from their source on a CPU emulator (about 6 minutes;
+# part of `make test`, so that CI executes the CUDA kernels even without a GPU)
 pytest: build
 	$(PY) -m pytest tests -q --ignore=tests/cuda_emulation
 
