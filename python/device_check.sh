@@ -80,9 +80,14 @@ rows = []
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     rows += json.load(open(path))["rows"]
 if rows:
-    print(f"{'shape':<5} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'TB/s':>5} {'dense ms':>9} {'vs dense':>8}")
+    print(f"{'shape':<5} {'indices':<7} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'TB/s':>5} {'dense ms':>9} "
+          f"{'vs dense':>8}")
     for r in rows:
         dense = f"{r['dense_ms']:>9.2f} {r['speedup_vs_dense']:>7.2f}x" if "dense_ms" in r else f"{'n/a':>9} {'':>8}"
-        print(f"{r['shape']:<5} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% "
-              f"{r['tbps']:>5.2f} {dense}")
+        print(f"{r['shape']:<5} {r['indices']:<7} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} "
+              f"{r['pct_of_peak']:>5.1f}% {r['tbps']:>5.2f} {dense}")
+    for f, b in zip(rows[::2], rows[1::2]):
+        if "dense_ms" in f:
+            print(f"  {f['shape']} {f['indices']}: fwd+bwd {(f['dense_ms'] + b['dense_ms']) / (f['ms'] + b['ms']):.2f}x "
+                  "faster than dense")
 EOF
