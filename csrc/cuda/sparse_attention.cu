@@ -4,6 +4,8 @@
 //   - bfloat16 / float16 with head dims that are multiples of 8 and 16-byte aligned rows: the
 //     tensor-core kernels, when their tiles fit in shared memory;
 //   - everything else (float32, float64, odd dims, misaligned views): the row-wise kernels.
+// The backward adds dk/dv atomically, or under torch.use_deterministic_algorithms in a fixed order
+// (sparse_attention_deterministic.h).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,6 +24,7 @@
 
 #include "checks.h"
 #include "host.h"
+#include "sparse_attention_deterministic.h"
 #include "sparse_attention_kernels.h"
 
 namespace dsa {
@@ -128,8 +131,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const char* op = "dsa.sparse_attention_backward";
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  // dk and dv sum over the queries that chose each key, in float32 atomics of varying order
-  at::globalContext().alertNotDeterministic(op);
   if (index_checks_enabled()) check_index_values(op, c.fwd.indices, c.p.fwd.S);
   const auto& f = c.p.fwd;
   if (f.B * f.T * f.H == 0 || f.S == 0) {  // no query, or every slot empty: all gradients are 0
@@ -144,19 +145,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
   launch_bwd_delta(c.p, et, delta.data_ptr(), stream);
 
-  // dk / dv accumulate in the accumulation dtype: in place when the gradients have it
+  const auto mma = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true);
+  if (!mma) check_rowwise(op, c.fwd, /*backward=*/true);
+  const float scale_log2 = static_cast<float>(scale * kLog2e);
+  const auto launch = [&](const SparseAttentionBwdParams& p, const void* delta_p, const KeyGradOut& g) {
+    if (mma) {
+      check_grid(op, p.fwd.B * p.fwd.T * p.fwd.Hkv * mma->chunks);
+      launch_bwd_mma(BwdArgs{p, *mma, scale_log2, static_cast<const float*>(delta_p), g}, et, stream);
+    } else {
+      launch_bwd_simple(SimpleBwdArgs{p, delta_p, g}, et, stream);
+    }
+  };
+  const int64_t rows = f.B * f.S * f.Hkv;
+  if (at::globalContext().deterministicAlgorithms()) {
+    at::Tensor dk = at::zeros({rows + 1, f.Dqk}, acc_options), dv = at::zeros({rows + 1, f.Dv}, acc_options);
+    deterministic_key_grads(c, delta, mma ? mma->chunks : f.H / f.Hkv, kContribBytes, dk, dv, launch);
+    c.grad_k.copy_(dk.narrow(0, 0, rows).view(c.grad_k.sizes()));
+    c.grad_v.copy_(dv.narrow(0, 0, rows).view(c.grad_v.sizes()));
+    return {c.grad_q, c.grad_k, c.grad_v};
+  }
+  // dk / dv accumulate atomically in the accumulation dtype: in place when the gradients have it
   const bool in_place = c.grad_k.scalar_type() == acc_options.dtype();
   const at::Tensor dk = in_place ? c.grad_k.zero_() : at::zeros(c.grad_k.sizes(), acc_options);
   const at::Tensor dv = in_place ? c.grad_v.zero_() : at::zeros(c.grad_v.sizes(), acc_options);
-  if (const auto s = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true)) {
-    check_grid(op, f.B * f.T * f.Hkv * s->chunks);
-    launch_bwd_mma(BwdArgs{c.p, *s, static_cast<float>(scale * kLog2e), delta.data_ptr<float>(),
-                           dk.data_ptr<float>(), dv.data_ptr<float>()},
-                   et, stream);
-  } else {
-    check_rowwise(op, c.fwd, /*backward=*/true);
-    launch_bwd_simple(SimpleBwdArgs{c.p, delta.data_ptr(), dk.data_ptr(), dv.data_ptr()}, et, stream);
-  }
+  launch(c.p, delta.data_ptr(), KeyGradOut{dk.data_ptr(), dv.data_ptr(), nullptr, nullptr});
   if (!in_place) {
     c.grad_k.copy_(dk);
     c.grad_v.copy_(dv);

@@ -127,13 +127,25 @@ struct FwdArgs {
   float scale_log2;  // scale * log2(e): scores live in the exp2 domain
 };
 
+// dk and dv sum over the queries that chose each key. By default the backward kernels add their
+// shares atomically into [B, S, Hkv, D] accumulators (dk_acc, dv_acc). In deterministic mode
+// (contrib_k != nullptr) they store the share of every (block or query row, index slot) into its
+// own contribution row instead, and the host sums the rows per key in a fixed order
+// (sparse_attention.cu): bit-identical on repeat.
+struct KeyGradOut {
+  void* dk_acc;     // [B, S, Hkv, Dqk] acc_t, zeroed: dk accumulates here (atomics)
+  void* dv_acc;     // [B, S, Hkv, Dv] acc_t, zeroed
+  void* contrib_k;  // deterministic mode: [contributors, K, Dqk] acc_t, contributor = the tensor-core
+                    // block (blockIdx.x) or the row-wise query row; nullptr otherwise
+  void* contrib_v;  // [contributors, K, Dv] acc_t
+};
+
 struct BwdArgs {
   SparseAttentionBwdParams p;
   MmaShape s;
   float scale_log2;
   const float* delta;  // [B, T, H]: rowsum(dO * O) - grad_lse
-  float* dk_acc;       // [B, S, Hkv, Dqk] float32, zeroed: dk accumulates here
-  float* dv_acc;       // [B, S, Hkv, Dv] float32, zeroed
+  KeyGradOut g;        // float32
 };
 
 // Row-wise path (sparse_attention_rowwise.cu): one warp per query row, kRowwiseWarps per block.
@@ -149,8 +161,7 @@ __host__ __device__ inline int64_t rowwise_smem_bytes(const SparseAttentionParam
 struct SimpleBwdArgs {
   SparseAttentionBwdParams p;
   const void* delta;  // [B, T, H] acc_t
-  void* dk_acc;       // [B, S, Hkv, Dqk] acc_t, zeroed
-  void* dv_acc;       // [B, S, Hkv, Dv] acc_t, zeroed
+  KeyGradOut g;       // acc_t
 };
 
 // Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).

@@ -6,10 +6,10 @@
 //      recomputed from the forward's lse, dS = P (dP - delta) * scale with
 //      delta = rowsum(dO * O) - grad_lse (sparse_attention_rowwise.cuh). P and dS go to shared memory.
 //   2. dq += dS K: each warp's 16 rows x (pairs_per_warp * 16) columns stay in registers.
-//   3. dk += dS^T Q and dv += P^T dO for the tile's 32 keys, in units of 16 keys x 32 columns
+//   3. dk += dS^T Q and dv += P^T dO for the tile's 32 keys, in units of 16 keys x 16 columns
 //      spread over all warps, added atomically into float32 buffers: a key is chosen by many
-//      queries. (Atomic order makes dk/dv non-deterministic; the host raises under
-//      torch.use_deterministic_algorithms.)
+//      queries (atomic order makes dk/dv non-deterministic). In deterministic mode the units are
+//      stored to the block's own contribution rows instead (KeyGradOut).
 // Padding rows and rows without valid keys (lse -inf) get P = 0, hence dS = 0: no contribution.
 #pragma once
 
@@ -195,16 +195,24 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           M::run(acc[1], at, bt[2], bt[3]);
         }
         const int64_t D = is_k ? p.Dqk : p.Dv;
-        float* acc_base = is_k ? a.dk_acc : a.dv_acc;
+        float* acc_base = static_cast<float*>(is_k ? a.g.dk_acc : a.g.dv_acc);
+        float* contrib = static_cast<float*>(is_k ? a.g.contrib_k : a.g.contrib_v);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int pos = idx[mt * 16 + grp + 8 * h];
+          const int key = mt * 16 + grp + 8 * h;  // within the tile
+          const int pos = idx[key];
           if (pos < 0) continue;
-          float* dst = acc_base + (kv_row0 + pos * p.Hkv) * D;
+          // deterministic mode: this block's own row for index slot j * 32 + key (< K: pos >= 0)
+          float* dst = contrib != nullptr ? contrib + (blockIdx.x * p.K + j * kKeysPerTile + key) * D
+                                          : acc_base + (kv_row0 + pos * p.Hkv) * D;
 #pragma unroll
           for (int n = 0; n < 2; ++n) {
             const int col = col0 + n * 8 + 2 * quad;
-            if (col < D) atomic_add2(dst + col, acc[n][2 * h], acc[n][2 * h + 1]);
+            if (col >= D) continue;
+            if (contrib != nullptr)
+              *reinterpret_cast<float2*>(dst + col) = make_float2(acc[n][2 * h], acc[n][2 * h + 1]);
+            else
+              atomic_add2(dst + col, acc[n][2 * h], acc[n][2 * h + 1]);
           }
         }
       }

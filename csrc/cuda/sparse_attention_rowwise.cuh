@@ -156,8 +156,11 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
   const int32_t* idx_row = p.indices + r.b * p.i_sb + r.t * p.i_st + r.kvh * p.i_sh;
   // [B, S, Hkv, D] accumulators: key pos of this batch and kv head is row kv_row0 + pos * Hkv
   const int64_t kv_row0 = r.b * p.S * p.Hkv + r.kvh;
-  Acc* dk = static_cast<Acc*>(a.dk_acc);
-  Acc* dv = static_cast<Acc*>(a.dv_acc);
+  Acc* dk = static_cast<Acc*>(a.g.dk_acc);
+  Acc* dv = static_cast<Acc*>(a.g.dv_acc);
+  // deterministic mode: this row's own contribution rows, one per index slot (KeyGradOut)
+  Acc* contrib_k = static_cast<Acc*>(a.g.contrib_k);
+  Acc* contrib_v = static_cast<Acc*>(a.g.contrib_v);
   for (int d = lane; d < Dqk; d += 32) {
     q_s[d] = to_acc(q[d]);
     dq_s[d] = 0;
@@ -192,13 +195,18 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
       const Acc prob = exp_acc(dot[u] * scale - lse);
       const Acc ds = prob * (dp[u] - delta) * scale;  // d loss / d (q . k)
       const T* k_row = k_head + pos[u] * p.k_ss;
-      Acc* dk_row = dk + (kv_row0 + pos[u] * p.Hkv) * p.Dqk;
-      Acc* dv_row = dv + (kv_row0 + pos[u] * p.Hkv) * p.Dv;
-      for (int d = lane; d < Dqk; d += 32) {
-        dq_s[d] += ds * to_acc(k_row[d]);
-        atomicAdd(dk_row + d, ds * q_s[d]);
+      for (int d = lane; d < Dqk; d += 32) dq_s[d] += ds * to_acc(k_row[d]);
+      if (contrib_k != nullptr) {
+        Acc* dk_row = contrib_k + (r.row * p.K + i0 + u) * p.Dqk;
+        Acc* dv_row = contrib_v + (r.row * p.K + i0 + u) * p.Dv;
+        for (int d = lane; d < Dqk; d += 32) dk_row[d] = ds * q_s[d];
+        for (int d = lane; d < Dv; d += 32) dv_row[d] = prob * do_s[d];
+      } else {
+        Acc* dk_row = dk + (kv_row0 + pos[u] * p.Hkv) * p.Dqk;
+        Acc* dv_row = dv + (kv_row0 + pos[u] * p.Hkv) * p.Dv;
+        for (int d = lane; d < Dqk; d += 32) atomicAdd(dk_row + d, ds * q_s[d]);
+        for (int d = lane; d < Dv; d += 32) atomicAdd(dv_row + d, prob * do_s[d]);
       }
-      for (int d = lane; d < Dv; d += 32) atomicAdd(dv_row + d, prob * do_s[d]);
     }
   }
   T* gq = static_cast<T*>(a.p.grad_q) + r.row * p.Dqk;

@@ -373,12 +373,13 @@ void run_attention_backward_typed() {
   if (get("path") == "mma") {
     if constexpr (sizeof(T) == 2) {
       const attn::MmaShape s = c.mma_shape(true);
-      const attn::BwdArgs a{bp, s, static_cast<float>(p.scale) * kLog2eF, delta.get(), dk.get(), dv.get()};
+      const attn::BwdArgs a{bp, s, static_cast<float>(p.scale) * kLog2eF, delta.get(),
+                            attn::KeyGradOut{dk.get(), dv.get(), nullptr, nullptr}};
       emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
                   attn::smem_layout(s, true).bytes, [&] { attn::sparse_attention_bwd_mma_kernel<T>(a); });
     }
   } else {
-    const attn::SimpleBwdArgs a{bp, delta.get(), dk.get(), dv.get()};
+    const attn::SimpleBwdArgs a{bp, delta.get(), attn::KeyGradOut{dk.get(), dv.get(), nullptr, nullptr}};
     emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
                 attn::rowwise_smem_bytes(p, sizeof(Acc), true), [&] { attn::rowwise::rowwise_bwd_kernel<T>(a); });
   }

@@ -18,7 +18,8 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
+CSRC = os.path.join(ROOT, "csrc")
+CUDA_SRC = os.path.join(CSRC, "cuda")
 BUILD = os.path.join(tempfile.gettempdir(), "dsa_ext_cuda_emulation")
 
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
@@ -33,29 +34,40 @@ def _sources() -> dict[str, str]:
             text = open(os.path.join(CUDA_SRC, name)).read()
             out[name] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
     out["tensor_core.cuh"] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
-    out["params.h"] = open(os.path.join(ROOT, "csrc", "params.h")).read()
     for name in ("emu_cuda.h", "driver.cpp"):
         out[name] = open(os.path.join(HERE, name)).read()
     return out
 
 
-def build() -> str:
-    """Compiles the driver (cached on the sources' hash); returns its path."""
+CUDA_INCLUDE = os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include")
+
+
+def source_dir(tag: str = "") -> tuple[str, str]:
+    """Writes the emulation sources (kernel headers with the emulated tensor_core.cuh) into a
+    directory named by their hash (and tag); returns (directory, hash). Compile with -I csrc after
+    it (params.h)."""
     srcs = _sources()
-    sanitize = os.environ.get("DSA_EMU_SANITIZE", "address,undefined")  # "thread" finds races
-    digest = hashlib.sha1((sanitize + "".join(k + v for k, v in sorted(srcs.items()))).encode()).hexdigest()[:16]
-    exe = os.path.join(BUILD, f"driver-{digest}")
-    if os.path.exists(exe):
-        return exe
+    params = open(os.path.join(CSRC, "params.h")).read()  # included from csrc/ (-I), part of the hash
+    digest = hashlib.sha1((tag + params + "".join(k + v for k, v in sorted(srcs.items()))).encode()).hexdigest()[:16]
     src_dir = os.path.join(BUILD, f"src-{digest}")
     os.makedirs(src_dir, exist_ok=True)
     for name, text in srcs.items():
         with open(os.path.join(src_dir, name), "w") as f:
             f.write(text)
+    return src_dir, digest
+
+
+def build() -> str:
+    """Compiles the driver (cached on the sources' hash); returns its path."""
+    sanitize = os.environ.get("DSA_EMU_SANITIZE", "address,undefined")  # "thread" finds races
+    src_dir, digest = source_dir(sanitize)
+    exe = os.path.join(BUILD, f"driver-{digest}")
+    if os.path.exists(exe):
+        return exe
     torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
-    cuda_inc = os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include")
+    cuda_inc = CUDA_INCLUDE
     cmd = ["g++", "-std=c++20", "-O1", "-g", f"-fsanitize={sanitize}", "-fno-sanitize-recover=all",
-           "-pthread", "-I", src_dir, "-I", cuda_inc, "-I", torch_inc, os.path.join(src_dir, "driver.cpp"),
+           "-pthread", "-I", src_dir, "-I", CSRC, "-I", cuda_inc, "-I", torch_inc, os.path.join(src_dir, "driver.cpp"),
            "-o", exe + ".tmp"]
     subprocess.run(cmd, check=True)
     os.replace(exe + ".tmp", exe)
