@@ -81,8 +81,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   cp_async_commit();
 
   float dq[2 * kMaxPairsBwd][4];
-#pragma unroll
-  for (int n = 0; n < 2 * kMaxPairsBwd; ++n) dq[n][0] = dq[n][1] = dq[n][2] = dq[n][3] = 0.f;
+  zero_tile<kMaxPairsBwd>(dq);
   const int pair0 = cw * s.pairs_per_warp;
   const int npairs = min(s.pairs_per_warp, s.dqk_pad / 16 - pair0);  // may be <= 0 for the last warps
   const int dk_units = 2 * (s.dqk_pad / 16);  // (16-key half, 16 columns) units of dk, then of dv
@@ -156,21 +155,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       __syncthreads();  // P and dS of every row visible
 
       // 2. dq += dS K over this warp's column pairs
-#pragma unroll
-      for (int ks = 0; ks < kKeysPerTile / 16; ++ks) {
-        uint32_t sa[4];
-        ldsm_x4(ds_s + ((rw * 16 + (lane & 15)) * L.p_stride + ks * 16 + (lane >> 4) * 8) * 2, sa);
-        const int k_row = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int jp = 0; jp < kMaxPairsBwd; ++jp) {
-          if (jp < npairs) {
-            uint32_t kb[4];
-            ldsm_x4_trans(k_s + (k_row * L.q_stride + (pair0 + jp) * 16 + (lane >> 4) * 8) * 2, kb);
-            M::run(dq[2 * jp], sa, kb[0], kb[1]);
-            M::run(dq[2 * jp + 1], sa, kb[2], kb[3]);
-          }
-        }
-      }
+      accumulate_tile_product<T, kMaxPairsBwd>(dq, ds_s, L.p_stride, k_s, L.q_stride, rw, pair0, npairs, lane);
 
       // 3. dk += dS^T Q, dv += P^T dO: unit u = (16 keys mt, 16 columns col0), k dimension = rows.
       //    (16 columns, not more: the 72 dq registers leave no room for a wider accumulator)
@@ -229,18 +214,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   for (int h = 0; h < 2; ++h) {
     const int row = row_a + 8 * h;
     if (row >= task.rows_valid) continue;
-    T* dst = static_cast<T*>(a.p.grad_q) + (row0 + row) * p.Dqk;
-#pragma unroll
-    for (int jp = 0; jp < kMaxPairsBwd; ++jp) {
-      if (jp < npairs) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int col = (pair0 + jp) * 16 + half * 8 + 2 * quad;
-          if (col < p.Dqk)
-            *reinterpret_cast<uint32_t*>(dst + col) = M::pack(dq[2 * jp + half][2 * h], dq[2 * jp + half][2 * h + 1]);
-        }
-      }
-    }
+    store_tile_row<T, kMaxPairsBwd>(static_cast<T*>(a.p.grad_q) + (row0 + row) * p.Dqk, dq, h, 1.f, pair0, npairs,
+                                    p.Dqk, quad);
   }
 }
 

@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   cp_async_commit();
 
   float o[2 * kMaxPairsFwd][4];
-#pragma unroll
-  for (int n = 0; n < 2 * kMaxPairsFwd; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  zero_tile<kMaxPairsFwd>(o);
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int pair0 = cw * s.pairs_per_warp;
   const int npairs = min(s.pairs_per_warp, s.dv_pad / 16 - pair0);  // may be <= 0 for the last warps
@@ -160,21 +159,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       }
 
       // 4. O += P V over this warp's column pairs
-#pragma unroll
-      for (int ks = 0; ks < kKeysPerTile / 16; ++ks) {
-        uint32_t pa[4];
-        ldsm_x4(p_s + ((rw * 16 + (lane & 15)) * L.p_stride + ks * 16 + (lane >> 4) * 8) * 2, pa);
-        const int v_row = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-#pragma unroll
-        for (int jp = 0; jp < kMaxPairsFwd; ++jp) {
-          if (jp < npairs) {
-            uint32_t vb[4];
-            ldsm_x4_trans(v_s + (v_row * L.kv_stride + (pair0 + jp) * 16 + (lane >> 4) * 8) * 2, vb);
-            M::run(o[2 * jp], pa, vb[0], vb[1]);
-            M::run(o[2 * jp + 1], pa, vb[2], vb[3]);
-          }
-        }
-      }
+      accumulate_tile_product<T, kMaxPairsFwd>(o, p_s, L.p_stride, v_s, L.kv_stride, rw, pair0, npairs, lane);
     }
     if (s.stages == 1 && j + 1 < ntiles) {
       __syncthreads();  // the single stage is free again
@@ -190,19 +175,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     if (row >= rows_valid) continue;
     const int64_t out_row = out_row0 + row;
     const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-    T* dst = static_cast<T*>(p.out) + out_row * p.Dv;
-#pragma unroll
-    for (int jp = 0; jp < kMaxPairsFwd; ++jp) {
-      if (jp < npairs) {
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int col = (pair0 + jp) * 16 + half * 8 + 2 * quad;
-          if (col < p.Dv)
-            *reinterpret_cast<uint32_t*>(dst + col) =
-                M::pack(o[2 * jp + half][2 * h] * inv, o[2 * jp + half][2 * h + 1] * inv);
-        }
-      }
-    }
+    store_tile_row<T, kMaxPairsFwd>(static_cast<T*>(p.out) + out_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
     if (cw == 0 && quad == 0)
       static_cast<float*>(p.lse)[out_row] = row_sum[h] > 0.f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : -INFINITY;
   }

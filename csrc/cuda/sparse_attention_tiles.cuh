@@ -94,5 +94,56 @@ __device__ __forceinline__ const T* head_row(const void* base, int64_t sb, int64
   return static_cast<const T*>(base) + task.b * sb + task.t * st + (task.head0 + r) * sh;
 }
 
+// Register tiles of 16 rows x (2 * kMaxPairs) 8-column mma fragments: the forward's O and the
+// backward's dq, each warp owning the column pairs pair0 .. pair0 + npairs - 1.
+template <int kMaxPairs>
+__device__ __forceinline__ void zero_tile(float (&acc)[2 * kMaxPairs][4]) {
+#pragma unroll
+  for (int n = 0; n < 2 * kMaxPairs; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+}
+
+// acc += A B over one key tile: A = rows rw*16 .. rw*16 + 15 of a [rows][keys] shared tile (P in
+// the forward, dS in the backward; a_stride elements per row), B = the tile's keys x this warp's
+// columns of a [keys][columns] shared tile (V, or K), read transposed.
+template <typename T, int kMaxPairs>
+__device__ __forceinline__ void accumulate_tile_product(float (&acc)[2 * kMaxPairs][4], uint32_t a_s, int a_stride,
+                                                        uint32_t b_s, int b_stride, int rw, int pair0, int npairs,
+                                                        int lane) {
+#pragma unroll
+  for (int ks = 0; ks < kKeysPerTile / 16; ++ks) {
+    uint32_t fa[4];
+    ldsm_x4(a_s + ((rw * 16 + (lane & 15)) * a_stride + ks * 16 + (lane >> 4) * 8) * 2, fa);
+    const int b_row = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int jp = 0; jp < kMaxPairs; ++jp) {
+      if (jp < npairs) {
+        uint32_t fb[4];
+        ldsm_x4_trans(b_s + (b_row * b_stride + (pair0 + jp) * 16 + (lane >> 4) * 8) * 2, fb);
+        Mma<T>::run(acc[2 * jp], fa, fb[0], fb[1]);
+        Mma<T>::run(acc[2 * jp + 1], fa, fb[2], fb[3]);
+      }
+    }
+  }
+}
+
+// Stores this lane's half h (row grp + 8h of the warp's 16) of a register tile, times `scale`,
+// into the row `dst` of D elements: the lane's two adjacent columns of every pair.
+template <typename T, int kMaxPairs>
+__device__ __forceinline__ void store_tile_row(T* dst, const float (&acc)[2 * kMaxPairs][4], int h, float scale,
+                                               int pair0, int npairs, int64_t D, int quad) {
+#pragma unroll
+  for (int jp = 0; jp < kMaxPairs; ++jp) {
+    if (jp < npairs) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int col = (pair0 + jp) * 16 + half * 8 + 2 * quad;
+        if (col < D)
+          *reinterpret_cast<uint32_t*>(dst + col) =
+              Mma<T>::pack(acc[2 * jp + half][2 * h] * scale, acc[2 * jp + half][2 * h + 1] * scale);
+      }
+    }
+  }
+}
+
 }  // namespace cuda
 }  // namespace dsa
