@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 
+import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +42,14 @@ def _sources() -> dict[str, str]:
 
 
 CUDA_INCLUDE = os.environ.get("CUDA_INCLUDE", "/usr/local/cuda/include")
+
+# The marks of every test module here: opt-in (conftest.py), slow, and needs g++ + CUDA headers.
+MARKS = [
+    pytest.mark.emulation,
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists(os.path.join(CUDA_INCLUDE, "cuda_bf16.h")),
+                       reason="needs g++ and the CUDA headers"),
+]
 
 
 def source_dir(tag: str = "") -> tuple[str, str]:

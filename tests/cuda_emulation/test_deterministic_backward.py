@@ -7,7 +7,6 @@ error in that precision, float32 tightly), and bit-identical results whatever th
 (one token per slice, across batches, or everything in one slice), which pins the slicing and
 the contribution-row layout the kernels write."""
 import os
-import shutil
 import sys
 
 import pytest
@@ -20,12 +19,7 @@ from test_emulated_attention import assert_within, make_case, reference_grads  #
 
 from dsa_ext import reference  # noqa: E402
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists(os.path.join(emulator.CUDA_INCLUDE, "cuda_bf16.h")),
-                       reason="needs g++ and the CUDA headers"),
-]
+pytestmark = emulator.MARKS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -7,7 +7,6 @@ twice the error of the reference computed in that precision (flash-attention's r
 float32 row-wise path by float32 rounding.
 """
 import os
-import shutil
 import sys
 
 import pytest
@@ -18,12 +17,7 @@ import emulator  # noqa: E402
 
 from dsa_ext import reference  # noqa: E402
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists("/usr/local/cuda/include/cuda_bf16.h"),
-                       reason="needs g++ and the CUDA headers"),
-]
+pytestmark = emulator.MARKS
 
 
 def gen(seed):

@@ -7,7 +7,6 @@ out-of-bounds accesses (ASan), reads of never-written shared memory (filled with
 What it cannot check: races the barriers do not order, cp.async timing, performance.
 """
 import os
-import shutil
 import sys
 
 import pytest
@@ -19,12 +18,7 @@ import emulator  # noqa: E402
 from dsa_ext import fp8 as dsa_fp8  # noqa: E402
 from dsa_ext import reference  # noqa: E402
 
-pytestmark = [
-    pytest.mark.emulation,
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None or not os.path.exists("/usr/local/cuda/include/cuda_bf16.h"),
-                       reason="needs g++ and the CUDA headers"),
-]
+pytestmark = emulator.MARKS
 
 
 def gen(seed):
