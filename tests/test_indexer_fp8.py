@@ -146,13 +146,19 @@ def test_fp8_bad_inputs(seed):
 cuda = pytest.mark.cuda
 
 
+# Hopper's FP8 tensor cores add their products with about 14 bits of precision (DeepSeek-V3
+# report, section 3.3.2), not float32's 24: the e4m3 path gets 2^-10 of the |term| sum.
+FP8_MMA_REL = 2 ** -10
+
+
 @cuda
 @pytest.mark.parametrize("shape", SHAPES + [(1, 5, 1000, 64, 128), (1, 3, 70, 72, 32)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_logits_fp8(seed, shape, causal):
     _, (q8, k8, ws, ks) = fp8_case(*shape, device="cuda")
     got = dsa_ext.indexer_logits(q8, k8, ws, scale=0.3, causal=causal, k_scale=ks)
-    assert_fp8_logits_exact_products(got.cpu(), q8.cpu(), k8.cpu(), ws.cpu(), ks.cpu(), 0.3, causal)
+    assert_fp8_logits_exact_products(got.cpu(), q8.cpu(), k8.cpu(), ws.cpu(), ks.cpu(), 0.3, causal,
+                                     rel=FP8_MMA_REL)
 
 
 @cuda
@@ -179,10 +185,14 @@ def test_cuda_fused_fp8_equals_unfused_and_cpu_set(seed, k):
     _, (q8, k8, ws, ks) = fp8_case(1, 40, 4099, 64, 128, device="cuda")
     fused = dsa_ext.indexer_topk(q8, k8, ws, k, k_scale=ks)
     assert torch.equal(fused, dsa_ext.topk_indices(dsa_ext.indexer_logits(q8, k8, ws, k_scale=ks), k))
-    # the CPU operator on the same e4m3 values picks the same set up to near-ties of float32 rounding
+    # the CPU operator on the same e4m3 values picks the same sets up to near-ties of the rounding
     cpu = dsa_ext.indexer_topk(q8.cpu(), k8.cpu(), ws.cpu(), k, k_scale=ks.cpu())
-    same = (fused.cpu() == cpu).float().mean().item()
-    assert same > 0.99, same
+    got = fused.cpu().long()
+    S = k8.shape[1]
+    chosen = torch.zeros(got.shape[1], S + 1, dtype=torch.bool).scatter_(1, cpu[0].long().clamp_min(-1) % (S + 1), True)
+    shared = chosen.gather(1, got[0] % (S + 1)) & (got[0] >= 0)
+    overlap = shared.sum().item() / (got[0] >= 0).sum().item()
+    assert overlap > 0.99, overlap
 
 
 @cuda
