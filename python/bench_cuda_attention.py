@@ -189,14 +189,14 @@ def result_row(name, cfg, mode, overlap, pass_, ms, flop, nbytes, dense):
 
 
 def print_table(rows):
-    head = (f"{'shape':<5} {'indices':<7} {'overlap':>7} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB':>7} "
+    head = (f"{'shape':<10} {'indices':<7} {'overlap':>7} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'GB':>7} "
             f"{'TB/s':>5} {'F/B':>5} {'dense ms':>9} {'dense TF/s':>10} {'speedup':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
         dense_cols = (f"{r['dense_ms']:>9.2f} {r['dense_tflops']:>10.1f} {r['speedup_vs_dense']:>7.2f}x"
                       if "dense_ms" in r else f"{'n/a':>9} {'':>10} {'':>8}")
-        print(f"{r['shape']:<5} {r['indices']:<7} {r['overlap']:>7.2f} {r['pass_']:<4} {r['ms']:>9.2f} "
+        print(f"{r['shape']:<10} {r['indices']:<7} {r['overlap']:>7.2f} {r['pass_']:<4} {r['ms']:>9.2f} "
               f"{r['tflops']:>8.1f} {r['pct_of_peak']:>5.1f}% {r['gbytes']:>7.1f} {r['tbps']:>5.2f} "
               f"{r['flop_per_byte']:>5.0f} {dense_cols}")
     for f, b in zip(rows[::2], rows[1::2]):  # fwd and bwd rows of one (shape, indices)
@@ -215,6 +215,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA comparison")
+    ap.add_argument("--tag", default="", help="appended to the shape names (to tell runs apart)")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_cuda_attention.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -230,7 +231,7 @@ def main(argv=None):
         torch.cuda.empty_cache()
         for mode, (fwd, bwd, fwd_flop, bwd_flop, fwd_bytes, bwd_bytes, overlap) in sparse.items():
             for pass_, ms, flop, nbytes in (("fwd", fwd, fwd_flop, fwd_bytes), ("bwd", bwd, bwd_flop, bwd_bytes)):
-                rows.append(result_row(name, cfg, mode, overlap, pass_, ms, flop, nbytes, dense))
+                rows.append(result_row(name + args.tag, cfg, mode, overlap, pass_, ms, flop, nbytes, dense))
 
     print(f"\nsparse_attention on {torch.cuda.get_device_name()} (bf16 ceiling ~{H200_BF16_TFLOPS:.0f} TFLOP/s)")
     print_table(rows)

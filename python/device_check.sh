@@ -46,10 +46,13 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, 
 cat "$OUT_DIR/env.log"
 
 if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY" setup.py build_ext --inplace; then
-  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
+  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT - 30)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
     --junitxml="$OUT_DIR/tests.xml"
   stage bench_mla $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes mla --json "$OUT_DIR/bench_mla.json"
   stage bench_gqa $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes gqa --json "$OUT_DIR/bench_gqa.json"
+  # the same shape with one-warp blocks (the default splits small groups' columns over 4 warps)
+  stage bench_gqa1w 30 env DSA_EXT_CUDA_MIN_WARPS=1 "$PY" python/bench_cuda_attention.py --shapes gqa \
+    --indices local --no-dense --tag /1warp --json "$OUT_DIR/bench_gqa_1warp.json"
   # its JSON is not named bench_*.json: the summary below parses those as attention rows
   stage bench_indexer $BENCH_LIMIT "$PY" python/bench_cuda_indexer.py --max-t 4096 --max-seconds 35 \
     --per-op-seconds 0.3 --json "$OUT_DIR/indexer_bench.json"
@@ -57,7 +60,7 @@ fi
 
 echo
 echo "================================ device check summary ================================"
-for name in build tests bench_mla bench_gqa bench_indexer; do
+for name in build tests bench_mla bench_gqa bench_gqa1w bench_indexer; do
   printf '%-10s %-24s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${SECONDS_USED[$name]:--}"
 done
 "$PY" - "$OUT_DIR" <<'EOF'
@@ -80,11 +83,11 @@ rows = []
 for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
     rows += json.load(open(path))["rows"]
 if rows:
-    print(f"{'shape':<5} {'indices':<7} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'TB/s':>5} {'dense ms':>9} "
+    print(f"{'shape':<10} {'indices':<7} {'pass':<4} {'ms':>9} {'TFLOP/s':>8} {'%peak':>6} {'TB/s':>5} {'dense ms':>9} "
           f"{'vs dense':>8}")
     for r in rows:
         dense = f"{r['dense_ms']:>9.2f} {r['speedup_vs_dense']:>7.2f}x" if "dense_ms" in r else f"{'n/a':>9} {'':>8}"
-        print(f"{r['shape']:<5} {r['indices']:<7} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} "
+        print(f"{r['shape']:<10} {r['indices']:<7} {r['pass_']:<4} {r['ms']:>9.2f} {r['tflops']:>8.1f} "
               f"{r['pct_of_peak']:>5.1f}% {r['tbps']:>5.2f} {dense}")
     for f, b in zip(rows[::2], rows[1::2]):
         if "dense_ms" in f:

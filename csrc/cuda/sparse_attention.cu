@@ -55,6 +55,13 @@ int smem_opt_in() {
   return bytes;
 }
 
+// Warps per tensor-core block at least (choose_mma_shape): 4, or DSA_EXT_CUDA_MIN_WARPS (1 gives
+// the narrowest blocks, for comparing the two on a GPU).
+int min_block_warps() {
+  const char* env = std::getenv("DSA_EXT_CUDA_MIN_WARPS");
+  return env != nullptr ? std::clamp(std::atoi(env), 1, kMaxWarps) : 4;
+}
+
 // The tensor-core kernels copy rows in 16-byte pieces: every row must start 16-byte aligned.
 bool rows_aligned(const at::Tensor& t) {
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
@@ -81,7 +88,8 @@ std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at
   if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
   if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
   MmaShape s;
-  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, smem_opt_in(), s)) return std::nullopt;
+  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, smem_opt_in(), min_block_warps(), s))
+    return std::nullopt;
   return s;
 }
 

@@ -99,9 +99,11 @@ __host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return stati
 // whose head dims are multiples of 8: the caller checks that), or false when none fits in
 // smem_limit bytes. Column warps split the out (forward) or dq (backward) columns so that each
 // keeps at most kMaxPairs* 16-wide pairs in registers; row warps cover as many heads of the GQA
-// group as fit in shared memory, with two stages when they fit.
+// group as fit in shared memory, with two stages when they fit. Blocks with fewer than min_warps
+// warps (small groups: one row warp) split their columns further, down to one pair per warp, so
+// that more warps share the gathers and the math of a tile.
 inline bool choose_mma_shape(const SparseAttentionParams& p, bool v_in_k, bool backward, int smem_limit,
-                             MmaShape& s) {
+                             int min_warps, MmaShape& s) {
   s = MmaShape{};
   s.group = static_cast<int>(p.H / p.Hkv);
   s.dqk_pad = ceil_div_int(p.Dqk, 32) * 32;
@@ -115,8 +117,17 @@ inline bool choose_mma_shape(const SparseAttentionParams& p, bool v_in_k, bool b
   for (s.row_warps = most_row_warps; s.row_warps >= 1; --s.row_warps) {
     s.rows = 16 * s.row_warps;
     s.chunks = ceil_div_int(s.group, s.rows);
-    for (s.stages = 2; s.stages >= 1; --s.stages)
-      if (smem_layout(s, backward).bytes <= smem_limit) return true;
+    for (s.stages = 2; s.stages >= 1; --s.stages) {
+      if (smem_layout(s, backward).bytes > smem_limit) continue;
+      const int want = std::min(pairs, ceil_div_int(min_warps, s.row_warps));
+      if (s.col_warps < want) {
+        MmaShape wide = s;
+        wide.pairs_per_warp = ceil_div_int(pairs, want);
+        wide.col_warps = ceil_div_int(pairs, wide.pairs_per_warp);  // no column warp without columns
+        if (smem_layout(wide, backward).bytes <= smem_limit) s = wide;
+      }
+      return true;
+    }
   }
   return false;
 }

@@ -26,7 +26,7 @@ std::vector<at::Tensor> run(SparseAttentionBwdCall& c, double scale, bool use_mm
               [&] { rowwise::delta_kernel<T>(c.p, delta.data_ptr<Acc>()); });
   MmaShape s{};
   const bool v_in_k = c.fwd.v.data_ptr() == c.fwd.k.data_ptr();
-  TORCH_CHECK(!use_mma || choose_mma_shape(f, v_in_k, /*backward=*/true, static_cast<int>(smem_limit), s),
+  TORCH_CHECK(!use_mma || choose_mma_shape(f, v_in_k, /*backward=*/true, static_cast<int>(smem_limit), 4, s),
               "no tensor-core shape fits");
   const float scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   const int64_t rows = f.B * f.S * f.Hkv;

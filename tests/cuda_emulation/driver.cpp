@@ -311,7 +311,8 @@ struct AttnCase {
   // The tensor-core block shape as sparse_attention.cu picks it; exits when there is none.
   attn::MmaShape mma_shape(bool backward) const {
     attn::MmaShape s;
-    if (!attn::choose_mma_shape(p, v_in_k, backward, static_cast<int>(geti("smem_limit")), s)) {
+    if (!attn::choose_mma_shape(p, v_in_k, backward, static_cast<int>(geti("smem_limit")),
+                                static_cast<int>(geti("min_warps")), s)) {
       std::fprintf(stderr, "driver: no tensor-core shape fits\n");
       std::exit(3);
     }

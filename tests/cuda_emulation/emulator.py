@@ -148,7 +148,7 @@ def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
 
 
 def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
-                   path: str, smem_limit: int = 227 * 1024) -> tuple[dict, dict]:
+                   path: str, smem_limit: int = 227 * 1024, min_warps: int = 4) -> tuple[dict, dict]:
     """meta and tensors of a sparse_attention call; v may be a view of k's storage (MLA)."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
@@ -161,7 +161,8 @@ def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
                 q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
                 k_sh=k.stride(2), v_sb=v.stride(0), v_ss=v.stride(1), v_sh=v.stride(2), i_sb=idx.stride(0),
                 i_st=idx.stride(1), i_sh=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
-                v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), path=path, smem_limit=smem_limit)
+                v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), path=path, smem_limit=smem_limit,
+                min_warps=min_warps)
     tensors = {"q": qs, "k": ks, "idx": idx.view(-1)}
     if not v_in_k:
         tensors["v"] = vs

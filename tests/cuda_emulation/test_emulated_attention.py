@@ -42,8 +42,8 @@ def make_case(B, T, S, H, Hkv, Dqk, Dv, K, dtype, seed, v_in_k=False, per_head=F
     return q, k, v, idx.to(torch.int32)
 
 
-def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024):
-    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit)
+def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024, min_warps=4):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit, min_warps)
     meta["op"] = "attn_fwd"
     B, T, H = q.shape[:3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -51,8 +51,8 @@ def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024):
     return got["out"], got["lse"], log
 
 
-def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit=227 * 1024):
-    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit)
+def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit=227 * 1024, min_warps=4):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit, min_warps)
     meta.update(op="attn_bwd", grad_lse=glse is not None, do_sb=dout.stride(0), do_st=dout.stride(1),
                 do_sh=dout.stride(2))
     tensors.update(out=out, lse=lse, dout=dout)
@@ -89,9 +89,9 @@ def assert_within(got, ref64, ref_low, name, factor=2.0, atol=1e-5):
     assert err <= factor * ref_err + atol, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e}"
 
 
-def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None):
+def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None, min_warps=4):
     scale = q.shape[-1] ** -0.5
-    out, lse, log = emulate_forward(q, k, v, idx, scale, path, smem_limit)
+    out, lse, log = emulate_forward(q, k, v, idx, scale, path, smem_limit, min_warps)
     if expect:
         assert expect in log, log
     ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
@@ -105,7 +105,9 @@ def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=
     g = gen(99)
     dout = torch.randn(out.shape, generator=g).to(q.dtype)
     glse = torch.randn(lse.shape, generator=g).float() if with_grad_lse else None
-    dq, dk, dv, _ = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit)
+    dq, dk, dv, blog = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit, min_warps)
+    if expect:
+        assert expect in blog, blog
     _, _, rq, rk, rv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=True)
     _, _, lq, lk, lv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=False)
     assert torch.isfinite(dq.double()).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
@@ -127,8 +129,15 @@ def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mma_gqa_two_tiles(dtype):
-    # group 4 in 16 rows, K = 37: a full and a partial key tile, -1 slots, duplicates, an empty row
-    check(*make_case(1, 3, 40, 8, 2, 64, 64, 37, dtype, seed=1), "mma", expect="stages=2")
+    # group 4 in 16 rows, K = 37: a full and a partial key tile, -1 slots, duplicates, an empty row;
+    # one row warp, so the columns are split over 4 column warps (one pair each)
+    check(*make_case(1, 3, 40, 8, 2, 64, 64, 37, dtype, seed=1), "mma", expect="col_warps=4 chunks=1 stages=2")
+
+
+def test_mma_gqa_narrow_blocks():
+    # DSA_EXT_CUDA_MIN_WARPS=1: the one-warp blocks (all columns in one warp)
+    check(*make_case(1, 3, 40, 8, 2, 128, 128, 40, torch.bfloat16, seed=8), "mma", expect="col_warps=1",
+          min_warps=1)
 
 
 def test_mma_uneven_head_dims_and_per_kv_head_indices():
