@@ -167,3 +167,19 @@ def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
     if not v_in_k:
         tensors["v"] = vs
     return meta, tensors
+
+
+def load_binding(name: str, binding: str, host_sources: list[str], include_dirs: list[str] = (),
+                 cflags: list[str] = ()):
+    """Builds and imports a CPU test binding (tests/cuda_emulation/<binding>) with the csrc/ host
+    sources it needs, in a build directory of this torch version (torch's default cache is shared
+    by torch versions, and 2.11 waits forever on the lock file 2.14 leaves there)."""
+    from torch.utils import cpp_extension
+
+    tag = hashlib.sha1(torch.__version__.encode()).hexdigest()[:8]
+    build_dir = os.path.join(BUILD, f"ext-{name}-{tag}")
+    os.makedirs(build_dir, exist_ok=True)
+    return cpp_extension.load(
+        name=name, sources=[os.path.join(HERE, binding)] + [os.path.join(CSRC, s) for s in host_sources],
+        extra_include_paths=[*include_dirs, CSRC], extra_cflags=["-O1", "-std=c++20", *cflags],
+        build_directory=build_dir, verbose=False)

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulator  # noqa: E402
@@ -21,19 +20,11 @@ from dsa_ext import reference  # noqa: E402
 
 pytestmark = emulator.MARKS
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
 @pytest.fixture(scope="module")
 def ext():
     src_dir, digest = emulator.source_dir("deterministic")
-    csrc = os.path.join(ROOT, "csrc")
-    return cpp_extension.load(
-        name=f"dsa_deterministic_{digest}",
-        sources=[os.path.join(os.path.dirname(__file__), "deterministic_binding.cpp"),
-                 os.path.join(csrc, "host.cpp"), os.path.join(csrc, "checks.cpp")],
-        extra_include_paths=[src_dir, csrc, emulator.CUDA_INCLUDE],
-        extra_cflags=["-O1", "-std=c++20", "-pthread"], verbose=False)
+    return emulator.load_binding(f"dsa_deterministic_{digest}", "deterministic_binding.cpp", ["host.cpp", "checks.cpp"],
+                                 [src_dir, emulator.CUDA_INCLUDE], ["-pthread"])
 
 
 def backward(ext, q, k, v, idx, use_mma, contrib_bytes, smem_limit=227 * 1024, seed=7):

@@ -2,26 +2,22 @@
 plain ATen code) run on CPU tensors against the float64 reference, in one chunk of queries and
 in chunks of one query (tiny budget)."""
 import os
+import sys
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from dsa_ext import reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulator  # noqa: E402
+
+from dsa_ext import reference  # noqa: E402
 
 pytestmark = [pytest.mark.emulation, pytest.mark.slow]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def ext():
-    csrc = os.path.join(ROOT, "csrc")
-    return cpp_extension.load(
-        name="dsa_float_backward_test",
-        sources=[os.path.join(os.path.dirname(__file__), "float_backward_binding.cpp"),
-                 os.path.join(csrc, "host.cpp"), os.path.join(csrc, "checks.cpp")],
-        extra_include_paths=[csrc], extra_cflags=["-O1", "-std=c++20"], verbose=False)
+    return emulator.load_binding("dsa_float_backward_test", "float_backward_binding.cpp", ["host.cpp", "checks.cpp"])
 
 
 @pytest.mark.parametrize("budget", [256 << 20, 1])

@@ -3,27 +3,23 @@ ATen code) run on CPU tensors, against the CPU kernel of the same op and the flo
 reference: dense (causal or not) and sparse forms, duplicates and -1 holes, a given attn_lse,
 empty rows, several query chunks and key blocks."""
 import os
+import sys
 
 import pytest
 import torch
-from torch.utils import cpp_extension
 
-from dsa_ext import reference
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import emulator  # noqa: E402
+
+from dsa_ext import reference  # noqa: E402
 
 pytestmark = [pytest.mark.emulation, pytest.mark.slow]
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def ext():
-    csrc = os.path.join(ROOT, "csrc")
-    return cpp_extension.load(
-        name="dsa_kl_streamed_test",
-        sources=[os.path.join(os.path.dirname(__file__), "kl_streamed_binding.cpp"),
-                 os.path.join(csrc, "host.cpp"), os.path.join(csrc, "checks.cpp"),
-                 os.path.join(csrc, "indexer_kl_loss_host.cpp")],
-        extra_include_paths=[csrc], extra_cflags=["-O1", "-std=c++20"], verbose=False)
+    return emulator.load_binding("dsa_kl_streamed_test", "kl_streamed_binding.cpp",
+                                 ["host.cpp", "checks.cpp", "indexer_kl_loss_host.cpp"])
 
 
 def make(B, T, S, Hi, Di, H, Hkv, Dqk, dtype, seed):
