@@ -9,9 +9,10 @@ scales are positive they leave the ReLU alone and factor out of the score:
 
 so the query scales fold into the head weights and the key scale multiplies after the head sum;
 ``dsa_ext.indexer_logits`` / ``indexer_topk`` take the e4m3 tensors, the folded float32 weights
-and ``k_scale``. The products of e4m3 values are exact in the float32 accumulation: the only
-error is the rounding of q_idx and k_idx to 3 mantissa bits (measured against bfloat16 by
-``python/bench_fp8_indexer.py``). FP8 inputs are forward-only: train the indexer in bfloat16.
+and ``k_scale``. Products of e4m3 values are exact; the CPU adds them in float32, Hopper's FP8
+tensor cores with about 14 bits. The main error is the rounding of q_idx and k_idx to 3 mantissa
+bits (measured against bfloat16 by ``python/bench_fp8_indexer.py``). FP8 inputs are forward-only:
+train the indexer in bfloat16.
 """
 from __future__ import annotations
 
