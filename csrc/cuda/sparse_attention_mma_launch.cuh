@@ -1,0 +1,24 @@
+// Launch of a tensor-core sparse_attention kernel (forward or backward, sparse_attention_mma_*.cu):
+// one block of threads_of(s) threads per (batch, token, kv head, head chunk), smem_layout bytes of
+// dynamic shared memory, on the given stream, checked.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+
+#include "sparse_attention_kernels.h"
+
+namespace dsa {
+namespace cuda {
+
+template <typename Args>
+void launch_mma_kernel(void (*kernel)(Args), const Args& a, const SparseAttentionParams& p, bool backward,
+                       cudaStream_t stream) {
+  const int smem = smem_layout(a.s, backward).bytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const int64_t blocks = p.B * p.T * p.Hkv * a.s.chunks;
+  kernel<<<static_cast<unsigned>(blocks), threads_of(a.s), smem, stream>>>(a);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace cuda
+}  // namespace dsa
