@@ -27,29 +27,20 @@ at::Tensor indexer_topk_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, c
   if (c.p.S == 0) return c.out.fill_(-1);
 
   const TopkPlan plan = plan_indexer_topk(c.p, c.topk, sm_count());
-  const int64_t slots = c.p.B * plan.t_chunk * plan.splits;
+  const int64_t slots = topk_workspace_slots(c.p, plan);
   const auto int_opts = c.q.options().dtype(at::kInt);
   const at::Tensor keys = at::empty({slots * plan.capacity}, int_opts);
   const at::Tensor pos = at::empty({slots * plan.capacity}, int_opts);
   const at::Tensor counts = at::empty({slots}, int_opts);
-  const int cand_cap = static_cast<int>(std::min<int64_t>(kSelectCandidates, int64_t{plan.splits} * plan.capacity));
+  const int cand_cap = topk_select_candidates(plan);
 
   with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const auto partial = indexer_topk_partial_kernel<Tile, decltype(L)>;
     allow_smem(partial, L.bytes);
     for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
-      TopkWorkspace ws{};
-      ws.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
-      ws.pos = pos.data_ptr<int32_t>();
-      ws.counts = counts.data_ptr<int32_t>();
-      ws.k = plan.k;
-      ws.capacity = plan.capacity;
-      ws.splits = plan.splits;
-      ws.split_len = plan.split_len;
-      ws.t_begin = t_begin;
-      ws.t_count = std::min(plan.t_chunk, p.T - t_begin);
-      ws.q_tiles = ceil_div(ws.t_count, kQueries);
+      const TopkWorkspace ws = topk_workspace(p, plan, reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>()),
+                                              pos.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), t_begin);
       const int64_t blocks = p.B * ws.q_tiles * plan.splits;
       check_grid(op, blocks);
       check_grid(op, p.B * ws.t_count);

@@ -68,6 +68,34 @@ inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_c
   return plan;
 }
 
+// Slots of a call's candidate buffers: B * t_chunk * splits (keys and pos hold capacity per slot).
+inline int64_t topk_workspace_slots(const IndexerParams& p, const TopkPlan& plan) {
+  return p.B * plan.t_chunk * plan.splits;
+}
+
+// Shared-memory candidates of the selection kernel that merges a row's splits.
+inline int topk_select_candidates(const TopkPlan& plan) {
+  return static_cast<int>(std::min<int64_t>(kSelectCandidates, int64_t{plan.splits} * plan.capacity));
+}
+
+// The workspace of the launches for query rows [t_begin, t_begin + t_chunk) (the last chunk may
+// be shorter), over buffers of topk_workspace_slots(p, plan) slots.
+inline TopkWorkspace topk_workspace(const IndexerParams& p, const TopkPlan& plan, uint32_t* keys, int32_t* pos,
+                                    int32_t* counts, int64_t t_begin) {
+  TopkWorkspace ws{};
+  ws.keys = keys;
+  ws.pos = pos;
+  ws.counts = counts;
+  ws.k = plan.k;
+  ws.capacity = plan.capacity;
+  ws.splits = plan.splits;
+  ws.split_len = plan.split_len;
+  ws.t_begin = t_begin;
+  ws.t_count = std::min(plan.t_chunk, p.T - t_begin);
+  ws.q_tiles = ceil_div(ws.t_count, kQueries);
+  return ws;
+}
+
 template <class Tile, class Layout>
 __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
     indexer_topk_partial_kernel(const __grid_constant__ IndexerParams p, const Layout L, const TopkWorkspace ws) {

@@ -181,25 +181,15 @@ void run_indexer_topk() {
   const TopkPlan plan = plan_indexer_topk(p0, topk, static_cast<int>(geti("sm_count")), geti("budget"));
   std::printf("plan k=%d capacity=%d splits=%d split_len=%ld t_chunk=%ld\n", plan.k, plan.capacity, plan.splits,
               static_cast<long>(plan.split_len), static_cast<long>(plan.t_chunk));
-  const int64_t slots = p0.B * plan.t_chunk * plan.splits;
+  const int64_t slots = topk_workspace_slots(p0, plan);
   std::unique_ptr<uint32_t[]> keys(new uint32_t[slots * plan.capacity]);
   std::unique_ptr<int32_t[]> pos(new int32_t[slots * plan.capacity]);
   std::unique_ptr<int32_t[]> counts(new int32_t[slots]);
-  const int cand_cap = static_cast<int>(std::min<int64_t>(kSelectCandidates, int64_t{plan.splits} * plan.capacity));
+  const int cand_cap = topk_select_candidates(plan);
   with_engine(in, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
-      TopkWorkspace ws{};
-      ws.keys = keys.get();
-      ws.pos = pos.get();
-      ws.counts = counts.get();
-      ws.k = plan.k;
-      ws.capacity = plan.capacity;
-      ws.splits = plan.splits;
-      ws.split_len = plan.split_len;
-      ws.t_begin = t_begin;
-      ws.t_count = std::min(plan.t_chunk, p.T - t_begin);
-      ws.q_tiles = ceil_div(ws.t_count, kQueries);
+      const TopkWorkspace ws = topk_workspace(p, plan, keys.get(), pos.get(), counts.get(), t_begin);
       emu::launch(static_cast<unsigned>(p.B * ws.q_tiles * plan.splits), kThreads, L.bytes,
                   [&] { indexer_topk_partial_kernel<Tile, decltype(L)>(p, L, ws); });
       const SplitRows rows{ws, p.T};
