@@ -45,26 +45,12 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
   float* scores = reinterpret_cast<float*>(smem + L.scores);
   const Tile tile{p, L, smem, b, t0};
 
-  if (tiles > 0) {
-    tile.load_queries();
-    tile.load_keys(0, s_begin);
-    cp_async_commit();
-  }
-  for (int i = 0; i < tiles; ++i) {
-    const int64_t s0 = s_begin + int64_t{i} * kKeys;
-    cp_async_wait_all();
-    __syncthreads();  // tile i has landed; every thread is done with tile i - 1's buffers
-    if (i + 1 < tiles) {
-      tile.load_keys((i + 1) & 1, s0 + kKeys);
-      cp_async_commit();
-    }
-    tile.score(i & 1, s0, scores);
-    __syncthreads();
+  for_each_score_tile(tile, s_begin, tiles, scores, [&](int, int64_t s0) {
     for (int e = threadIdx.x; e < kQueries * kKeys; e += kThreads) {
       const int64_t t = t0 + e / kKeys, s = s0 + e % kKeys;
       if (t < p.T && s < s_end) logits[(b * p.T + t) * p.S + s] = s < visible_keys(p, t) ? scores[e] : -INFINITY;
     }
-  }
+  });
   const int64_t s_masked = s_begin + int64_t{tiles} * kKeys;
   if (s_masked < s_end) {
     const int64_t width = s_end - s_masked;

@@ -17,11 +17,9 @@
 //   SimtTile (float32): CUDA cores, chunks of 16 heads x 64 dims through shared memory; every
 //     shape fits. bfloat16/float16 shapes too large for the tensor-core path are converted to
 //     float32 on the host and take this engine.
-// Kernel loop contract (both engines):
-//   tile.load_queries(); tile.load_keys(0, s_first); cp_async_commit();
-//   for each tile i: cp_async_wait_all(); __syncthreads();
-//                    if (i + 1 < n) { tile.load_keys((i+1)&1, s_next); cp_async_commit(); }
-//                    tile.score(i & 1, s0, scores); __syncthreads(); ...consume scores...
+// Kernels walk the key tiles with for_each_score_tile (end of this file), the same loop for both
+// engines: load the queries and the first key tile, then per tile start the next tile's loads,
+// score this one into shared memory and hand it to the kernel.
 #pragma once
 
 #include <cstdint>
@@ -302,6 +300,37 @@ struct SimtTile {
     out[qi * kKeys + s] = key_scaled(p, b, s0 + s, total * static_cast<float>(p.scale));
   }
 };
+
+// ------------------------------------------------------------------------------------------
+// The key-tile loop of the score kernels
+// ------------------------------------------------------------------------------------------
+
+// Scores `tiles` key tiles from s_begin (tile i: keys s_begin + i * kKeys ..) into `scores`
+// ([kQueries][kKeys] floats in shared memory) and calls consume(i, s0) for each, when every
+// thread's scores are visible. The next tile's loads overlap this tile's math (two key stages);
+// consume may read `scores` and use barriers of its own, and the loop's barrier before the next
+// tile's scoring keeps them from racing.
+template <class Tile, class Consume>
+__device__ __forceinline__ void for_each_score_tile(const Tile& tile, int64_t s_begin, int tiles, float* scores,
+                                                    const Consume& consume) {
+  if (tiles > 0) {
+    tile.load_queries();
+    tile.load_keys(0, s_begin);
+    cp_async_commit();
+  }
+  for (int i = 0; i < tiles; ++i) {
+    const int64_t s0 = s_begin + int64_t{i} * kKeys;
+    cp_async_wait_all();
+    __syncthreads();  // tile i has landed; every thread is done with tile i - 1's buffers
+    if (i + 1 < tiles) {
+      tile.load_keys((i + 1) & 1, s0 + kKeys);
+      cp_async_commit();
+    }
+    tile.score(i & 1, s0, scores);
+    __syncthreads();
+    consume(i, s0);
+  }
+}
 
 // ------------------------------------------------------------------------------------------
 // Host side: which engine a call takes

@@ -121,21 +121,7 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
     count[threadIdx.x] = 0;
     floor_key[threadIdx.x] = 0u;
   }
-  if (tiles > 0) {
-    tile.load_queries();
-    tile.load_keys(0, s_begin);
-    cp_async_commit();
-  }
-  for (int i = 0; i < tiles; ++i) {
-    const int64_t s0 = s_begin + int64_t{i} * kKeys;
-    cp_async_wait_all();
-    __syncthreads();
-    if (i + 1 < tiles) {
-      tile.load_keys((i + 1) & 1, s0 + kKeys);
-      cp_async_commit();
-    }
-    tile.score(i & 1, s0, scores);
-    __syncthreads();
+  for_each_score_tile(tile, s_begin, tiles, scores, [&](int i, int64_t s0) {
     if (warp < nq) {  // append, in position order, the keys above the floor
       const int64_t visible = min(s_end, visible_keys(p, t0 + warp));
       const uint32_t floor = floor_key[warp];
@@ -158,7 +144,7 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
       if (lane == 0) count[warp] = n;
     }
     __syncthreads();
-    if (i + 1 == tiles) break;
+    if (i + 1 == tiles) return;
     for (int qi = 0; qi < nq; ++qi) {
       if (count[qi] + kKeys <= ws.capacity) continue;  // the next tile fits
       uint32_t* keys = ws.keys + buffer(qi);
@@ -178,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
       }
       __syncthreads();
     }
-  }
+  });
   __syncthreads();
   if (threadIdx.x < nq) ws.counts[buffer(threadIdx.x) / ws.capacity] = count[threadIdx.x];
 }
