@@ -108,7 +108,7 @@ IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const 
 
 IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
                                          const at::Tensor& w, bool causal,
-                                         const c10::optional<at::Tensor>& k_scale) {
+                                         const std::optional<at::Tensor>& k_scale) {
   const bool fp8 = q_idx.scalar_type() == at::kFloat8_e4m3fn;
   const bool has_scale = k_scale.has_value() && k_scale->defined();
   if (!fp8) {
@@ -133,11 +133,14 @@ IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx
   return d;
 }
 
-void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t k) {
+void check_topk(const char* op, int64_t topk) {
+  TORCH_CHECK_VALUE(topk >= 1 && topk <= INT32_MAX, op, ": expected 1 <= topk < 2^31, got topk=", topk);
+}
+
+void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t topk) {
   check_rank(op, "logits", logits, 3, "[B, T, S]");
   check_float(op, "logits", logits);
-  TORCH_CHECK_VALUE(k >= 1, op, ": expected k >= 1, got k=", k);
-  TORCH_CHECK_VALUE(k <= INT32_MAX, op, ": expected k to fit in int32, got k=", k);
+  check_topk(op, topk);
 }
 
 AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
@@ -171,19 +174,65 @@ AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q,
   TORCH_CHECK(d.Dqk > 0 && d.Dv > 0, op, ": expected Dqk > 0 and Dv > 0, got q ", shape_str(q), " and v ",
               shape_str(v));
   TORCH_CHECK(indices.dim() == 3 || indices.dim() == 4, op,
-              ": expected indices to be [B, T, k] or [B, T, Hkv, k], got shape ", shape_str(indices));
+              ": expected indices to be [B, T, topk] or [B, T, Hkv, topk], got shape ", shape_str(indices));
   d.per_kv_head_indices = indices.dim() == 4;
   check_dim(op, "indices", indices, 0, d.B, "batch B of q");
   check_dim(op, "indices", indices, 1, d.T, "length T of q");
   if (d.per_kv_head_indices) check_dim(op, "indices", indices, 2, d.Hkv, "kv heads Hkv of k");
-  d.K = indices.size(-1);
-  TORCH_CHECK_VALUE(d.K >= 1, op, ": expected indices to hold k >= 1 entries per row, got shape ",
+  d.topk = indices.size(-1);
+  TORCH_CHECK_VALUE(d.topk >= 1, op, ": expected indices to hold topk >= 1 entries per row, got shape ",
                     shape_str(indices));
   return d;
 }
 
-void check_index_values(const char* op, const at::Tensor& indices, int64_t S) {
-  if (indices.numel() == 0) return;
+KlLossDims check_indexer_kl_loss_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                        const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
+                                        const std::optional<at::Tensor>& indices, bool causal) {
+  KlLossDims d{};
+  d.idx = check_indexer_inputs(op, q_idx, k_idx, w, causal);
+  check_rank(op, "q", q, 4, "[B, T, H, Dqk]");
+  check_rank(op, "k", k, 4, "[B, S, Hkv, Dqk]");
+  // One dtype for all four feature tensors keeps one kernel instantiation per dtype.
+  check_same_dtype(op, "q", q, "q_idx", q_idx);
+  check_same_dtype(op, "k", k, "q_idx", q_idx);
+  check_same_device(op, "q", q, "q_idx", q_idx);
+  check_same_device(op, "k", k, "q_idx", q_idx);
+  d.H = q.size(2), d.Hkv = k.size(2), d.Dqk = q.size(3);
+  check_dim(op, "q", q, 0, d.idx.B, "batch B of q_idx");
+  check_dim(op, "q", q, 1, d.idx.T, "length T of q_idx");
+  check_dim(op, "k", k, 0, d.idx.B, "batch B of q_idx");
+  check_dim(op, "k", k, 1, d.idx.S, "length S of k_idx");
+  check_dim(op, "k", k, 3, d.Dqk, "head dim Dqk of q");
+  TORCH_CHECK(d.H > 0 && d.Hkv > 0 && d.H % d.Hkv == 0, op, ": expected the H=", d.H,
+              " query heads of q to be a positive multiple of the Hkv=", d.Hkv, " kv heads of k");
+  TORCH_CHECK(d.Dqk > 0, op, ": expected q to have Dqk > 0, got shape ", shape_str(q));
+  if (indices.has_value()) {
+    const auto& ind = *indices;
+    TORCH_CHECK(ind.scalar_type() == at::kInt, op, ": expected indices to be int32, got ", ind.scalar_type());
+    check_rank(op, "indices", ind, 3, "[B, T, topk]");
+    check_same_device(op, "indices", ind, "q_idx", q_idx);
+    check_dim(op, "indices", ind, 0, d.idx.B, "batch B of q_idx");
+    check_dim(op, "indices", ind, 1, d.idx.T, "length T of q_idx");
+    d.topk = ind.size(2);
+    TORCH_CHECK_VALUE(d.topk >= 1, op, ": expected indices to hold topk >= 1 entries per row, got shape ",
+                      shape_str(ind));
+  }
+  return d;
+}
+
+void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": expected ", name,
+              " to be float32, bfloat16 or float16 on CUDA, got float64 (the float64 kernels run on CPU)");
+}
+
+void check_row_length(const char* op, const char* name, int64_t n) {
+  constexpr int64_t kMaxRow = INT32_MAX - (1 << 16);
+  TORCH_CHECK(n <= kMaxRow, op, ": expected ", name, " to have at most ", kMaxRow,
+              " positions per row (int32 indices), got ", n);
+}
+
+void check_index_range(const char* op, const at::Tensor& indices, int64_t S) {
+  if (indices.numel() == 0 || (indices.is_cuda() && !index_checks_enabled())) return;
   const auto bad = at::logical_or(indices.lt(-1), indices.ge(S));
   if (!bad.any().item<bool>()) return;
   const auto first = bad.nonzero()[0].cpu();  // coordinates of the first bad entry

@@ -3,9 +3,9 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 namespace dsa {
@@ -15,8 +15,13 @@ struct IndexerDims {
 };
 
 struct AttentionDims {
-  int64_t B, T, S, H, Hkv, Dqk, Dv, K;
-  bool per_kv_head_indices;  // indices [B,T,Hkv,K] instead of [B,T,K]
+  int64_t B, T, S, H, Hkv, Dqk, Dv, topk;
+  bool per_kv_head_indices;  // indices [B,T,Hkv,topk] instead of [B,T,topk]
+};
+
+struct KlLossDims {
+  IndexerDims idx;
+  int64_t H, Hkv, Dqk, topk;  // topk = 0 in the dense form (no indices)
 };
 
 // "[2, 3, 4]"
@@ -52,16 +57,32 @@ IndexerDims check_indexer_inputs(const char* op, const at::Tensor& q_idx, const 
 // float32 w and an optional k_scale [B, S] float32; k_scale is only for FP8 inputs.
 IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
                                          const at::Tensor& w, bool causal,
-                                         const c10::optional<at::Tensor>& k_scale);
+                                         const std::optional<at::Tensor>& k_scale);
 
-void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t k);
+// 1 <= topk < 2^31 (index entries are int32).
+void check_topk(const char* op, int64_t topk);
+void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t topk);
 
 AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k,
                                             const at::Tensor& v, const at::Tensor& indices);
 
-// Every entry of an int32 index tensor is -1 or in [0, S). Always run on CPU; on CUDA only when
-// index checking is switched on (it synchronises the stream), see set_index_checks.
-void check_index_values(const char* op, const at::Tensor& indices, int64_t S);
+// indexer_kl_loss and its backward: the indexer inputs, the main attention's q [B,T,H,Dqk] and
+// k [B,S,Hkv,Dqk] in q_idx's dtype, and indices [B,T,topk] int32 or none (dense form).
+KlLossDims check_indexer_kl_loss_inputs(const char* op, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                                        const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
+                                        const std::optional<at::Tensor>& indices, bool causal);
+
+// The one place index values are checked, called by every operator's host preparation: every
+// entry of an int32 index tensor must be -1 or in [0, S). Always on CPU; on CUDA only when index
+// checking is switched on (it synchronises the stream; the kernels treat such entries as -1).
+void check_index_range(const char* op, const at::Tensor& indices, int64_t S);
+
+// The CUDA kernels take float32, bfloat16, float16 (and float8_e4m3fn where the op allows it),
+// not float64 (those kernels run on CPU); sparse_attention's row-wise kernels also take float64.
+void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t);
+
+// Positions are int32 and the CUDA selection's loop counters run a block past a row's end.
+void check_row_length(const char* op, const char* name, int64_t n);
 
 // The CUDA index-range check. Off by default: CUDA kernels treat any out-of-range index as -1
 // and never read out of bounds either way. DSA_EXT_CHECK_INDICES=1 in the environment or

@@ -2,7 +2,18 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+
 namespace dsa {
+
+// std::pow(x, -0.5), not 1 / sqrt(x): the same rounding as Python's x ** -0.5 (dsa_ext.conventions).
+double indexer_scale(const IndexerDims& d, std::optional<double> scale) {
+  return scale.has_value() ? *scale : std::pow(static_cast<double>(d.Hi * d.Di), -0.5);
+}
+
+double attention_scale(int64_t Dqk, std::optional<double> scale) {
+  return scale.has_value() ? *scale : std::pow(static_cast<double>(Dqk), -0.5);
+}
 
 IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at::Tensor& k, const at::Tensor& w,
                              double scale, bool causal) {
@@ -12,15 +23,15 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   p.w = w.data_ptr();
   p.k_scale = nullptr;
   p.B = d.B, p.T = d.T, p.S = d.S, p.Hi = d.Hi, p.Di = d.Di;
-  p.q_sb = q.stride(0), p.q_st = q.stride(1), p.q_sh = q.stride(2);
-  p.k_sb = k.stride(0), p.k_ss = k.stride(1);
+  p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1);
   p.scale = scale;
   p.causal = causal;
   p.causal_offset = d.S - d.T;
   return p;
 }
 
-at::Tensor with_key_scale(IndexerParams& p, const c10::optional<at::Tensor>& k_scale) {
+at::Tensor with_key_scale(IndexerParams& p, const std::optional<at::Tensor>& k_scale) {
   if (!k_scale.has_value() || !k_scale->defined()) return {};
   at::Tensor ks = k_scale->contiguous();
   p.k_scale = ks.data_ptr<float>();
@@ -32,21 +43,22 @@ at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
 }
 
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                         double scale, bool causal, const c10::optional<at::Tensor>& k_scale) {
+                                         std::optional<double> scale, bool causal,
+                                         const std::optional<at::Tensor>& k_scale) {
   const auto d = check_indexer_forward_inputs("dsa.indexer_logits", q_idx, k_idx, w, causal, k_scale);
   IndexerLogitsCall c;
   c.q = last_dim_contiguous(q_idx);
   c.k = last_dim_contiguous(k_idx);
   c.w = score_weights(w, q_idx);
   c.logits = at::empty({d.B, d.T, d.S}, q_idx.options().dtype(score_dtype(q_idx.scalar_type())));
-  c.p = indexer_params(d, c.q, c.k, c.w, scale, causal);
+  c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
   c.k_scale = with_key_scale(c.p, k_scale);
   return c;
 }
 
 IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logits, const at::Tensor& q_idx,
-                                                     const at::Tensor& k_idx, const at::Tensor& w, double scale,
-                                                     bool causal) {
+                                                     const at::Tensor& k_idx, const at::Tensor& w,
+                                                     std::optional<double> scale, bool causal) {
   const char* op = "dsa.indexer_logits_backward";
   const auto d = check_indexer_inputs(op, q_idx, k_idx, w, causal);
   check_same_shape(op, "grad_logits", grad_logits, {d.B, d.T, d.S}, score_dtype(q_idx.scalar_type()), q_idx);
@@ -58,42 +70,40 @@ IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logi
   c.grad_q = at::empty({d.B, d.T, d.Hi, d.Di}, q_idx.options());
   c.grad_k = at::empty({d.B, d.S, d.Di}, k_idx.options());
   c.grad_w = at::empty({d.B, d.T, d.Hi}, c.w.options());
-  c.p.fwd = indexer_params(d, c.q, c.k, c.w, scale, causal);
+  c.p.fwd = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
   c.p.grad_logits = c.grad_logits.data_ptr();
-  c.p.g_sb = c.grad_logits.stride(0), c.p.g_st = c.grad_logits.stride(1);
+  c.p.grad_batch_stride = c.grad_logits.stride(0), c.p.grad_row_stride = c.grad_logits.stride(1);
   c.p.grad_q = c.grad_q.data_ptr();
   c.p.grad_k = c.grad_k.data_ptr();
   c.p.grad_w = c.grad_w.data_ptr();
   return c;
 }
 
-at::Tensor finish_grad_w(const IndexerLogitsBwdCall& call, const at::Tensor& w) {
-  return call.grad_w.to(w.scalar_type());
-}
+at::Tensor finish_grad_w(const at::Tensor& grad_w, const at::Tensor& w) { return grad_w.to(w.scalar_type()); }
 
-TopkCall prepare_topk(const at::Tensor& logits, int64_t k) {
-  check_topk_inputs("dsa.topk_indices", logits, k);
+TopkCall prepare_topk(const at::Tensor& logits, int64_t topk) {
+  check_topk_inputs("dsa.topk_indices", logits, topk);
   TopkCall c;
   c.logits = last_dim_contiguous(logits);
   const int64_t B = logits.size(0), T = logits.size(1), S = logits.size(2);
-  c.out = at::empty({B, T, k}, logits.options().dtype(at::kInt));
-  c.p = TopkParams{c.logits.data_ptr(), B, T, S, k, c.logits.stride(0), c.logits.stride(1),
+  c.out = at::empty({B, T, topk}, logits.options().dtype(at::kInt));
+  c.p = TopkParams{c.logits.data_ptr(), B, T, S, topk, c.logits.stride(0), c.logits.stride(1),
                    c.out.data_ptr<int32_t>()};
   return c;
 }
 
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                                     int64_t topk, double scale, bool causal,
-                                     const c10::optional<at::Tensor>& k_scale) {
+                                     int64_t topk, std::optional<double> scale, bool causal,
+                                     const std::optional<at::Tensor>& k_scale) {
   const char* op = "dsa.indexer_topk";
   const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
-  TORCH_CHECK_VALUE(topk >= 1 && topk <= INT32_MAX, op, ": expected 1 <= k < 2^31, got k=", topk);
+  check_topk(op, topk);
   IndexerTopkCall c;
   c.q = last_dim_contiguous(q_idx);
   c.k = last_dim_contiguous(k_idx);
   c.w = score_weights(w, q_idx);
   c.out = at::empty({d.B, d.T, topk}, q_idx.options().dtype(at::kInt));
-  c.p = indexer_params(d, c.q, c.k, c.w, scale, causal);
+  c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
   c.k_scale = with_key_scale(c.p, k_scale);
   c.topk = topk;
   return c;
@@ -102,14 +112,15 @@ IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& 
 namespace {
 
 // Inputs with stride-1 last dims, plus the params block over them and over out/lse.
-SparseAttentionCall sparse_attention_call(const AttentionDims& d, const at::Tensor& q, const at::Tensor& k,
-                                          const at::Tensor& v, const at::Tensor& indices, at::Tensor out,
-                                          at::Tensor lse, double scale) {
+SparseAttentionCall sparse_attention_call(const char* op, const AttentionDims& d, const at::Tensor& q,
+                                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& indices,
+                                          at::Tensor out, at::Tensor lse, std::optional<double> scale) {
   SparseAttentionCall c;
   c.q = last_dim_contiguous(q);
   c.k = last_dim_contiguous(k);
   c.v = last_dim_contiguous(v);
   c.indices = last_dim_contiguous(indices);
+  check_index_range(op, c.indices, d.S);
   c.out = std::move(out);
   c.lse = std::move(lse);
   auto& p = c.p;
@@ -119,32 +130,33 @@ SparseAttentionCall sparse_attention_call(const AttentionDims& d, const at::Tens
   p.indices = c.indices.data_ptr<int32_t>();
   p.out = c.out.data_ptr();
   p.lse = c.lse.data_ptr();
-  p.B = d.B, p.T = d.T, p.S = d.S, p.H = d.H, p.Hkv = d.Hkv, p.Dqk = d.Dqk, p.Dv = d.Dv, p.K = d.K;
-  p.q_sb = c.q.stride(0), p.q_st = c.q.stride(1), p.q_sh = c.q.stride(2);
-  p.k_sb = c.k.stride(0), p.k_ss = c.k.stride(1), p.k_sh = c.k.stride(2);
-  p.v_sb = c.v.stride(0), p.v_ss = c.v.stride(1), p.v_sh = c.v.stride(2);
-  p.i_sb = c.indices.stride(0), p.i_st = c.indices.stride(1);
-  p.i_sh = d.per_kv_head_indices ? c.indices.stride(2) : 0;
-  p.scale = scale;
+  p.B = d.B, p.T = d.T, p.S = d.S, p.H = d.H, p.Hkv = d.Hkv, p.Dqk = d.Dqk, p.Dv = d.Dv, p.topk = d.topk;
+  p.q_batch_stride = c.q.stride(0), p.q_row_stride = c.q.stride(1), p.q_head_stride = c.q.stride(2);
+  p.k_batch_stride = c.k.stride(0), p.k_row_stride = c.k.stride(1), p.k_head_stride = c.k.stride(2);
+  p.v_batch_stride = c.v.stride(0), p.v_row_stride = c.v.stride(1), p.v_head_stride = c.v.stride(2);
+  p.idx_batch_stride = c.indices.stride(0), p.idx_row_stride = c.indices.stride(1);
+  p.idx_head_stride = d.per_kv_head_indices ? c.indices.stride(2) : 0;
+  p.scale = attention_scale(d.Dqk, scale);
   return c;
 }
 
 }  // namespace
 
 SparseAttentionCall prepare_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                             const at::Tensor& indices, double scale) {
-  const auto d = check_sparse_attention_inputs("dsa.sparse_attention", q, k, v, indices);
-  return sparse_attention_call(d, q, k, v, indices, at::empty({d.B, d.T, d.H, d.Dv}, q.options()),
+                                             const at::Tensor& indices, std::optional<double> scale) {
+  const char* op = "dsa.sparse_attention";
+  const auto d = check_sparse_attention_inputs(op, q, k, v, indices);
+  return sparse_attention_call(op, d, q, k, v, indices, at::empty({d.B, d.T, d.H, d.Dv}, q.options()),
                                at::empty({d.B, d.T, d.H}, q.options().dtype(score_dtype(q.scalar_type()))),
                                scale);
 }
 
 SparseAttentionBwdCall prepare_sparse_attention_backward(const at::Tensor& grad_out,
-                                                         const c10::optional<at::Tensor>& grad_lse,
+                                                         const std::optional<at::Tensor>& grad_lse,
                                                          const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& indices,
                                                          const at::Tensor& out, const at::Tensor& lse,
-                                                         double scale) {
+                                                         std::optional<double> scale) {
   const char* op = "dsa.sparse_attention_backward";
   const auto d = check_sparse_attention_inputs(op, q, k, v, indices);
   const auto sdt = score_dtype(q.scalar_type());
@@ -152,7 +164,7 @@ SparseAttentionBwdCall prepare_sparse_attention_backward(const at::Tensor& grad_
   check_same_shape(op, "out", out, {d.B, d.T, d.H, d.Dv}, q.scalar_type(), q);
   check_same_shape(op, "lse", lse, {d.B, d.T, d.H}, sdt, q);
   SparseAttentionBwdCall c;
-  c.fwd = sparse_attention_call(d, q, k, v, indices, out.contiguous(), lse.contiguous(), scale);
+  c.fwd = sparse_attention_call(op, d, q, k, v, indices, out.contiguous(), lse.contiguous(), scale);
   const auto& f = c.fwd.p;
   c.grad_out = last_dim_contiguous(grad_out);
   if (grad_lse.has_value() && grad_lse->defined()) {
@@ -165,7 +177,7 @@ SparseAttentionBwdCall prepare_sparse_attention_backward(const at::Tensor& grad_
   auto& p = c.p;
   p.fwd = c.fwd.p;
   p.grad_out = c.grad_out.data_ptr();
-  p.do_sb = c.grad_out.stride(0), p.do_st = c.grad_out.stride(1), p.do_sh = c.grad_out.stride(2);
+  p.do_batch_stride = c.grad_out.stride(0), p.do_row_stride = c.grad_out.stride(1), p.do_head_stride = c.grad_out.stride(2);
   p.grad_lse = c.grad_lse.defined() ? c.grad_lse.data_ptr() : nullptr;
   p.grad_q = c.grad_q.data_ptr();
   p.grad_k = c.grad_k.data_ptr();

@@ -1,6 +1,11 @@
-// The operator schemas of the `dsa` library, defined once. Kernels register per backend next to
-// their code (csrc/cpu, csrc/cuda); fake kernels and autograd are registered from Python
-// (dsa_ext/ops.py). The semantics of every operator are fixed by shared/DESIGN.md.
+// The operator schemas of the `dsa` library, defined once, with their defaults: C++ callers
+// (c10::Dispatcher) get the same defaults as Python. Kernels register per backend next to their
+// code (csrc/cpu, csrc/cuda); fake kernels and autograd are registered from Python
+// (dsa_ext/ops.py). What each operator computes: docs/DESIGN.md.
+//
+// Conventions: `topk` is the number of selected keys per query (`k` names keys); a `float?`
+// scale of None takes the default the host code resolves once (host.h: indexer_scale,
+// attention_scale).
 #include <torch/library.h>
 
 TORCH_LIBRARY(dsa, m) {
@@ -9,36 +14,39 @@ TORCH_LIBRARY(dsa, m) {
   // FP8: q_idx and k_idx float8_e4m3fn, w float32 (with the per-row query scales folded in) and
   // an optional per-key scale k_scale [B, S] float32 that multiplies logits[b,t,s]; forward only.
   m.def(
-      "indexer_logits(Tensor q_idx, Tensor k_idx, Tensor w, float scale, bool causal, Tensor? k_scale=None) "
-      "-> Tensor");
+      "indexer_logits(Tensor q_idx, Tensor k_idx, Tensor w, float? scale=None, bool causal=True, "
+      "Tensor? k_scale=None) -> Tensor");
   m.def(
       "indexer_logits_backward(Tensor grad_logits, Tensor q_idx, Tensor k_idx, Tensor w, "
-      "float scale, bool causal) -> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
+      "float? scale=None, bool causal=True) -> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
 
   // Deterministic top-k: ties go to the lower position, rows ascending, -1 padding.
-  m.def("topk_indices(Tensor logits, int k) -> Tensor");
+  m.def("topk_indices(Tensor logits, int topk) -> Tensor");
 
   // Fused indexer + top-k, streaming over keys: [B, T, S] never exists. FP8 as indexer_logits.
   m.def(
-      "indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int k, float scale, bool causal, "
+      "indexer_topk(Tensor q_idx, Tensor k_idx, Tensor w, int topk, float? scale=None, bool causal=True, "
       "Tensor? k_scale=None) -> Tensor");
 
   // Attention over the gathered keys indices[b,t,(hkv,)i]; returns (out, lse).
-  m.def("sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor indices, float? scale=None) "
+      "-> (Tensor out, Tensor lse)");
   m.def(
       "sparse_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, "
-      "Tensor indices, Tensor out, Tensor lse, float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      "Tensor indices, Tensor out, Tensor lse, float? scale=None) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 
   // Indexer training loss: per-token KL(main attention's head-mean distribution || indexer
   // softmax) over the causal keys (indices absent) or the valid selected keys, streamed over keys.
   // Also returns the two lse it normalised with (idx_lse [B,T], attn_lse_out [B,T,H]) for the
   // backward; attn_lse, when given, is used instead of recomputing the attention lse.
   m.def(
-      "indexer_kl_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor k, Tensor? indices, "
-      "float idx_scale, float attn_scale, bool causal, Tensor? attn_lse) "
+      "indexer_kl_loss(Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor k, Tensor? indices=None, "
+      "float? idx_scale=None, float? attn_scale=None, bool causal=True, Tensor? attn_lse=None) "
       "-> (Tensor loss, Tensor idx_lse, Tensor attn_lse_out)");
   m.def(
       "indexer_kl_loss_backward(Tensor grad_loss, Tensor q_idx, Tensor k_idx, Tensor w, Tensor q, Tensor k, "
-      "Tensor? indices, Tensor idx_lse, Tensor attn_lse, float idx_scale, float attn_scale, bool causal) "
-      "-> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
+      "Tensor? indices, Tensor idx_lse, Tensor attn_lse, float? idx_scale=None, float? attn_scale=None, "
+      "bool causal=True) -> (Tensor grad_q_idx, Tensor grad_k_idx, Tensor grad_w)");
 }

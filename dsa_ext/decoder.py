@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import DSAAttention, DSAConfig, LightningIndexer, dense_causal_attention
+from .nn import DSAAttention, DSAConfig, dense_causal_attention
 
 __all__ = ["DecoderConfig", "Decoder", "DenseCore", "convert"]
 
@@ -132,8 +132,6 @@ def convert(model: Decoder, config: DSAConfig) -> Decoder:
     for block in model.blocks:
         if isinstance(block.attn.core, DSAAttention):
             raise ValueError("convert: the model already has DSA attention")
-        indexer = LightningIndexer(model.cfg.d_model, config.n_heads, config.head_dim,
-                                   config.rope_dim, config.rope_theta, config.hadamard)
-        block.attn.core = DSAAttention(indexer, config.topk, config.mode, config.fp8_topk).to(p.device, p.dtype)
+        block.attn.core = DSAAttention.from_config(config, model.cfg.d_model).to(p.device, p.dtype)
     model.dsa_config = config
     return model

@@ -55,7 +55,7 @@ def indexer_inputs(q_idx: Tensor, k_idx: Tensor, w: Tensor) -> Tuple[Tensor, Ten
     Returns:
         ``(q8, k8, w_scaled, k_scale)``: ``[B, T, Hi, Di]`` and ``[B, S, Di]`` float8_e4m3fn,
         ``[B, T, Hi]`` float32 head weights times the query rows' scales, ``[B, S]`` float32 key
-        scales. Pass them as ``indexer_topk(q8, k8, w_scaled, k, scale, causal, k_scale=k_scale)``.
+        scales. Pass them as ``indexer_topk(q8, k8, w_scaled, topk, scale, causal, k_scale=k_scale)``.
     """
     q8, q_scale = quantize_rows(q_idx)
     k8, k_scale = quantize_rows(k_idx)
@@ -67,11 +67,11 @@ def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[floa
     """``dsa_ext.indexer_logits`` on e4m3-quantised q_idx and k_idx (same arguments and output;
     the scale default ``(Hi * Di) ** -0.5`` is unchanged). Not differentiable."""
     q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
-    return ops.indexer_logits(q8, k8, ws, ops._indexer_scale(q_idx, scale), causal, k_scale=ks)
+    return ops.indexer_logits(q8, k8, ws, scale, causal, k_scale=ks)
 
 
-def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optional[float] = None,
+def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Optional[float] = None,
                  causal: bool = True) -> Tensor:
-    """``dsa_ext.indexer_topk`` on e4m3-quantised q_idx and k_idx: ``[B, T, k]`` int32."""
+    """``dsa_ext.indexer_topk`` on e4m3-quantised q_idx and k_idx: ``[B, T, topk]`` int32."""
     q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
-    return ops.indexer_topk(q8, k8, ws, k, ops._indexer_scale(q_idx, scale), causal, k_scale=ks)
+    return ops.indexer_topk(q8, k8, ws, topk, scale, causal, k_scale=ks)

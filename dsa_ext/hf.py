@@ -29,8 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
-from .reference import causal_mask
+from .nn import DSAAttention, DSAConfig, dsa_modules
+from .conventions import causal_mask
 
 __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
            "from_pretrained", "INDEXER_FILE", "CONFIG_FILE"]
@@ -70,7 +70,7 @@ def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout
 
     hidden, positions = module._dsa_inputs
     module._dsa_inputs = (None, None)  # hold the activations no longer than the call
-    if core.mode != "dense" or core.record_recall:
+    if core.mode != "dense" or core.recall is not None:
         _check_mask(attention_mask, query.shape[2], key.shape[2], core.mode)
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
@@ -116,9 +116,7 @@ def convert(model: nn.Module, config: DSAConfig, allow_untested: bool = False) -
     hidden_size = model.config.hidden_size
     for m in attn:
         ref = m.q_proj.weight
-        indexer = LightningIndexer(hidden_size, config.n_heads, config.head_dim, config.rope_dim,
-                                   config.rope_theta, config.hadamard)
-        m.dsa = DSAAttention(indexer, config.topk, config.mode, config.fp8_topk).to(ref.device, ref.dtype)
+        m.dsa = DSAAttention.from_config(config, hidden_size).to(ref.device, ref.dtype)
         m._dsa_inputs = (None, None)
         m.register_forward_pre_hook(_stash_inputs, with_kwargs=True)
     if hasattr(model, "set_attn_implementation"):

@@ -1,9 +1,11 @@
 """Typed entry points of the ``torch.ops.dsa`` operators, their fake kernels (shape and dtype
 only, for torch.compile and meta tensors) and their autograd formulas.
 
-Conventions (shared/DESIGN.md): batch-first tensors whose last dimension is contiguous; causal
+Conventions (docs/DESIGN.md): batch-first tensors whose last dimension is contiguous; causal
 alignment is bottom-right (query t sees keys s <= t + S - T); index tensors are int32 with -1 for
-an empty slot; scores, lse and losses are float32 (float64 for float64 inputs).
+an empty slot; scores, lse and losses are float32 (float64 for float64 inputs); ``topk`` is the
+number of selected keys per query. Defaults (``scale=None`` and the like) live in the operator
+schemas and are resolved in C++, so these wrappers pass them through unchanged.
 """
 from __future__ import annotations
 
@@ -19,14 +21,6 @@ _ops = torch.ops.dsa
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _indexer_scale(q_idx: Tensor, scale: Optional[float]) -> float:
-    if scale is not None:
-        return float(scale)
-    if q_idx.dim() != 4:  # the operator raises the shape error
-        return 1.0
-    return float((q_idx.shape[2] * q_idx.shape[3]) ** -0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,44 +50,44 @@ def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[floa
         ``[B, T, S]`` float32 (float64 for float64 inputs). Differentiable in q_idx, k_idx, w
         (not for FP8 inputs).
     """
-    return _ops.indexer_logits(q_idx, k_idx, w, _indexer_scale(q_idx, scale), bool(causal), k_scale)
+    return _ops.indexer_logits(q_idx, k_idx, w, scale, bool(causal), k_scale)
 
 
-def topk_indices(logits: Tensor, k: int) -> Tensor:
-    """Positions of the k highest scores of each row, deterministically.
+def topk_indices(logits: Tensor, topk: int) -> Tensor:
+    """Positions of the ``topk`` highest scores of each row, deterministically.
 
     Ties go to the lower position; each row lists its positions in ascending order followed by
-    ``-1`` padding when fewer than k scores are valid (``-inf`` and NaN are never selected), so a
-    causal row with fewer than k visible keys is exactly dense.
+    ``-1`` padding when fewer than ``topk`` scores are valid (``-inf`` and NaN are never
+    selected), so a causal row with fewer than ``topk`` visible keys is exactly dense.
 
     Args:
         logits: ``[B, T, S]`` float64, float32, bfloat16 or float16.
-        k: number of positions per row, ``k >= 1`` (k > S is allowed: padded with -1).
+        topk: number of positions per row, ``topk >= 1`` (``topk > S`` is allowed: padded with -1).
 
     Returns:
-        ``[B, T, k]`` int32. Not differentiable.
+        ``[B, T, topk]`` int32. Not differentiable.
     """
-    return _ops.topk_indices(logits, int(k))
+    return _ops.topk_indices(logits, int(topk))
 
 
-def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, k: int, scale: Optional[float] = None,
+def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Optional[float] = None,
                  causal: bool = True, k_scale: Optional[Tensor] = None) -> Tensor:
-    """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), k)`` without ever
+    """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), topk)`` without ever
     materialising the ``[B, T, S]`` logits: scores stream through a running selection, memory is
-    O(B*T*k).
+    O(B*T*topk).
 
     Args:
         q_idx: ``[B, T, Hi, Di]``; k_idx: ``[B, S, Di]``; w: ``[B, T, Hi]``, as in
             :func:`indexer_logits`.
-        k: positions per row, ``k >= 1``.
+        topk: positions per row, ``topk >= 1``.
         scale: default ``(Hi * Di) ** -0.5``.
         causal: bottom-right causal mask (needs S >= T).
         k_scale: ``[B, S]`` float32 key scales of float8_e4m3fn inputs, as in :func:`indexer_logits`.
 
     Returns:
-        ``[B, T, k]`` int32, ascending positions then -1 padding. Not differentiable.
+        ``[B, T, topk]`` int32, ascending positions then -1 padding. Not differentiable.
     """
-    return _ops.indexer_topk(q_idx, k_idx, w, int(k), _indexer_scale(q_idx, scale), bool(causal), k_scale)
+    return _ops.indexer_topk(q_idx, k_idx, w, int(topk), scale, bool(causal), k_scale)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None,
@@ -108,7 +102,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Op
         q: ``[B, T, H, Dqk]`` float64, float32, bfloat16 or float16.
         k: ``[B, S, Hkv, Dqk]``, q's dtype. Any strides with a contiguous last dimension.
         v: ``[B, S, Hkv, Dv]``, q's dtype; may be a view of k's storage (``kv[..., :Dv]``).
-        indices: ``[B, T, K]`` int32 (one row serves every head) or ``[B, T, Hkv, K]``;
+        indices: ``[B, T, topk]`` int32 (one row serves every head) or ``[B, T, Hkv, topk]``;
             entries -1 or in ``[0, S)``.
         scale: score scale, default ``Dqk ** -0.5``.
         return_lse: also return the natural-log log-sum-exp of the scores.
@@ -117,9 +111,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Op
         out ``[B, T, H, Dv]`` in q's dtype, and with ``return_lse`` the lse ``[B, T, H]`` float32
         (float64 for float64 inputs). Differentiable in q, k, v (also through lse).
     """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5 if q.dim() == 4 else 1.0
-    out, lse = _ops.sparse_attention(q, k, v, indices, float(scale))
+    out, lse = _ops.sparse_attention(q, k, v, indices, scale)
     return (out, lse) if return_lse else out
 
 
@@ -158,8 +150,8 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
             never receives a gradient (read detached).
         k: ``[B, S, Hkv, Dqk]``, q_idx's dtype, H a multiple of Hkv (MHA, GQA, MQA): the main
             attention's keys. Constant, like q.
-        indices: ``None`` (dense) or ``[B, T, K]`` int32 with ``K >= 1``, entries -1 or in
-            ``[0, S)`` (e.g. from :func:`indexer_topk`).
+        indices: ``None`` (dense) or ``[B, T, topk]`` int32 with ``topk >= 1``, entries -1 or
+            in ``[0, S)`` (e.g. from :func:`indexer_topk`).
         idx_scale: indexer score scale, default ``(Hi * Di) ** -0.5``.
         attn_scale: attention score scale, default ``Dqk ** -0.5``.
         causal: dense form only: mask keys after each query (needs S >= T).
@@ -174,42 +166,116 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
         training recipe says (DeepSeek-V3.2 sums over tokens). Differentiable in q_idx, k_idx
         and w only.
     """
-    if attn_scale is None:
-        attn_scale = q.shape[-1] ** -0.5 if q.dim() == 4 else 1.0
     loss, _, _ = _ops.indexer_kl_loss(
-        q_idx, k_idx, w, q.detach(), k.detach(), indices, _indexer_scale(q_idx, idx_scale),
-        float(attn_scale), bool(causal), None if attn_lse is None else attn_lse.detach())
+        q_idx, k_idx, w, q.detach(), k.detach(), indices, idx_scale, attn_scale, bool(causal),
+        None if attn_lse is None else attn_lse.detach())
     return loss
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels: output metadata only
+# Fake kernels: output metadata, and the shape checks of the C++ host code as torch._check, so
+# that torch.compile reports a bad shape at trace time with the operator's own message.
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_rank(op: str, name: str, t: Tensor, rank: int, layout: str) -> None:
+    torch._check(t.dim() == rank, lambda: f"{op}: expected {name} to be a {rank}-D tensor {layout}, "
+                                          f"got shape {list(t.shape)}")
+
+
+def _check_dim(op: str, name: str, t: Tensor, dim: int, expected, what: str) -> None:
+    torch._check(t.shape[dim] == expected, lambda: f"{op}: expected {name}.size({dim}) == {expected} "
+                                                   f"({what}), got shape {list(t.shape)}")
+
+
+def _check_indexer(op: str, q_idx: Tensor, k_idx: Tensor, w: Tensor, causal: bool) -> None:
+    _check_rank(op, "q_idx", q_idx, 4, "[B, T, Hi, Di]")
+    _check_rank(op, "k_idx", k_idx, 3, "[B, S, Di]")
+    _check_rank(op, "w", w, 3, "[B, T, Hi]")
+    B, T, Hi, Di = q_idx.shape
+    _check_dim(op, "k_idx", k_idx, 0, B, "batch B of q_idx")
+    _check_dim(op, "k_idx", k_idx, 2, Di, "head dim Di of q_idx")
+    _check_dim(op, "w", w, 0, B, "batch B of q_idx")
+    _check_dim(op, "w", w, 1, T, "length T of q_idx")
+    _check_dim(op, "w", w, 2, Hi, "heads Hi of q_idx")
+    if causal:
+        torch._check(k_idx.shape[1] >= T, lambda: f"{op}: causal attention needs S >= T, got T={T} "
+                                                  f"from q_idx and S={k_idx.shape[1]} from k_idx")
+
+
+def _check_topk(op: str, topk: int) -> None:
+    torch._check_value(1 <= topk < 2**31, lambda: f"{op}: expected 1 <= topk < 2^31, got topk={topk}")
+
+
+def _check_attention(op: str, q: Tensor, k: Tensor, v: Tensor, indices: Tensor) -> None:
+    _check_rank(op, "q", q, 4, "[B, T, H, Dqk]")
+    _check_rank(op, "k", k, 4, "[B, S, Hkv, Dqk]")
+    _check_rank(op, "v", v, 4, "[B, S, Hkv, Dv]")
+    B, T, H, Dqk = q.shape
+    _check_dim(op, "k", k, 0, B, "batch B of q")
+    _check_dim(op, "k", k, 3, Dqk, "head dim Dqk of q")
+    _check_dim(op, "v", v, 0, B, "batch B of q")
+    _check_dim(op, "v", v, 1, k.shape[1], "length S of k")
+    _check_dim(op, "v", v, 2, k.shape[2], "kv heads Hkv of k")
+    torch._check(H % k.shape[2] == 0, lambda: f"{op}: expected the H={H} query heads of q to be a "
+                                              f"multiple of the Hkv={k.shape[2]} kv heads of k")
+    torch._check(indices.dim() in (3, 4), lambda: f"{op}: expected indices to be [B, T, topk] or "
+                                                  f"[B, T, Hkv, topk], got shape {list(indices.shape)}")
+    _check_dim(op, "indices", indices, 0, B, "batch B of q")
+    _check_dim(op, "indices", indices, 1, T, "length T of q")
+    if indices.dim() == 4:
+        _check_dim(op, "indices", indices, 2, k.shape[2], "kv heads Hkv of k")
+
+
+def _check_kl_loss(op: str, q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tensor,
+                   indices: Optional[Tensor], causal: bool) -> None:
+    _check_indexer(op, q_idx, k_idx, w, causal)
+    _check_rank(op, "q", q, 4, "[B, T, H, Dqk]")
+    _check_rank(op, "k", k, 4, "[B, S, Hkv, Dqk]")
+    B, T = q_idx.shape[:2]
+    _check_dim(op, "q", q, 0, B, "batch B of q_idx")
+    _check_dim(op, "q", q, 1, T, "length T of q_idx")
+    _check_dim(op, "k", k, 0, B, "batch B of q_idx")
+    _check_dim(op, "k", k, 1, k_idx.shape[1], "length S of k_idx")
+    _check_dim(op, "k", k, 3, q.shape[3], "head dim Dqk of q")
+    torch._check(q.shape[2] % k.shape[2] == 0, lambda: f"{op}: expected the H={q.shape[2]} query heads "
+                                                      f"of q to be a multiple of the Hkv={k.shape[2]} kv heads of k")
+    if indices is not None:
+        _check_rank(op, "indices", indices, 3, "[B, T, topk]")
+        _check_dim(op, "indices", indices, 0, B, "batch B of q_idx")
+        _check_dim(op, "indices", indices, 1, T, "length T of q_idx")
+
+
 @torch.library.register_fake("dsa::indexer_logits")
-def _indexer_logits_fake(q_idx, k_idx, w, scale, causal, k_scale=None):
+def _indexer_logits_fake(q_idx, k_idx, w, scale=None, causal=True, k_scale=None):
+    _check_indexer("dsa.indexer_logits", q_idx, k_idx, w, causal)
     return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]),
                            dtype=_score_dtype(q_idx.dtype))
 
 
 @torch.library.register_fake("dsa::indexer_logits_backward")
-def _indexer_logits_backward_fake(grad_logits, q_idx, k_idx, w, scale, causal):
+def _indexer_logits_backward_fake(grad_logits, q_idx, k_idx, w, scale=None, causal=True):
+    _check_indexer("dsa.indexer_logits_backward", q_idx, k_idx, w, causal)
     return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
 
 
 @torch.library.register_fake("dsa::topk_indices")
-def _topk_indices_fake(logits, k):
-    return logits.new_empty((logits.shape[0], logits.shape[1], k), dtype=torch.int32)
+def _topk_indices_fake(logits, topk):
+    _check_rank("dsa.topk_indices", "logits", logits, 3, "[B, T, S]")
+    _check_topk("dsa.topk_indices", topk)
+    return logits.new_empty((logits.shape[0], logits.shape[1], topk), dtype=torch.int32)
 
 
 @torch.library.register_fake("dsa::indexer_topk")
-def _indexer_topk_fake(q_idx, k_idx, w, k, scale, causal, k_scale=None):
-    return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k), dtype=torch.int32)
+def _indexer_topk_fake(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None):
+    _check_indexer("dsa.indexer_topk", q_idx, k_idx, w, causal)
+    _check_topk("dsa.indexer_topk", topk)
+    return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], topk), dtype=torch.int32)
 
 
 @torch.library.register_fake("dsa::sparse_attention")
-def _sparse_attention_fake(q, k, v, indices, scale):
+def _sparse_attention_fake(q, k, v, indices, scale=None):
+    _check_attention("dsa.sparse_attention", q, k, v, indices)
     B, T, H = q.shape[:3]
     out = q.new_empty((B, T, H, v.shape[-1]))
     lse = q.new_empty((B, T, H), dtype=_score_dtype(q.dtype))
@@ -217,13 +283,15 @@ def _sparse_attention_fake(q, k, v, indices, scale):
 
 
 @torch.library.register_fake("dsa::sparse_attention_backward")
-def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, lse, scale):
-    return (q.new_empty(q.shape),
-            k.new_empty(k.shape), v.new_empty(v.shape))
+def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, lse, scale=None):
+    _check_attention("dsa.sparse_attention_backward", q, k, v, indices)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 @torch.library.register_fake("dsa::indexer_kl_loss")
-def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse):
+def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None,
+                          causal=True, attn_lse=None):
+    _check_kl_loss("dsa.indexer_kl_loss", q_idx, k_idx, w, q, k, indices, causal)
     B, T = q_idx.shape[:2]
     dtype = _score_dtype(q_idx.dtype)
     return (q_idx.new_empty((B, T), dtype=dtype), q_idx.new_empty((B, T), dtype=dtype),
@@ -232,7 +300,8 @@ def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale,
 
 @torch.library.register_fake("dsa::indexer_kl_loss_backward")
 def _indexer_kl_loss_backward_fake(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse,
-                                   idx_scale, attn_scale, causal):
+                                   idx_scale=None, attn_scale=None, causal=True):
+    _check_kl_loss("dsa.indexer_kl_loss_backward", q_idx, k_idx, w, q, k, indices, causal)
     return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
 
 

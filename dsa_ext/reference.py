@@ -3,7 +3,7 @@
 Written for clarity, not speed: each function materialises what the fused operators stream
 (full [B, T, S] logits, gathered [.., k, D] keys). Every function accepts float64 and then
 computes in float64; other dtypes compute in float32. The signatures match ``dsa_ext.*``.
-All edge cases of shared/DESIGN.md are pinned here: bottom-right causal alignment, -1 padding,
+All edge cases of docs/DESIGN.md are pinned here: bottom-right causal alignment, -1 padding,
 duplicate indices, rows with no valid key (output 0, lse -inf, finite gradients), deterministic
 top-k (ties to the lower position, ascending rows).
 """
@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "indexer_kl_loss",
-           "causal_mask"]
+from .conventions import causal_mask, default_attention_scale, default_indexer_scale
+
+__all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "indexer_kl_loss"]
 
 
 def _acc(dtype: torch.dtype, upcast: bool = True) -> torch.dtype:
-    """The compute dtype: float64 stays, others compute in float32; upcast=False computes in the
-    input dtype itself (the low-precision baseline tests bound kernel errors against)."""
+    """The dtype of the products: float64 stays, others compute in float32. upcast=False keeps
+    the input dtype for the products (every matmul's output rounded to it) while softmax,
+    log-sum-exp and losses still run in float32: attention as plain PyTorch evaluates it in that
+    dtype, the low-precision baseline the tests bound kernel errors against (flash-attention's
+    rule)."""
     if not upcast:
         return dtype
+    return _stats(dtype)
+
+
+def _stats(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scores, softmax statistics and losses: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def causal_mask(T: int, S: int, device=None) -> torch.Tensor:
-    """[T, S] bool, True where query t may see key s: s <= t + S - T (bottom-right aligned)."""
-    t = torch.arange(T, device=device)[:, None]
-    s = torch.arange(S, device=device)[None, :]
-    return s <= t + (S - T)
 
 
 def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, upcast=True):
@@ -36,65 +38,67 @@ def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, upcas
 
     q_idx [B,T,Hi,Di], k_idx [B,S,Di], w [B,T,Hi] -> [B,T,S] float32 (float64 for float64 input).
     float8_e4m3fn inputs compute in float32 (pass them .double() for a float64 oracle).
-    upcast=False computes in the input dtype throughout (a low-precision baseline).
+    upcast=False rounds the dot products and the weighted sum to the input dtype (a low-precision
+    baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S = k_idx.shape[1]
     if scale is None:
-        scale = (Hi * Di) ** -0.5
+        scale = default_indexer_scale(Hi, Di)
     acc = _acc(q_idx.dtype, upcast)
     dots = torch.einsum("bthd,bsd->bths", q_idx.to(acc), k_idx.to(acc))
-    logits = scale * torch.einsum("bth,bths->bts", w.to(acc), dots.relu())
+    logits = (scale * torch.einsum("bth,bths->bts", w.to(acc), dots.relu())).to(_stats(q_idx.dtype))
     if k_scale is not None:
-        logits = logits * k_scale.to(acc)[:, None, :]
+        logits = logits * k_scale.to(logits.dtype)[:, None, :]
     if causal:
         if S < T:
             raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
         logits = logits.masked_fill(~causal_mask(T, S, logits.device), float("-inf"))
-    return logits.to(_acc(q_idx.dtype))
+    return logits
 
 
-def topk_indices(logits, k):
-    """The k highest finite scores of each row: ties to the lower position, positions ascending,
-    -1 padding when fewer than k are valid (-inf and NaN are never selected).
+def topk_indices(logits, topk):
+    """The topk highest finite scores of each row: ties to the lower position, positions
+    ascending, -1 padding when fewer than topk are valid (-inf and NaN are never selected).
 
-    logits [B,T,S] -> [B,T,k] int32.
+    logits [B,T,S] -> [B,T,topk] int32.
     """
-    if k < 1:
-        raise ValueError(f"expected k >= 1, got k={k}")
+    if topk < 1:
+        raise ValueError(f"expected topk >= 1, got topk={topk}")
     B, T, S = logits.shape
     valid = ~(torch.isnan(logits) | (logits == float("-inf")))
     scores = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
     # A stable descending sort keeps equal scores in position order: ties go to the lower position.
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
     chosen_valid = valid.gather(-1, order)
     order = torch.where(chosen_valid, order, torch.full_like(order, S))
     order = torch.sort(order, dim=-1).values
-    out = torch.full((B, T, k), -1, dtype=torch.int32, device=logits.device)
+    out = torch.full((B, T, topk), -1, dtype=torch.int32, device=logits.device)
     n = order.shape[-1]
     out[..., :n] = torch.where(order == S, torch.full_like(order, -1), order).to(torch.int32)
     return out
 
 
-def indexer_topk(q_idx, k_idx, w, k, scale=None, causal=True, k_scale=None):
-    """topk_indices(indexer_logits(...), k): [B,T,k] int32."""
-    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale), k)
+def indexer_topk(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None):
+    """topk_indices(indexer_logits(...), topk): [B,T,topk] int32."""
+    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale), topk)
 
 
 def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True):
     """Attention of each query over its gathered keys only; no mask of its own.
 
-    q [B,T,H,Dqk], k [B,S,Hkv,Dqk], v [B,S,Hkv,Dv], indices [B,T,K] or [B,T,Hkv,K] int32
+    q [B,T,H,Dqk], k [B,S,Hkv,Dqk], v [B,S,Hkv,Dv], indices [B,T,topk] or [B,T,Hkv,topk] int32
     (-1 = empty slot, duplicates count once per occurrence). Query head h reads kv head
     h // (H // Hkv). Returns out [B,T,H,Dv] in q's dtype and, with return_lse, the natural-log
     lse [B,T,H] float32 (float64 for float64 input); a row with no valid index gets out 0 and
-    lse -inf. upcast=False computes in the input dtype throughout (a low-precision baseline).
+    lse -inf. upcast=False rounds q.k and p.v to the input dtype and the probabilities to it
+    before p.v, softmax and lse in float32 (a low-precision baseline).
     """
     B, T, H, Dqk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     G = H // Hkv
     if scale is None:
-        scale = Dqk ** -0.5
+        scale = default_attention_scale(Dqk)
     acc = _acc(q.dtype, upcast)
     idx = indices if indices.dim() == 4 else indices[:, :, None, :].expand(B, T, Hkv, indices.shape[-1])
     if ((idx < -1) | (idx >= S)).any():
@@ -106,7 +110,7 @@ def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True
     kg = k.to(acc)[b, safe, h]  # [B, T, Hkv, K, Dqk]
     vg = v.to(acc)[b, safe, h]  # [B, T, Hkv, K, Dv]
     qg = q.to(acc).reshape(B, T, Hkv, G, Dqk)
-    scores = scale * torch.einsum("btngd,btnkd->btngk", qg, kg)
+    scores = (scale * torch.einsum("btngd,btnkd->btngk", qg, kg)).to(_stats(q.dtype))
     scores = scores.masked_fill(~valid[:, :, :, None, :], float("-inf"))
     # log-sum-exp written out so that empty rows give -inf with finite (zero) gradients
     m = scores.amax(dim=-1, keepdim=True)
@@ -117,8 +121,8 @@ def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True
     safe_denom = torch.where(nonempty, denom, torch.ones_like(denom))
     p = e / safe_denom
     lse = torch.where(nonempty, torch.log(safe_denom) + m, torch.full_like(m, float("-inf")))
-    out = torch.einsum("btngk,btnkd->btngd", p, vg).reshape(B, T, H, Dv).to(q.dtype)
-    lse = lse.reshape(B, T, H).to(_acc(q.dtype))
+    out = torch.einsum("btngk,btnkd->btngd", p.to(acc), vg).reshape(B, T, H, Dv).to(q.dtype)
+    lse = lse.reshape(B, T, H)
     return (out, lse) if return_lse else out
 
 
@@ -142,35 +146,36 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
     key listed m times counting m times in both distributions (log m added to both
     logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
     replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
-    empty row gives 0 with zero gradients. upcast=False computes in the input dtype throughout
-    (a low-precision baseline).
+    empty row gives 0 with zero gradients. upcast=False rounds the attention and indexer products
+    to the input dtype, softmax and KL in float32 (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S, H, Hkv, Dqk = k_idx.shape[1], q.shape[2], k.shape[2], q.shape[3]
     if attn_scale is None:
-        attn_scale = Dqk ** -0.5
+        attn_scale = default_attention_scale(Dqk)
     acc = _acc(q_idx.dtype, upcast)
+    sdt = _stats(q_idx.dtype)
     if indices is None:
         if causal and S < T:
             raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
         visible = causal_mask(T, S, q_idx.device) if causal else torch.ones(T, S, dtype=torch.bool, device=q_idx.device)
-        count = visible.to(acc).expand(B, T, S)
+        count = visible.to(sdt).expand(B, T, S)
     else:
         if ((indices < -1) | (indices >= S)).any():
             raise IndexError(f"expected every index to be -1 or in [0, {S})")
         valid = indices >= 0
-        count = torch.zeros(B, T, S, dtype=acc, device=q_idx.device)
-        count.scatter_add_(-1, indices.clamp(min=0).long(), valid.to(acc))
+        count = torch.zeros(B, T, S, dtype=sdt, device=q_idx.device)
+        count.scatter_add_(-1, indices.clamp(min=0).long(), valid.to(sdt))
     support = count > 0
     log_count = torch.log(count)  # 0 for a key listed once, -inf outside U_t
     with torch.no_grad():
         kh = k.to(acc).repeat_interleave(H // Hkv, dim=2)
-        a = attn_scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kh) + log_count[:, None]
-        lse_a = _lse(a) if attn_lse is None else attn_lse.to(acc).permute(0, 2, 1)[..., None]
+        a = (attn_scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kh)).to(sdt) + log_count[:, None]
+        lse_a = _lse(a) if attn_lse is None else attn_lse.to(sdt).permute(0, 2, 1)[..., None]
         p = torch.where(support[:, None], torch.exp(a - lse_a), torch.zeros_like(a)).mean(dim=1)  # [B,T,S]
         log_p = torch.where(p > 0, torch.log(p), torch.zeros_like(p))
     logits = indexer_logits(q_idx, k_idx, w, idx_scale, causal=False, upcast=upcast) + log_count
     log_q = logits - _lse(logits)
     log_q = torch.where(support, log_q, torch.zeros_like(log_q))
     loss = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(dim=-1)
-    return loss.to(_acc(q_idx.dtype))
+    return loss

@@ -185,7 +185,7 @@ def build_dense(args, vocab_size: int) -> nn.Module:
 
 def dsa_config(args, mode: str) -> dsa_nn.DSAConfig:
     return dsa_nn.DSAConfig(n_heads=args.indexer_heads, head_dim=args.indexer_dim,
-                            rope_dim=args.rope_dim, topk=args.topk, mode=mode)
+                            rope_dim=args.rope_dim, topk=args.topk, mode=mode, loss_coeff=args.kl_weight)
 
 
 def convert(model: nn.Module, args, mode: str) -> nn.Module:
@@ -241,7 +241,7 @@ def recall(model: nn.Module, windows: torch.Tensor, env: Env) -> Dict[str, List[
     for m, mode in zip(dsa_nn.dsa_modules(model), modes):
         m.mode = mode
     model.train()
-    return stats.result(env.all_sum(stats.sums))
+    return stats.result(env.all_sum(stats.tensor()))
 
 
 def mean(xs: List[float]) -> float:
@@ -390,10 +390,11 @@ def main(argv=None) -> Dict:
     trainable = dsa_nn.freeze_for_warmup(dsa)
     recall_init = recall(dsa, rec_windows, env)
 
+    # The indexer's KL loss rides on the attention outputs' autograd graph (dsa_ext.nn.DSAAttention):
+    # backpropagating the LM loss of the frozen model trains the indexers on their KL alone.
     def warmup_step(net, model, batch):
-        logits = net(batch[:, :-1])
-        kl = dsa_nn.indexer_loss(model)
-        return {"loss": args.kl_weight * kl, "kl": kl.detach(), "lm": lm_loss(logits.detach(), batch)}
+        lm = lm_loss(net(batch[:, :-1]), batch)
+        return {"loss": lm, "kl": dsa_nn.indexer_loss(model), "lm": lm.detach()}
 
     def eval_recall():
         r = recall(dsa, rec_windows, env)
@@ -411,8 +412,7 @@ def main(argv=None) -> Dict:
 
     def sparse_step(net, model, batch):
         lm = lm_loss(net(batch[:, :-1]), batch)
-        kl = dsa_nn.indexer_loss(model)
-        return {"loss": lm + args.kl_weight * kl, "lm": lm.detach(), "kl": kl.detach()}
+        return {"loss": lm, "lm": lm.detach(), "kl": dsa_nn.indexer_loss(model)}
 
     stages["sparse"] = run_stage(Stage(
         "sparse", dsa, adamw(dsa_nn.param_groups(dsa, args.continue_lr, args.indexer_lr), args.continue_lr),

@@ -24,7 +24,7 @@ def idx_inputs(B=1, T=4, S=6, Hi=2, Di=8):
     (lambda q, k, v, i: (q, k[..., :4], v, i), r"expected k.size\(3\) == 8 \(head dim Dqk of q\)"),
     (lambda q, k, v, i: (q, k, v[:, :5], i), r"expected v.size\(1\) == 6 \(length S of k\)"),
     (lambda q, k, v, i: (q, k, v, i[:, :3]), r"expected indices.size\(1\) == 4 \(length T of q\)"),
-    (lambda q, k, v, i: (q, k, v, i[..., :0]), r"expected indices to hold k >= 1 entries"),
+    (lambda q, k, v, i: (q, k, v, i[..., :0]), r"expected indices to hold topk >= 1 entries"),
     (lambda q, k, v, i: (q, k, v, i.unsqueeze(2).expand(1, 4, 3, 3).contiguous()),
      r"expected indices.size\(2\) == 2 \(kv heads Hkv of k\)"),
 ])
@@ -56,11 +56,12 @@ def test_indexer_bad_inputs(mutate, pattern):
         dsa_ext.indexer_topk(*mutate(*idx_inputs()), 2)
 
 
-def test_k_must_be_positive():
-    with pytest.raises(ValueError, match=r"expected k >= 1, got k=0"):
-        dsa_ext.topk_indices(torch.randn(1, 2, 3), 0)
-    with pytest.raises(ValueError, match=r"expected 1 <= k < 2\^31, got k=-1"):
-        dsa_ext.indexer_topk(*idx_inputs(), -1)
+@pytest.mark.parametrize("topk", [0, -1, 2**31])
+def test_topk_must_be_positive_int32(topk):
+    with pytest.raises(ValueError, match=rf"expected 1 <= topk < 2\^31, got topk={topk}"):
+        dsa_ext.topk_indices(torch.randn(1, 2, 3), topk)
+    with pytest.raises(ValueError, match=rf"expected 1 <= topk < 2\^31, got topk={topk}"):
+        dsa_ext.indexer_topk(*idx_inputs(), topk)
 
 
 def test_topk_bad_logits():

@@ -1,5 +1,7 @@
 """Operator registration: torch.library.opcheck on every op (schema, fake kernel, autograd
-registration), and torch.compile(fullgraph=True) through forward and backward."""
+registration), defaults carried by the schemas, torch.compile(fullgraph=True) through forward and
+backward (values and gradients equal to eager), and shape errors raised by the fake kernels at
+trace time."""
 import pytest
 import torch
 
@@ -77,8 +79,63 @@ def test_compile_fullgraph_forward_backward(seed):
 
 def test_compile_inductor(seed):
     q, k, v, idx = attention_args(torch.float32, requires_grad=True)
-    fn = torch.compile(lambda q, k, v: dsa_ext.sparse_attention(q, k, v, idx).sum() * 2, fullgraph=True)
-    loss = fn(q, k, v)
-    torch.testing.assert_close(loss, dsa_ext.sparse_attention(q, k, v, idx).sum() * 2)
-    loss.backward()
-    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+    go = torch.randn(2, 5, 4, 6)
+
+    def step(q, k, v):
+        return (dsa_ext.sparse_attention(q, k, v, idx) * go).sum() * 2
+
+    loss = torch.compile(step, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    eager = step(q, k, v)
+    eager_grads = torch.autograd.grad(eager, (q, k, v))
+    torch.testing.assert_close(loss, eager)
+    for a, b in zip(grads, eager_grads):
+        assert a.abs().sum() > 0
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("indexer_logits", lambda: indexer_args()),
+    ("indexer_topk", lambda: (*indexer_args(), 3)),
+    ("sparse_attention", lambda: attention_args()),
+])
+def test_schema_defaults_equal_explicit_values(seed, name, args):
+    """scale=None (and every other default) is resolved by the operator: the same result as the
+    explicit default values, from Python positional calls that omit them."""
+    a = args()
+    op = getattr(torch.ops.dsa, name)
+    if name == "sparse_attention":
+        explicit = op(*a, a[0].shape[-1] ** -0.5)
+    else:
+        explicit = op(*a, (a[0].shape[2] * a[0].shape[3]) ** -0.5, True, None)
+    got = op(*a)
+    for x, y in zip(got if isinstance(got, tuple) else (got,), explicit if isinstance(explicit, tuple) else (explicit,)):
+        assert torch.equal(x, y)
+
+
+def test_opcheck_defaults(seed):
+    """opcheck through calls that leave the optional arguments to the schema."""
+    q, k, w = indexer_args(requires_grad=True)
+    torch.library.opcheck(torch.ops.dsa.indexer_logits.default, (q, k, w))
+    torch.library.opcheck(torch.ops.dsa.indexer_topk.default, (q.detach(), k.detach(), w.detach(), 3))
+    aq, ak, av, idx = attention_args(requires_grad=True)
+    torch.library.opcheck(torch.ops.dsa.sparse_attention.default, (aq, ak, av, idx))
+    kq = randn(2, 5, 4, 6)
+    kk = randn(2, 7, 2, 6)
+    torch.library.opcheck(torch.ops.dsa.indexer_kl_loss.default, (q, k, w, kq, kk))
+
+
+@pytest.mark.parametrize("fn,pattern", [
+    (lambda q, k, v, i: dsa_ext.sparse_attention(q, k[:, :, :1].expand(2, 9, 3, 8), v, i),
+     r"expected v.size\(2\) == 3 \(kv heads Hkv of k\)"),
+    (lambda q, k, v, i: dsa_ext.sparse_attention(q, k, v, i[:, :3]), r"expected indices.size\(1\) == 5"),
+    (lambda q, k, v, i: dsa_ext.indexer_topk(q[..., :2, :], k[:, :, 0], v[:, :5, 0, :1], 3),
+     r"expected w.size\(2\) == 2 \(heads Hi of q_idx\)"),
+])
+def test_fake_kernels_report_bad_shapes_at_trace_time(seed, fn, pattern):
+    q, k, v, idx = attention_args()
+    with pytest.raises(Exception, match=pattern):
+        torch.compile(fn, fullgraph=True, backend="eager")(q, k, v, idx)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode, pytest.raises(Exception, match=pattern):
+        fn(*(mode.from_tensor(x) for x in (q, k, v, idx)))

@@ -2,8 +2,9 @@
 
 Skipped without a CUDA device. The error of a low-precision result against the float64
 reference must stay within 2x the error of the same formula evaluated in that precision the way
-plain PyTorch evaluates attention (matmul outputs and probabilities rounded to the dtype), the
-rule of flash-attention's tests, and within a few percent of the values' scale. float32 and
+plain PyTorch evaluates attention (reference.*(..., upcast=False): matmul outputs and
+probabilities rounded to the dtype), the rule of flash-attention's tests (helpers.py), and within
+a few percent of the values' scale. float32 and
 float64 results must match to a small multiple of the float32 reference's own error.
 
 DSA_EXT_TEST_DEVICE=cpu runs the same checks against the CPU kernels (used to test the tests on
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 import dsa_ext
 from dsa_ext import reference
+from helpers import assert_close_to_reference
 
 DEVICE = os.environ.get("DSA_EXT_TEST_DEVICE", "cuda")
 ON_CUDA = DEVICE == "cuda"
@@ -52,31 +54,6 @@ def make_indices(B, T, S, K, Hkv=None, p_empty=0.25):
     return idx.to(torch.int32).contiguous()
 
 
-def attention_in_dtype(q, k, v, indices, scale):
-    """The reference formula run as plain PyTorch runs attention in q.dtype: gathered scores and
-    outputs of each matmul rounded to the dtype, softmax in float32 rounded back. Differentiable.
-    Returns (out, lse)."""
-    B, T, H, Dqk = q.shape
-    S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    G, K = H // Hkv, indices.shape[-1]
-    idx = indices if indices.dim() == 4 else indices[:, :, None, :].expand(B, T, Hkv, K)
-    valid = (idx >= 0)[:, :, :, None, :]
-    safe = idx.clamp(min=0).long()
-    b = torch.arange(B, device=q.device)[:, None, None, None]
-    h = torch.arange(Hkv, device=q.device)[None, None, :, None]
-    kg, vg = k[b, safe, h], v[b, safe, h]  # [B, T, Hkv, K, D]
-    s = (torch.matmul(q.reshape(B, T, Hkv, G, Dqk), kg.transpose(-1, -2)) * scale).float()
-    s = s.masked_fill(~valid, float("-inf"))
-    m = s.amax(-1, keepdim=True).detach()
-    m = torch.where(torch.isinf(m), torch.zeros_like(m), m)
-    e = torch.exp(s - m)
-    denom = e.sum(-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    lse = torch.where(denom > 0, torch.log(denom) + m, torch.full_like(m, float("-inf")))
-    out = torch.matmul(p.to(q.dtype), vg).reshape(B, T, H, Dv)
-    return out, lse.reshape(B, T, H)
-
-
 def loss_grads(fn, inputs, grad_out, grad_lse):
     """Gradients of sum(out * grad_out) + sum(lse * grad_lse) (lse -inf entries left out), so
     that the backward sees both a grad_out and a grad_lse."""
@@ -84,24 +61,6 @@ def loss_grads(fn, inputs, grad_out, grad_lse):
     lse = lse.masked_fill(torch.isinf(lse), 0)
     loss = (out.double() * grad_out).sum() + (lse.double() * grad_lse).sum()
     return torch.autograd.grad(loss, inputs)
-
-
-def max_err(x, ref):
-    x, ref = x.detach().double(), ref.detach().double()
-    finite = torch.isfinite(ref)
-    assert torch.equal(finite, torch.isfinite(x)), "non-finite entries differ from the reference"
-    return (x - ref)[finite].abs().max().item() if finite.any() else 0.0
-
-
-def assert_within_reference_error(x, ref64, ref_dtype, what, factor=2.0):
-    """|x - ref64| <= factor * |ref_dtype - ref64| + atol, and small against the values' scale."""
-    finite = ref64.detach()[torch.isfinite(ref64)]
-    scale = max(finite.abs().max().item(), 1.0) if finite.numel() else 1.0
-    err, ref_err = max_err(x, ref64), max_err(ref_dtype, ref64)
-    low = x.dtype in (torch.bfloat16, torch.float16)
-    atol = (1e-3 if low else 1e-5) * scale
-    assert err <= factor * ref_err + atol, f"{what}: error {err:.3e} > {factor} x reference error {ref_err:.3e} + {atol:.1e}"
-    assert err <= (3e-2 if low else 1e-4) * scale, f"{what}: error {err:.3e} too large for values of scale {scale:.2e}"
 
 
 def check_against_reference(q, k, v, idx, scale=None, kv=None):
@@ -120,17 +79,15 @@ def check_against_reference(q, k, v, idx, scale=None, kv=None):
         return reference.sparse_attention(*views64(l), idx, scale=scale, return_lse=True)
 
     def ref_dtype(*l):
-        if q.dtype in (torch.bfloat16, torch.float16):
-            return attention_in_dtype(*views(l), idx, scale)
-        return reference.sparse_attention(*views(l), idx, scale=scale, return_lse=True)
+        return reference.sparse_attention(*views(l), idx, scale=scale, return_lse=True, upcast=False)
 
     out, lse = ours(*leaves)
     B, T, H = q.shape[:3]
     assert out.shape == (B, T, H, v.shape[-1]) and out.dtype == q.dtype
     assert lse.shape == (B, T, H) and lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
     r64, rdt = ref64(*as64), ref_dtype(*leaves)
-    assert_within_reference_error(out, r64[0], rdt[0], "out")
-    assert_within_reference_error(lse, r64[1], rdt[1], "lse")
+    assert_close_to_reference(out, r64[0], rdt[0], "out")
+    assert_close_to_reference(lse, r64[1], rdt[1], "lse")
 
     empty = (idx < 0).all(-1)  # [B, T] or [B, T, Hkv]: rows with no valid index
     if empty.dim() == 3:
@@ -146,7 +103,7 @@ def check_against_reference(q, k, v, idx, scale=None, kv=None):
     want_dt = loss_grads(ref_dtype, leaves, go, gl)
     for g, r64_, rdt_, name in zip(got, want64, want_dt, ("q", "kv") if kv is not None else "qkv"):
         assert g.dtype == q.dtype and torch.isfinite(g).all(), f"grad {name}"
-        assert_within_reference_error(g, r64_, rdt_, f"grad {name}")
+        assert_close_to_reference(g, r64_, rdt_, f"grad {name}")
     assert (got[0][empty] == 0).all(), "a query without valid keys gets no gradient"
 
 
@@ -328,13 +285,13 @@ def test_k_at_least_s_equals_dense_sdpa(dtype, H, Hkv):
     dense = sdpa(q, k, v)
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     dense64 = sdpa(q64, k64, v64)
-    assert_within_reference_error(out, dense64, dense, "out vs dense")
+    assert_close_to_reference(out, dense64, dense, "out vs dense")
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), g)
     want = torch.autograd.grad(dense, (q, k, v), g)
     want64 = torch.autograd.grad(dense64, (q64, k64, v64), g.double())
     for a, b, c, name in zip(got, want, want64, "qkv"):
-        assert_within_reference_error(a, c, b, f"grad {name} vs dense")
+        assert_close_to_reference(a, c, b, f"grad {name} vs dense")
 
 
 # ------------------------------------------------------------------------------------------------

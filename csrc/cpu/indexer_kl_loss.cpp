@@ -1,5 +1,5 @@
-// CPU kernels of dsa::indexer_kl_loss and dsa::indexer_kl_loss_backward (semantics in
-// indexer_kl_loss_host.h). Extra memory is O(B*T*(H+Hi)) plus per-thread tiles: a work item is a
+// CPU kernels of dsa::indexer_kl_loss and dsa::indexer_kl_loss_backward (semantics:
+// IndexerKlLossParams in params.h). Extra memory is O(B*T*(H+Hi)) plus per-thread tiles: a work item is a
 // tile of queries that streams over its keys kKeyBlock at a time and keeps only per-query
 // running statistics. Dense form: up to kQueryBlock consecutive queries share the key blocks,
 // each using the prefix it sees; sparse form: one query and its valid index entries, gathered.
@@ -22,7 +22,6 @@
 // A CUDA kernel keeps this structure: a query tile per block, key tiles through shared memory,
 // the same online statistics, a second sweep only for the attention lse.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -32,7 +31,7 @@
 #include <tuple>
 #include <vector>
 
-#include "../indexer_kl_loss_host.h"
+#include "../host.h"
 #include "indexer_tiles.h"
 
 namespace dsa::cpu {
@@ -60,7 +59,7 @@ std::vector<int64_t> balanced_splits(const IndexerKlLossParams& p, int64_t n) {
   const int64_t items = item_count(p);
   auto cost = [&](int64_t i) {
     const Item it = item_at(p, i);
-    return 1 + it.tq * (p.indices ? p.K : block_visible_keys(p.idx, it.t0, it.tq));
+    return 1 + it.tq * (p.indices ? p.topk : block_visible_keys(p.idx, it.t0, it.tq));
   };
   int64_t total = 0;
   for (int64_t i = 0; i < items; ++i) total += cost(i);
@@ -95,8 +94,8 @@ class KeyStream {
     it_ = it;
     cursor_ = 0, s0 = 0, ns = 0;
     if (p_.indices) {
-      slots_ = p_.indices + it.b * p_.i_sb + it.t0 * p_.i_st;
-      end_ = p_.K;
+      slots_ = p_.indices + it.b * p_.idx_batch_stride + it.t0 * p_.idx_row_stride;
+      end_ = p_.topk;
     } else {
       end_ = block_visible_keys(p_.idx, it.t0, it.tq);
     }
@@ -174,11 +173,11 @@ struct AttentionTile {
     tq = n;
     m = (n * G + kHeadTile - 1) / kHeadTile * kHeadTile;
     std::fill(q.begin(), q.end(), acc_t(0));
-    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_sb;
+    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride;
     for (int64_t t = 0; t < n; ++t)
       for (int64_t h = 0; h < p.H; ++h) {
         acc_t* dst = q.data() + ((h / G) * m_cap + t * G + h % G) * p.Dqk;
-        load_row(base + (t0 + t) * p.q_st + h * p.q_sh, dst, p.Dqk);
+        load_row(base + (t0 + t) * p.q_row_stride + h * p.q_head_stride, dst, p.Dqk);
         scale_row(dst, static_cast<acc_t>(p.attn_scale), p.Dqk);
       }
   }
@@ -206,9 +205,9 @@ struct AttentionTile {
 
  private:
   void load_key(int64_t b, int64_t key, int64_t s) {
-    const auto* src = static_cast<const scalar_t*>(p.k) + b * p.k_sb + key * p.k_ss;
+    const auto* src = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + key * p.k_row_stride;
     for (int64_t hk = 0; hk < p.Hkv; ++hk)
-      load_row(src + hk * p.k_sh, k.data() + (hk * kKeyBlock + s) * p.Dqk, p.Dqk);
+      load_row(src + hk * p.k_head_stride, k.data() + (hk * kKeyBlock + s) * p.Dqk, p.Dqk);
   }
 };
 
@@ -418,23 +417,22 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cpu(
     const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
-    const c10::optional<at::Tensor>& indices, double idx_scale, double attn_scale, bool causal,
-    const c10::optional<at::Tensor>& attn_lse) {
+    const std::optional<at::Tensor>& indices, std::optional<double> idx_scale, std::optional<double> attn_scale,
+    bool causal, const std::optional<at::Tensor>& attn_lse) {
   auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.q_idx.scalar_type(), "dsa.indexer_kl_loss",
-                                  [&] { kl_loss_forward<scalar_t>(c.p); });
+  DSA_DISPATCH_CPU(c.q_idx.scalar_type(), "dsa.indexer_kl_loss", AT_WRAP([&] { kl_loss_forward<scalar_t>(c.p); }));
   return {c.loss, c.idx_lse, c.attn_lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
-    const at::Tensor& attn_lse, double idx_scale, double attn_scale, bool causal) {
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
+    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal) {
   auto c = prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, idx_scale,
                                             attn_scale, causal);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, c.fwd.q_idx.scalar_type(),
-                                  "dsa.indexer_kl_loss_backward", [&] { kl_loss_backward<scalar_t>(c.p); });
-  return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c, w)};
+  DSA_DISPATCH_CPU(c.fwd.q_idx.scalar_type(), "dsa.indexer_kl_loss_backward",
+                   AT_WRAP([&] { kl_loss_backward<scalar_t>(c.p); }));
+  return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c.grad_w, w)};
 }
 
 }  // namespace

@@ -3,7 +3,6 @@
 // result is deterministic. The tile products use the register-tiled micro-kernels, never BLAS
 // (see indexer_tiles.h).
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -48,7 +47,7 @@ void dots_to_grad(IndexerTile<scalar_t>& tile, const IndexerBwdParams& bp, int64
   using acc_t = acc_type<scalar_t>;
   const auto& p = bp.fwd;
   for (int64_t t = 0; t < tile.tq; ++t) {
-    const acc_t* g = static_cast<const acc_t*>(bp.grad_logits) + b * bp.g_sb + (t0 + t) * bp.g_st + s0;
+    const acc_t* g = static_cast<const acc_t*>(bp.grad_logits) + b * bp.grad_batch_stride + (t0 + t) * bp.grad_row_stride + s0;
     const int64_t n = std::clamp<int64_t>(visible_keys(p, t0 + t) - s0, 0, tile.ns);
     tile.dots_to_grad(b, t0, t, g, n, dw != nullptr ? dw + t * p.Hi : nullptr);
   }
@@ -106,24 +105,25 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
   });
 }
 
-at::Tensor indexer_logits_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, double scale,
-                              bool causal, const c10::optional<at::Tensor>& k_scale) {
+at::Tensor indexer_logits_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
+                              std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
   auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal, k_scale);
-  DSA_DISPATCH_INDEXER_INPUTS(c.q.scalar_type(), "dsa.indexer_logits", [&] {
+  DSA_DISPATCH_CPU(c.q.scalar_type(), "dsa.indexer_logits", AT_WRAP([&] {
     indexer_logits_kernel<scalar_t>(c.p, c.logits.data_ptr<acc_type<scalar_t>>());
-  });
+  }), at::kFloat8_e4m3fn);
   return c.logits;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cpu(const at::Tensor& grad_logits,
                                                                            const at::Tensor& q_idx,
                                                                            const at::Tensor& k_idx,
-                                                                           const at::Tensor& w, double scale,
+                                                                           const at::Tensor& w,
+                                                                           std::optional<double> scale,
                                                                            bool causal) {
   auto c = prepare_indexer_logits_backward(grad_logits, q_idx, k_idx, w, scale, causal);
-  DSA_DISPATCH_CPU_FLOATS(c.q.scalar_type(), "dsa.indexer_logits_backward",
-                          [&] { indexer_logits_backward_kernel<scalar_t>(c.p); });
-  return {c.grad_q, c.grad_k, finish_grad_w(c, w)};
+  DSA_DISPATCH_CPU(c.q.scalar_type(), "dsa.indexer_logits_backward",
+                   AT_WRAP([&] { indexer_logits_backward_kernel<scalar_t>(c.p); }));
+  return {c.grad_q, c.grad_k, finish_grad_w(c.grad_w, w)};
 }
 
 }  // namespace

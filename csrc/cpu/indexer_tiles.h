@@ -49,10 +49,10 @@ struct IndexerTile {
 
   void load_queries(int64_t b, int64_t t0, int64_t n) {
     tq = n;
-    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_sb;
+    const auto* base = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride;
     for (int64_t t = 0; t < n; ++t)
       for (int64_t j = 0; j < p.Hi; ++j)
-        load_row(base + (t0 + t) * p.q_st + j * p.q_sh, q.data() + (t * p.Hi + j) * p.Di, p.Di);
+        load_row(base + (t0 + t) * p.q_row_stride + j * p.q_head_stride, q.data() + (t * p.Hi + j) * p.Di, p.Di);
     m = (n * p.Hi + kHeadTile - 1) / kHeadTile * kHeadTile;
     std::fill(q.begin() + n * p.Hi * p.Di, q.begin() + m * p.Di, acc_t(0));
   }
@@ -60,8 +60,8 @@ struct IndexerTile {
   void load_keys(int64_t b, int64_t s0, int64_t n) {
     ns = n;
     key_scale = p.k_scale != nullptr ? p.k_scale + b * p.S + s0 : nullptr;
-    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
-    for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_ss, k.data() + s * p.Di, p.Di);
+    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride;
+    for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_row_stride, k.data() + s * p.Di, p.Di);
   }
 
   // The keys at positions keys[0:n] of batch b (a gathered block, e.g. one query's top-k).
@@ -69,8 +69,8 @@ struct IndexerTile {
   void gather_keys(int64_t b, const int64_t* keys, int64_t n) {
     TORCH_INTERNAL_ASSERT(p.k_scale == nullptr, "gathered indexer keys carry no key scales");
     ns = n;
-    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_sb;
-    for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_ss, k.data() + s * p.Di, p.Di);
+    const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride;
+    for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_row_stride, k.data() + s * p.Di, p.Di);
   }
 
   // dots[m, ns] = q k^T, row stride ns (the pad rows come out 0).

@@ -8,7 +8,6 @@
 // accumulates into its own buffer and the buffers are summed in chunk order: deterministic
 // for a given thread count.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -38,30 +37,30 @@ struct ItemScratch {
         Gp((G + kHeadTile - 1) / kHeadTile * kHeadTile),
         q(Gp * p.Dqk, acc_t(0)),
         dout(Gp * p.Dv, acc_t(0)),
-        scores(Gp * p.K, acc_t(0)),
-        probs(Gp * p.K, acc_t(0)),
-        krows(p.K),
-        vrows(p.K),
-        dkrows(p.K),
-        dvrows(p.K),
-        pos(p.K) {}
+        scores(Gp * p.topk, acc_t(0)),
+        probs(Gp * p.topk, acc_t(0)),
+        krows(p.topk),
+        vrows(p.topk),
+        dkrows(p.topk),
+        dvrows(p.topk),
+        pos(p.topk) {}
 
   // Loads the item's G query rows (pre-multiplied by scale) and its valid indices.
   void load(const SparseAttentionParams& p, int64_t b, int64_t t, int64_t kvh) {
-    const auto* Q = static_cast<const scalar_t*>(p.q) + b * p.q_sb + t * p.q_st;
+    const auto* Q = static_cast<const scalar_t*>(p.q) + b * p.q_batch_stride + t * p.q_row_stride;
     for (int64_t g = 0; g < G; ++g) {
-      load_row(Q + (kvh * G + g) * p.q_sh, q.data() + g * p.Dqk, p.Dqk);
+      load_row(Q + (kvh * G + g) * p.q_head_stride, q.data() + g * p.Dqk, p.Dqk);
       scale_row(q.data() + g * p.Dqk, static_cast<acc_t>(p.scale), p.Dqk);
     }
-    const int32_t* idx = p.indices + b * p.i_sb + t * p.i_st + kvh * p.i_sh;
-    const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_sb + kvh * p.k_sh;
-    const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_sb + kvh * p.v_sh;
+    const int32_t* idx = p.indices + b * p.idx_batch_stride + t * p.idx_row_stride + kvh * p.idx_head_stride;
+    const auto* K = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride + kvh * p.k_head_stride;
+    const auto* V = static_cast<const scalar_t*>(p.v) + b * p.v_batch_stride + kvh * p.v_head_stride;
     n = 0;
-    for (int64_t j = 0; j < p.K; ++j) {
+    for (int64_t j = 0; j < p.topk; ++j) {
       if (idx[j] < 0) continue;  // the host checked every other index is in [0, S)
       pos[n] = idx[j];
-      krows[n] = K + idx[j] * p.k_ss;
-      vrows[n] = V + idx[j] * p.v_ss;
+      krows[n] = K + idx[j] * p.k_row_stride;
+      vrows[n] = V + idx[j] * p.v_row_stride;
       ++n;
     }
   }
@@ -79,9 +78,9 @@ void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
       const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
       auto* lse = static_cast<acc_t*>(p.lse) + row;
       std::fill(out.begin(), out.end(), acc_t(0));
-      gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.scores.data(), p.K);
+      gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.scores.data(), p.topk);
       for (int64_t g = 0; g < it.G; ++g) {
-        acc_t* sc = it.scores.data() + g * p.K;
+        acc_t* sc = it.scores.data() + g * p.topk;
         if (it.n == 0) {  // no valid index: out 0, lse -inf
           lse[g] = neg_inf<acc_t>();
           continue;
@@ -91,7 +90,7 @@ void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
         scale_row(sc, acc_t(1) / l, it.n);
         lse[g] = m + std::log(l);
       }
-      gathered_combine(it.scores.data(), p.K, it.Gp, it.vrows.data(), it.n, p.Dv, out.data());
+      gathered_combine(it.scores.data(), p.topk, it.Gp, it.vrows.data(), it.n, p.Dv, out.data());
       store_row(out.data(), static_cast<scalar_t*>(p.out) + row * p.Dv, it.G * p.Dv);
     }
   });
@@ -116,9 +115,9 @@ void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor&
         it.load(p, b, t, kvh);
         const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
         const auto* lse = static_cast<const acc_t*>(p.lse) + row;
-        const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_sb + t * bp.do_st;
+        const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_batch_stride + t * bp.do_row_stride;
         for (int64_t g = 0; g < it.G; ++g) {
-          load_row(dO + (kvh * it.G + g) * bp.do_sh, it.dout.data() + g * p.Dv, p.Dv);
+          load_row(dO + (kvh * it.G + g) * bp.do_head_stride, it.dout.data() + g * p.Dv, p.Dv);
           load_row(static_cast<const scalar_t*>(p.out) + (row + g) * p.Dv, out.data(), p.Dv);
           // d lse / d score = prob, so a gradient on lse shifts the softmax's row term.
           const acc_t dlse = bp.grad_lse ? static_cast<const acc_t*>(bp.grad_lse)[row + g] : acc_t(0);
@@ -130,11 +129,11 @@ void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor&
           it.dvrows[j] = dV + at_row * p.Dv;
         }
         // probs = exp(scores - lse); dS = probs * (dO . v - delta), written over scores.
-        gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.probs.data(), p.K);
-        gathered_dots(it.dout.data(), it.Gp, p.Dv, it.vrows.data(), it.n, it.scores.data(), p.K);
+        gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.probs.data(), p.topk);
+        gathered_dots(it.dout.data(), it.Gp, p.Dv, it.vrows.data(), it.n, it.scores.data(), p.topk);
         for (int64_t g = 0; g < it.G; ++g) {
-          acc_t* pr = it.probs.data() + g * p.K;
-          acc_t* ds = it.scores.data() + g * p.K;
+          acc_t* pr = it.probs.data() + g * p.topk;
+          acc_t* ds = it.scores.data() + g * p.topk;
           if (lse[g] == neg_inf<acc_t>())
             std::fill_n(pr, it.n, acc_t(0));
           else
@@ -142,16 +141,16 @@ void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor&
           for (int64_t j = 0; j < it.n; ++j) ds[j] = pr[j] * (ds[j] - delta[g]);
         }
         for (int64_t g = it.G; g < it.Gp; ++g) {  // padding heads contribute nothing
-          std::fill_n(it.probs.data() + g * p.K, it.n, acc_t(0));
-          std::fill_n(it.scores.data() + g * p.K, it.n, acc_t(0));
+          std::fill_n(it.probs.data() + g * p.topk, it.n, acc_t(0));
+          std::fill_n(it.scores.data() + g * p.topk, it.n, acc_t(0));
         }
         std::fill(dq.begin(), dq.end(), acc_t(0));
-        gathered_combine(it.scores.data(), p.K, it.Gp, it.krows.data(), it.n, p.Dqk, dq.data());
+        gathered_combine(it.scores.data(), p.topk, it.Gp, it.krows.data(), it.n, p.Dqk, dq.data());
         scale_row(dq.data(), static_cast<acc_t>(p.scale), it.G * p.Dqk);
         store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q) + row * p.Dqk, it.G * p.Dqk);
         // q is pre-scaled, so dS . q already carries the scale of d score / d k.
-        gathered_scatter(it.scores.data(), p.K, it.Gp, it.q.data(), p.Dqk, it.dkrows.data(), it.n);
-        gathered_scatter(it.probs.data(), p.K, it.Gp, it.dout.data(), p.Dv, it.dvrows.data(), it.n);
+        gathered_scatter(it.scores.data(), p.topk, it.Gp, it.q.data(), p.Dqk, it.dkrows.data(), it.n);
+        gathered_scatter(it.probs.data(), p.topk, it.Gp, it.dout.data(), p.Dv, it.dvrows.data(), it.n);
       }
     }
   });
@@ -159,21 +158,19 @@ void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, const at::Tensor& k,
                                                         const at::Tensor& v, const at::Tensor& indices,
-                                                        double scale) {
+                                                        std::optional<double> scale) {
   auto c = prepare_sparse_attention(q, k, v, indices, scale);
-  check_index_values("dsa.sparse_attention", c.indices, c.p.S);
-  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention",
-                                  [&] { sparse_attention_fwd_kernel<scalar_t>(c.p); });
+  DSA_DISPATCH_CPU(q.scalar_type(), "dsa.sparse_attention", AT_WRAP([&] { sparse_attention_fwd_kernel<scalar_t>(c.p); }));
   return {c.out, c.lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& indices, const at::Tensor& out, const at::Tensor& lse, double scale) {
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& indices, const at::Tensor& out, const at::Tensor& lse,
+    std::optional<double> scale) {
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& p = c.p.fwd;
-  check_index_values("dsa.sparse_attention_backward", c.fwd.indices, p.S);
-  DSA_DISPATCH_CPU_FLOATS(q.scalar_type(), "dsa.sparse_attention_backward", [&] {
+  DSA_DISPATCH_CPU(q.scalar_type(), "dsa.sparse_attention_backward", AT_WRAP([&] {
     const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
     const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.B * p.T * p.Hkv));
     auto dk_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dqk}, q.options().dtype(acc));
@@ -181,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
     sparse_attention_bwd_kernel<scalar_t>(c.p, dk_acc, dv_acc);
     c.grad_k.copy_(dk_acc.sum(0));
     c.grad_v.copy_(dv_acc.sum(0));
-  });
+  }));
   return {c.grad_q, c.grad_k, c.grad_v};
 }
 

@@ -1,7 +1,6 @@
 // CPU topk_indices (over given logits) and indexer_topk (fused: indexer score tiles stream
 // into one running selection per query; [B, T, S] never exists). Parallel over rows.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -16,25 +15,25 @@ template <typename scalar_t>
 void topk_indices_kernel(const TopkParams& p) {
   using acc_t = acc_type<scalar_t>;
   at::parallel_for(0, p.B * p.T, 16, [&](int64_t begin, int64_t end) {
-    TopkSelector<acc_t> selector(p.k);
+    TopkSelector<acc_t> selector(p.topk);
     std::vector<acc_t> row(p.S);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / p.T, t = r % p.T;
-      load_row(static_cast<const scalar_t*>(p.logits) + b * p.l_sb + t * p.l_st, row.data(), p.S);
+      load_row(static_cast<const scalar_t*>(p.logits) + b * p.logits_batch_stride + t * p.logits_row_stride, row.data(), p.S);
       selector.reset();
       selector.push(row.data(), p.S, 0);
-      selector.finish(p.out + r * p.k);
+      selector.finish(p.out + r * p.topk);
     }
   });
 }
 
 template <typename scalar_t>
-void indexer_topk_kernel(const IndexerParams& p, int64_t k, int32_t* out) {
+void indexer_topk_kernel(const IndexerParams& p, int64_t topk, int32_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (p.T + kQueryBlock - 1) / kQueryBlock;
   at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
-    std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(k));
+    std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(topk));
     std::vector<acc_t> scores(kKeyBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
@@ -51,23 +50,23 @@ void indexer_topk_kernel(const IndexerParams& p, int64_t k, int32_t* out) {
           selectors[t].push(scores.data(), ns, s0);
         }
       }
-      for (int64_t t = 0; t < n; ++t) selectors[t].finish(out + (b * p.T + t0 + t) * k);
+      for (int64_t t = 0; t < n; ++t) selectors[t].finish(out + (b * p.T + t0 + t) * topk);
     }
   });
 }
 
-at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t k) {
-  auto c = prepare_topk(logits, k);
-  DSA_DISPATCH_CPU_FLOATS(c.logits.scalar_type(), "dsa.topk_indices",
-                                  [&] { topk_indices_kernel<scalar_t>(c.p); });
+at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t topk) {
+  auto c = prepare_topk(logits, topk);
+  DSA_DISPATCH_CPU(c.logits.scalar_type(), "dsa.topk_indices", AT_WRAP([&] { topk_indices_kernel<scalar_t>(c.p); }));
   return c.out;
 }
 
-at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t k,
-                            double scale, bool causal, const c10::optional<at::Tensor>& k_scale) {
-  auto c = prepare_indexer_topk(q_idx, k_idx, w, k, scale, causal, k_scale);
-  DSA_DISPATCH_INDEXER_INPUTS(c.q.scalar_type(), "dsa.indexer_topk",
-                                  [&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); });
+at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t topk,
+                            std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
+  auto c = prepare_indexer_topk(q_idx, k_idx, w, topk, scale, causal, k_scale);
+  DSA_DISPATCH_CPU(c.q.scalar_type(), "dsa.indexer_topk",
+                   AT_WRAP([&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); }),
+                   at::kFloat8_e4m3fn);
   return c.out;
 }
 

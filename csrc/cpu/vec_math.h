@@ -3,7 +3,7 @@
 // double for float64: every kernel converts rows to acc_t once, then works on acc_t arrays.
 #pragma once
 
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -13,13 +13,12 @@
 #include <limits>
 #include <type_traits>
 
-// The CPU kernels' dtypes: float64, float32, bfloat16 (and float16).
-#define DSA_DISPATCH_CPU_FLOATS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, TYPE, NAME, __VA_ARGS__)
-
-// The forward indexer kernels (indexer_logits, indexer_topk) also read float8_e4m3fn rows.
-#define DSA_DISPATCH_INDEXER_INPUTS(TYPE, NAME, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kBFloat16, at::kHalf, at::kFloat8_e4m3fn, TYPE, NAME, __VA_ARGS__)
+// The one dtype dispatch of the CPU kernels: float64, float32, bfloat16, float16, and the extra
+// types an operator names after its body (the forward indexer: at::kFloat8_e4m3fn). The body is
+// wrapped in AT_WRAP (its commas would split the macro's arguments):
+//   DSA_DISPATCH_CPU(dtype, "dsa.op", AT_WRAP([&] { kernel<scalar_t>(p); }));
+#define DSA_DISPATCH_CPU(TYPE, NAME, BODY, ...) \
+  AT_DISPATCH_V2(TYPE, NAME, BODY, AT_EXPAND(AT_FLOATING_TYPES), at::kBFloat16, at::kHalf __VA_OPT__(, ) __VA_ARGS__)
 
 namespace dsa::cpu {
 

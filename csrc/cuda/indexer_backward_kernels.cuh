@@ -167,15 +167,15 @@ __global__ void __launch_bounds__(kThreads, 1)
   copy_rows64(L, p, q_s, q, [&](int r) -> int64_t {
     const int64_t m = mt0 + r / 16;
     const int64_t tt = m / mq, j = (m % mq) * 16 + r % 16;
-    return m < grid.mtiles && j < p.Hi ? tt * p.q_st + j * p.q_sh + b * p.q_sb : -1;
+    return m < grid.mtiles && j < p.Hi ? tt * p.q_row_stride + j * p.q_head_stride + b * p.q_batch_stride : -1;
   });
   const auto load_keys = [&](int stage, int64_t s0) {
-    copy_rows64(L, p, k_s(stage), k, [&](int r) -> int64_t { return s0 + r < p.S ? b * p.k_sb + (s0 + r) * p.k_ss : -1; });
+    copy_rows64(L, p, k_s(stage), k, [&](int r) -> int64_t { return s0 + r < p.S ? b * p.k_batch_stride + (s0 + r) * p.k_row_stride : -1; });
   };
   if (tiles > 0) load_keys(0, 0);
   cp_async_commit();
 
-  const float* g = static_cast<const float*>(bp.grad_logits) + b * bp.g_sb + t * bp.g_st;
+  const float* g = static_cast<const float*>(bp.grad_logits) + b * bp.grad_batch_stride + t * bp.grad_row_stride;
   float dq[kBwdMaxDim / 8][4] = {};
   float dw_lo = 0.f, dw_hi = 0.f;
   for (int i = 0; i < tiles; ++i) {
@@ -258,12 +258,12 @@ __global__ void __launch_bounds__(kThreads)
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const float* w = static_cast<const float*>(p.w);
-  copy_rows64(L, p, k_s, k, [&](int r) -> int64_t { return s0 + r < p.S ? b * p.k_sb + (s0 + r) * p.k_ss : -1; });
+  copy_rows64(L, p, k_s, k, [&](int r) -> int64_t { return s0 + r < p.S ? b * p.k_batch_stride + (s0 + r) * p.k_row_stride : -1; });
   const auto load_rows = [&](int stage, int64_t m_begin) {  // rows of m-tiles m_begin..m_begin+3
     copy_rows64(L, p, q_s(stage), q, [&](int r) -> int64_t {
       const int64_t m = m_begin + r / 16;
       const int64_t tt = m / mq, j = (m % mq) * 16 + r % 16;
-      return m < grid.mtiles && j < p.Hi ? b * p.q_sb + tt * p.q_st + j * p.q_sh : -1;
+      return m < grid.mtiles && j < p.Hi ? b * p.q_batch_stride + tt * p.q_row_stride + j * p.q_head_stride : -1;
     });
     for (int r = threadIdx.x; r < kBwdRows; r += kThreads) {
       const int64_t m = m_begin + r / 16;
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
   cp_async_commit();
 
   const float scale = static_cast<float>(p.scale);
-  const float* g = static_cast<const float*>(bp.grad_logits) + b * bp.g_sb;
+  const float* g = static_cast<const float*>(bp.grad_logits) + b * bp.grad_batch_stride;
   float dk[kBwdMaxDim / 8][4] = {};
   for (int i = 0; i < tiles; ++i) {
     const int64_t m_begin = mt_first + int64_t{i} * 4;
@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t tt = m / mq;
       const int64_t visible = m < grid.mtiles ? min(p.S, visible_keys(p, tt)) : 0;
       const int64_t s_lo = s_warp + grp, s_hi = s_lo + 8;
-      const float g_lo = s_lo < visible ? __ldg(g + tt * bp.g_st + s_lo) * scale : 0.f;
-      const float g_hi = s_hi < visible ? __ldg(g + tt * bp.g_st + s_hi) * scale : 0.f;
+      const float g_lo = s_lo < visible ? __ldg(g + tt * bp.grad_row_stride + s_lo) * scale : 0.f;
+      const float g_hi = s_hi < visible ? __ldg(g + tt * bp.grad_row_stride + s_hi) * scale : 0.f;
 #pragma unroll
       for (int nn = 0; nn < 2; ++nn)
 #pragma unroll

@@ -16,20 +16,6 @@ namespace dsa {
 namespace cuda {
 namespace indexer {
 
-// The CUDA operators take float32, bfloat16 and float16 (shared/DESIGN.md section 2), and the
-// forward indexer ops float8_e4m3fn (checked on the host, checks.cpp).
-inline void check_cuda_float(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.scalar_type() != at::kDouble, op, ": expected ", name,
-              " to be float32, bfloat16 or float16 on CUDA, got float64 (the float64 kernels run on CPU)");
-}
-
-// Positions are int32, and the selection's loop counters run a block's width past a row's end.
-inline void check_row_length(const char* op, const char* name, int64_t n) {
-  constexpr int64_t kMaxRow = INT32_MAX - (1 << 16);
-  TORCH_CHECK(n <= kMaxRow, op, ": expected ", name, " to have at most ", kMaxRow,
-              " positions per row (int32 indices), got ", n);
-}
-
 inline void check_grid(const char* op, int64_t blocks) {
   TORCH_CHECK(blocks <= INT32_MAX, op, ": the problem needs ", blocks,
               " thread blocks in one launch, more than CUDA allows (2^31 - 1); split the batch");
@@ -63,8 +49,8 @@ void allow_smem(Kernel kernel, int bytes) {
 inline IndexerParams with_inputs(IndexerParams p, const at::Tensor& qc, const at::Tensor& kc) {
   p.q = qc.data_ptr();
   p.k = kc.data_ptr();
-  p.q_sb = qc.stride(0), p.q_st = qc.stride(1), p.q_sh = qc.stride(2);
-  p.k_sb = kc.stride(0), p.k_ss = kc.stride(1);
+  p.q_batch_stride = qc.stride(0), p.q_row_stride = qc.stride(1), p.q_head_stride = qc.stride(2);
+  p.k_batch_stride = kc.stride(0), p.k_row_stride = kc.stride(1);
   return p;
 }
 

@@ -1,6 +1,6 @@
 // CUDA indexer_kl_loss and indexer_kl_loss_backward: the streamed implementation of
 // indexer_kl_loss_streamed.h (cuBLAS batched GEMMs over query chunks x key blocks, per-row
-// online statistics, bounded temporaries) on the host code of indexer_kl_loss_host.h.
+// online statistics, bounded temporaries) on the shared host preparation (host.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -8,7 +8,7 @@
 #include <tuple>
 
 #include "indexer_cuda.h"
-#include "indexer_kl_loss_host.h"
+#include "host.h"
 #include "indexer_kl_loss_streamed.h"
 
 namespace dsa {
@@ -18,10 +18,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cuda(
     const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
-    const c10::optional<at::Tensor>& indices, double idx_scale, double attn_scale, bool causal,
-    const c10::optional<at::Tensor>& attn_lse) {
+    const std::optional<at::Tensor>& indices, std::optional<double> idx_scale, std::optional<double> attn_scale,
+    bool causal, const std::optional<at::Tensor>& attn_lse) {
   auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
-  check_cuda_float("dsa.indexer_kl_loss", "q_idx", c.q_idx);
+  check_cuda_dtype("dsa.indexer_kl_loss", "q_idx", c.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   indexer_kl_loss_streamed(c);
   return {c.loss, c.idx_lse, c.attn_lse};
@@ -29,14 +29,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-    const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
-    const at::Tensor& attn_lse, double idx_scale, double attn_scale, bool causal) {
+    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
+    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal) {
   auto c = prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, idx_scale,
                                             attn_scale, causal);
-  check_cuda_float("dsa.indexer_kl_loss_backward", "q_idx", c.fwd.q_idx);
+  check_cuda_dtype("dsa.indexer_kl_loss_backward", "q_idx", c.fwd.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   indexer_kl_loss_backward_streamed(c);
-  return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c, w)};
+  return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c.grad_w, w)};
 }
 
 }  // namespace

@@ -8,7 +8,7 @@
 // order, and the sparse dk scatter uses index_put_(accumulate=true), which on CUDA always takes
 // ATen's sort-based (deterministic) path.
 //
-// Per row t with support U_t (semantics in indexer_kl_loss_host.h):
+// Per row t with support U_t (semantics: IndexerKlLossParams in params.h):
 //   forward  pass A (unless attn_lse is given): online lse_h over U_t of a_h(s);
 //            pass B: I(s), p(s) = mean_h exp(a_h(s) - lse_h), online: m = max I, lI = sum exp(I - m),
 //            A1 = sum p log p, A2 = sum p (I - m), P = sum p; idx_lse = m + log lI,
@@ -24,7 +24,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "indexer_kl_loss_host.h"
+#include "host.h"
 
 namespace dsa {
 namespace cuda {
@@ -38,7 +38,7 @@ namespace kl {
 // The inputs in float32 (views when they already are), and the shape of the problem.
 struct Inputs {
   at::Tensor q_idx, k_idx, w, q, k, indices;
-  int64_t B, T, S, Hi, Di, H, Hkv, Dqk, K;
+  int64_t B, T, S, Hi, Di, H, Hkv, Dqk, topk;  // topk = 0 in the dense form
   double idx_scale, attn_scale;
   bool causal;
   int64_t causal_offset;
@@ -48,7 +48,7 @@ struct Inputs {
     q_idx = c.q_idx.to(at::kFloat), k_idx = c.k_idx.to(at::kFloat), w = c.w.to(at::kFloat);
     q = c.q.to(at::kFloat), k = c.k.to(at::kFloat), indices = c.indices;
     B = p.idx.B, T = p.idx.T, S = p.idx.S, Hi = p.idx.Hi, Di = p.idx.Di;
-    H = p.H, Hkv = p.Hkv, Dqk = p.Dqk, K = p.indices ? p.K : 0;
+    H = p.H, Hkv = p.Hkv, Dqk = p.Dqk, topk = p.indices ? p.topk : 0;
     idx_scale = p.idx.scale, attn_scale = p.attn_scale;
     causal = p.idx.causal, causal_offset = p.idx.causal_offset;
   }
@@ -60,7 +60,7 @@ struct Sizes {
   int64_t n, tc;
 };
 inline Sizes sizes(const Inputs& x, bool backward, int64_t budget, int64_t block_keys) {
-  const int64_t keys = x.sparse() ? x.K : x.S;
+  const int64_t keys = x.sparse() ? x.topk : x.S;
   Sizes z;
   z.n = std::max<int64_t>(1, std::min(keys, block_keys));
   // float32 per (row, key) pair: dots and their transforms (Hi each), attention logits and
@@ -87,7 +87,7 @@ class Blocks {
   Blocks(const Inputs& x, int64_t t0, int64_t tc, int64_t n) : x_(x), t0_(t0), tc_(tc), n_(n) {
     q_idx_ = x.q_idx.narrow(1, t0, tc);
     q_ = x.q.narrow(1, t0, tc);
-    end_ = x.sparse() ? x.K : (x.causal ? std::min(x.S, t0 + tc + x.causal_offset) : x.S);  // keys the last row sees
+    end_ = x.sparse() ? x.topk : (x.causal ? std::min(x.S, t0 + tc + x.causal_offset) : x.S);  // keys the last row sees
   }
 
   bool next(Block& blk, bool with_dots, bool with_attn) {
@@ -170,7 +170,7 @@ inline void indexer_kl_loss_streamed(const IndexerKlLossCall& c, int64_t budget 
   if (x.B * x.T == 0) return;
   const auto opts = x.q_idx.options();
   at::Tensor attn_lse = c.attn_lse.view({x.B, x.T, x.H});  // float32 output (or the caller's copy)
-  if (x.S == 0 || (x.sparse() && x.K == 0)) {
+  if (x.S == 0 || (x.sparse() && x.topk == 0)) {
     c.loss.zero_();
     c.idx_lse.fill_(-std::numeric_limits<double>::infinity());
     if (!c.p.attn_lse_given) attn_lse.fill_(-std::numeric_limits<double>::infinity());
@@ -222,7 +222,7 @@ inline void indexer_kl_loss_backward_streamed(const IndexerKlLossBwdCall& c, int
                                               int64_t block_keys = kKlBlockKeys) {
   const kl::Inputs x(c.fwd);
   const auto opts = x.q_idx.options();
-  if (x.B * x.T == 0 || x.S == 0 || (x.sparse() && x.K == 0)) {
+  if (x.B * x.T == 0 || x.S == 0 || (x.sparse() && x.topk == 0)) {
     c.grad_q_idx.zero_();
     c.grad_k_idx.zero_();
     c.grad_w.zero_();

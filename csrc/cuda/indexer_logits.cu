@@ -14,11 +14,11 @@ namespace cuda {
 namespace indexer {
 namespace {
 
-at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, double scale,
-                               bool causal, const c10::optional<at::Tensor>& k_scale) {
+at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
+                               std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
   const char* op = "dsa.indexer_logits";
   auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal, k_scale);
-  check_cuda_float(op, "q_idx", c.q);
+  check_cuda_dtype(op, "q_idx", c.q);
   if (c.logits.numel() == 0) return c.logits;
   const c10::cuda::CUDAGuard guard(q_idx.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -38,10 +38,10 @@ void launch_mma_backward(const IndexerBwdParams& bp, cudaStream_t stream) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cuda(const at::Tensor& grad_logits,
                                                                             const at::Tensor& q_idx,
                                                                             const at::Tensor& k_idx,
-                                                                            const at::Tensor& w, double scale,
-                                                                            bool causal) {
+                                                                            const at::Tensor& w,
+                                                                            std::optional<double> scale, bool causal) {
   auto c = prepare_indexer_logits_backward(grad_logits, q_idx, k_idx, w, scale, causal);
-  check_cuda_float("dsa.indexer_logits_backward", "q_idx", c.q);
+  check_cuda_dtype("dsa.indexer_logits_backward", "q_idx", c.q);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   const IndexerParams& p = c.p.fwd;
   if (p.B == 0 || p.T == 0 || p.S == 0) {  // no (query, key) pair: every gradient is zero
@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cuda(cons
   } else {
     indexer_backward_float32(c);
   }
-  return {c.grad_q, c.grad_k, finish_grad_w(c, w)};
+  return {c.grad_q, c.grad_k, finish_grad_w(c.grad_w, w)};
 }
 
 }  // namespace

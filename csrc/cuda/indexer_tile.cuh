@@ -54,10 +54,10 @@ __device__ __forceinline__ float relu(float x) { return x < 0.f ? 0.f : x; }  //
 
 // Row pointers into the indexer inputs.
 __device__ __forceinline__ int64_t q_row(const IndexerParams& p, int64_t b, int64_t t, int64_t j) {
-  return b * p.q_sb + t * p.q_st + j * p.q_sh;
+  return b * p.q_batch_stride + t * p.q_row_stride + j * p.q_head_stride;
 }
 __device__ __forceinline__ int64_t k_row(const IndexerParams& p, int64_t b, int64_t s) {
-  return b * p.k_sb + s * p.k_ss;
+  return b * p.k_batch_stride + s * p.k_row_stride;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -340,7 +340,7 @@ __device__ __forceinline__ void for_each_score_tile(const Tile& tile, int64_t s_
 inline bool rows_16b_aligned(const IndexerParams& p, int elem_bytes) {
   const int64_t n = 16 / elem_bytes;
   const auto ok = [n](int64_t stride) { return stride % n == 0; };
-  return p.Di % n == 0 && ok(p.q_sb) && ok(p.q_st) && ok(p.q_sh) && ok(p.k_sb) && ok(p.k_ss) &&
+  return p.Di % n == 0 && ok(p.q_batch_stride) && ok(p.q_row_stride) && ok(p.q_head_stride) && ok(p.k_batch_stride) && ok(p.k_row_stride) &&
          reinterpret_cast<uintptr_t>(p.q) % 16 == 0 && reinterpret_cast<uintptr_t>(p.k) % 16 == 0;
 }
 

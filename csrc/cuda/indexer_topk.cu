@@ -16,10 +16,10 @@ namespace indexer {
 namespace {
 
 at::Tensor indexer_topk_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t topk,
-                             double scale, bool causal, const c10::optional<at::Tensor>& k_scale) {
+                             std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
   const char* op = "dsa.indexer_topk";
   auto c = prepare_indexer_topk(q_idx, k_idx, w, topk, scale, causal, k_scale);
-  check_cuda_float(op, "q_idx", c.q);
+  check_cuda_dtype(op, "q_idx", c.q);
   check_row_length(op, "k_idx", c.p.S);
   if (c.out.numel() == 0) return c.out;
   const c10::cuda::CUDAGuard guard(q_idx.device());

@@ -109,11 +109,10 @@ void check_rowwise(const char* op, const SparseAttentionCall& c, bool backward) 
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& indices,
-                                                         double scale) {
+                                                         std::optional<double> scale) {
   const char* op = "dsa.sparse_attention";
-  auto c = prepare_sparse_attention(q, k, v, indices, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  if (index_checks_enabled()) check_index_values(op, c.indices, c.p.S);
+  auto c = prepare_sparse_attention(q, k, v, indices, scale);
   const auto& p = c.p;
   if (c.out.numel() == 0) return {c.out, c.lse};
   if (p.S == 0) {  // every slot is empty
@@ -125,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
   const ElemType et = elem_type(c.q.scalar_type());
   if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
     check_grid(op, p.B * p.T * p.Hkv * s->chunks);
-    launch_fwd_mma(FwdArgs{p, *s, static_cast<float>(scale * kLog2e)}, et, stream);
+    launch_fwd_mma(FwdArgs{p, *s, static_cast<float>(p.scale * kLog2e)}, et, stream);
   } else {
     check_rowwise(op, c, /*backward=*/false);
     launch_fwd_simple(p, et, stream);
@@ -134,12 +133,12 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
-    const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
-    const at::Tensor& v, const at::Tensor& indices, const at::Tensor& out, const at::Tensor& lse, double scale) {
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const at::Tensor& indices, const at::Tensor& out, const at::Tensor& lse,
+    std::optional<double> scale) {
   const char* op = "dsa.sparse_attention_backward";
-  auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const c10::cuda::CUDAGuard guard(q.device());
-  if (index_checks_enabled()) check_index_values(op, c.fwd.indices, c.p.fwd.S);
+  auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& f = c.p.fwd;
   if (f.B * f.T * f.H == 0 || f.S == 0) {  // no query, or every slot empty: all gradients are 0
     c.grad_q.zero_();
@@ -155,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
 
   const auto mma = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true);
   if (!mma) check_rowwise(op, c.fwd, /*backward=*/true);
-  const float scale_log2 = static_cast<float>(scale * kLog2e);
+  const float scale_log2 = static_cast<float>(f.scale * kLog2e);
   const auto launch = [&](const SparseAttentionBwdParams& p, const void* delta_p, const KeyGradOut& g) {
     if (mma) {
       check_grid(op, p.fwd.B * p.fwd.T * p.fwd.Hkv * mma->chunks);

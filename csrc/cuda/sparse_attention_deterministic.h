@@ -51,11 +51,11 @@ inline SparseAttentionBwdParams token_slice(const SparseAttentionBwdCall& c, int
 inline at::Tensor contribution_rows(const SparseAttentionCall& c, int64_t b, int64_t t0, int64_t n, int64_t per_kv_head) {
   const auto& p = c.p;
   at::Tensor idx = token_rows(c.indices, b, t0, n).squeeze(0).to(at::kLong);  // [n, K] or [n, Hkv, K]
-  if (idx.dim() == 2) idx = idx.unsqueeze(1).expand({n, p.Hkv, p.K});
+  if (idx.dim() == 2) idx = idx.unsqueeze(1).expand({n, p.Hkv, p.topk});
   const at::Tensor kvh = at::arange(p.Hkv, idx.options()).view({1, p.Hkv, 1});
   const at::Tensor rows = at::where(idx.ge(0).logical_and(idx.lt(p.S)), (idx + b * p.S) * p.Hkv + kvh,
                                     at::Scalar(p.B * p.S * p.Hkv));
-  return rows.unsqueeze(2).expand({n, p.Hkv, per_kv_head, p.K}).reshape({-1});
+  return rows.unsqueeze(2).expand({n, p.Hkv, per_kv_head, p.topk}).reshape({-1});
 }
 
 // Runs the backward kernels slice by slice into contribution rows (at most contrib_bytes per slice)
@@ -65,14 +65,14 @@ template <class Launch>
 void deterministic_key_grads(const SparseAttentionBwdCall& c, const at::Tensor& delta, int64_t per_kv_head,
                              int64_t contrib_bytes, at::Tensor& dk, at::Tensor& dv, const Launch& launch) {
   const auto& p = c.p.fwd;
-  const int64_t per_token = p.Hkv * per_kv_head * p.K * (p.Dqk + p.Dv) * dk.element_size();
+  const int64_t per_token = p.Hkv * per_kv_head * p.topk * (p.Dqk + p.Dv) * dk.element_size();
   const int64_t n_max = std::clamp<int64_t>(contrib_bytes / per_token, 1, p.T);
-  const at::Tensor ck = at::empty({n_max * p.Hkv * per_kv_head * p.K, p.Dqk}, dk.options());
-  const at::Tensor cv = at::empty({n_max * p.Hkv * per_kv_head * p.K, p.Dv}, dv.options());
+  const at::Tensor ck = at::empty({n_max * p.Hkv * per_kv_head * p.topk, p.Dqk}, dk.options());
+  const at::Tensor cv = at::empty({n_max * p.Hkv * per_kv_head * p.topk, p.Dv}, dv.options());
   for (int64_t b = 0; b < p.B; ++b) {
     for (int64_t t0 = 0; t0 < p.T; t0 += n_max) {
       const int64_t n = std::min(n_max, p.T - t0);
-      const int64_t rows = n * p.Hkv * per_kv_head * p.K;
+      const int64_t rows = n * p.Hkv * per_kv_head * p.topk;
       at::Tensor ck_n = ck.narrow(0, 0, rows).zero_(), cv_n = cv.narrow(0, 0, rows).zero_();
       launch(token_slice(c, b, t0, n), token_rows(delta, b, t0, n).data_ptr(),
              KeyGradOut{nullptr, nullptr, ck_n.data_ptr(), cv_n.data_ptr()});

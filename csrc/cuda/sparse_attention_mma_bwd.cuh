@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int row_a = rw * 16 + grp;  // this lane's rows: row_a and row_a + 8
   const BlockTask task = block_task(p, s);
 
-  const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_sb + task.kvh * p.k_sh;
-  const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_sb + task.kvh * p.v_sh;
-  const int32_t* idx_row = p.indices + task.b * p.i_sb + task.t * p.i_st + task.kvh * p.i_sh;
+  const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_batch_stride + task.kvh * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_batch_stride + task.kvh * p.v_head_stride;
+  const int32_t* idx_row = p.indices + task.b * p.idx_batch_stride + task.t * p.idx_row_stride + task.kvh * p.idx_head_stride;
   // row of (batch b, key 0, kv head kvh) in [B, S, Hkv, D]: key pos is row kv_row0 + pos * Hkv
   const int64_t kv_row0 = task.b * p.S * p.Hkv + task.kvh;
 
@@ -57,10 +57,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float* delta_s = reinterpret_cast<float*>(smem + L.delta);
 
   for (int r = warp; r < s.rows; r += nwarps) {
-    copy_row_async(q_s + r * L.q_stride * 2, head_row<T>(p.q, p.q_sb, p.q_st, p.q_sh, task, r),
+    copy_row_async(q_s + r * L.q_stride * 2, head_row<T>(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, task, r),
                    static_cast<int>(p.Dqk / 8), s.dqk_pad / 8, static_cast<const T*>(p.q), lane);
     copy_row_async(do_s + r * L.v_stride * 2,
-                   head_row<T>(a.p.grad_out, a.p.do_sb, a.p.do_st, a.p.do_sh, task, r),
+                   head_row<T>(a.p.grad_out, a.p.do_batch_stride, a.p.do_row_stride, a.p.do_head_stride, task, r),
                    static_cast<int>(p.Dv / 8), s.dv_pad / 8, static_cast<const T*>(a.p.grad_out), lane);
   }
   const int64_t row0 = (task.b * p.T + task.t) * p.H + task.head0;  // [B, T, H] row of head0
@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int npairs = min(s.pairs_per_warp, s.dqk_pad / 16 - pair0);  // may be <= 0 for the last warps
   const int dk_units = 2 * (s.dqk_pad / 16);  // (16-key half, 16 columns) units of dk, then of dv
   const int units = dk_units + 2 * (s.dv_pad / 16);
-  const int ntiles = static_cast<int>((p.K + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
+  const int ntiles = static_cast<int>((p.topk + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
   const float scale = p.scale;
 
   for (int j = 0; j < ntiles; ++j) {
@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           const int pos = idx[key];
           if (pos < 0) continue;
           // deterministic mode: this block's own row for index slot j * 32 + key (< K: pos >= 0)
-          float* dst = contrib != nullptr ? contrib + (blockIdx.x * p.K + j * kKeysPerTile + key) * D
+          float* dst = contrib != nullptr ? contrib + (blockIdx.x * p.topk + j * kKeysPerTile + key) * D
                                           : acc_base + (kv_row0 + pos * p.Hkv) * D;
 #pragma unroll
           for (int n = 0; n < 2; ++n) {

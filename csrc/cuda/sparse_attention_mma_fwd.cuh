@@ -32,9 +32,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int row_a = rw * 16 + grp;  // this lane's rows: row_a and row_a + 8
   const BlockTask task = block_task(p, s);
 
-  const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_sb + task.kvh * p.k_sh;
-  const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_sb + task.kvh * p.v_sh;
-  const int32_t* idx_row = p.indices + task.b * p.i_sb + task.t * p.i_st + task.kvh * p.i_sh;
+  const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_batch_stride + task.kvh * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_batch_stride + task.kvh * p.v_head_stride;
+  const int32_t* idx_row = p.indices + task.b * p.idx_batch_stride + task.t * p.idx_row_stride + task.kvh * p.idx_head_stride;
 
   const uint32_t q_s = smem_addr(smem + L.q), p_s = smem_addr(smem + L.p);
   T* p_tile = reinterpret_cast<T*>(smem + L.p);
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float* red_sum = reinterpret_cast<float*>(smem + L.red_sum);
 
   for (int r = warp; r < s.rows; r += nwarps)
-    copy_row_async(q_s + r * L.q_stride * 2, head_row<T>(p.q, p.q_sb, p.q_st, p.q_sh, task, r),
+    copy_row_async(q_s + r * L.q_stride * 2, head_row<T>(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, task, r),
                    static_cast<int>(p.Dqk / 8), s.dqk_pad / 8, static_cast<const T*>(p.q), lane);
   issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, 0, 0);
   cp_async_commit();
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int pair0 = cw * s.pairs_per_warp;
   const int npairs = min(s.pairs_per_warp, s.dv_pad / 16 - pair0);  // may be <= 0 for the last warps
-  const int ntiles = static_cast<int>((p.K + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
+  const int ntiles = static_cast<int>((p.topk + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
   // [B, T, H] row of query head head0: the epilogue needs only this, not b, t, head0
   const int64_t out_row0 = (task.b * p.T + task.t) * p.H + task.head0;
   const int rows_valid = task.rows_valid;

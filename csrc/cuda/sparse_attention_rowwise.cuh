@@ -72,7 +72,7 @@ __device__ __forceinline__ void load_positions(const SparseAttentionParams& p, c
                                                int (&pos)[kKeyBatch]) {
 #pragma unroll
   for (int u = 0; u < kKeyBatch; ++u) {
-    const int v = i0 + u < p.K ? __ldg(idx_row + i0 + u) : -1;
+    const int v = i0 + u < p.topk ? __ldg(idx_row + i0 + u) : -1;
     pos[u] = v >= 0 && v < p.S ? v : -1;
   }
 }
@@ -87,16 +87,16 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_fwd_kernel(const _
   const int Dqk = static_cast<int>(p.Dqk), Dv = static_cast<int>(p.Dv);
   Acc* q_s = reinterpret_cast<Acc*>(smem) + (threadIdx.x >> 5) * (Dqk + Dv);
   Acc* o_s = q_s + Dqk;
-  const T* q = static_cast<const T*>(p.q) + r.b * p.q_sb + r.t * p.q_st + r.h * p.q_sh;
-  const T* k_head = static_cast<const T*>(p.k) + r.b * p.k_sb + r.kvh * p.k_sh;
-  const T* v_head = static_cast<const T*>(p.v) + r.b * p.v_sb + r.kvh * p.v_sh;
-  const int32_t* idx_row = p.indices + r.b * p.i_sb + r.t * p.i_st + r.kvh * p.i_sh;
+  const T* q = static_cast<const T*>(p.q) + r.b * p.q_batch_stride + r.t * p.q_row_stride + r.h * p.q_head_stride;
+  const T* k_head = static_cast<const T*>(p.k) + r.b * p.k_batch_stride + r.kvh * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + r.b * p.v_batch_stride + r.kvh * p.v_head_stride;
+  const int32_t* idx_row = p.indices + r.b * p.idx_batch_stride + r.t * p.idx_row_stride + r.kvh * p.idx_head_stride;
   for (int d = lane; d < Dqk; d += 32) q_s[d] = to_acc(q[d]);
   for (int d = lane; d < Dv; d += 32) o_s[d] = 0;
   const Acc scale = p.scale;
 
   Acc m = -INFINITY, l = 0;
-  for (int64_t i0 = 0; i0 < p.K; i0 += kKeyBatch) {
+  for (int64_t i0 = 0; i0 < p.topk; i0 += kKeyBatch) {
     int pos[kKeyBatch];
     load_positions(p, idx_row, i0, pos);
     Acc dot[kKeyBatch] = {};
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_fwd_kernel(const _
       const Acc qd = q_s[d];
 #pragma unroll
       for (int u = 0; u < kKeyBatch; ++u)
-        if (pos[u] >= 0) dot[u] += qd * to_acc(k_head[pos[u] * p.k_ss + d]);
+        if (pos[u] >= 0) dot[u] += qd * to_acc(k_head[pos[u] * p.k_row_stride + d]);
     }
     Acc m_new = m;
 #pragma unroll
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_fwd_kernel(const _
       Acc o = o_s[d] * alpha;
 #pragma unroll
       for (int u = 0; u < kKeyBatch; ++u)
-        if (pos[u] >= 0) o += e[u] * to_acc(v_head[pos[u] * p.v_ss + d]);
+        if (pos[u] >= 0) o += e[u] * to_acc(v_head[pos[u] * p.v_row_stride + d]);
       o_s[d] = o;
     }
     m = m_new;
@@ -149,11 +149,11 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
   Acc* q_s = reinterpret_cast<Acc*>(smem) + (threadIdx.x >> 5) * (2 * Dqk + Dv);
   Acc* dq_s = q_s + Dqk;
   Acc* do_s = dq_s + Dqk;
-  const T* q = static_cast<const T*>(p.q) + r.b * p.q_sb + r.t * p.q_st + r.h * p.q_sh;
-  const T* dout = static_cast<const T*>(a.p.grad_out) + r.b * a.p.do_sb + r.t * a.p.do_st + r.h * a.p.do_sh;
-  const T* k_head = static_cast<const T*>(p.k) + r.b * p.k_sb + r.kvh * p.k_sh;
-  const T* v_head = static_cast<const T*>(p.v) + r.b * p.v_sb + r.kvh * p.v_sh;
-  const int32_t* idx_row = p.indices + r.b * p.i_sb + r.t * p.i_st + r.kvh * p.i_sh;
+  const T* q = static_cast<const T*>(p.q) + r.b * p.q_batch_stride + r.t * p.q_row_stride + r.h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(a.p.grad_out) + r.b * a.p.do_batch_stride + r.t * a.p.do_row_stride + r.h * a.p.do_head_stride;
+  const T* k_head = static_cast<const T*>(p.k) + r.b * p.k_batch_stride + r.kvh * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + r.b * p.v_batch_stride + r.kvh * p.v_head_stride;
+  const int32_t* idx_row = p.indices + r.b * p.idx_batch_stride + r.t * p.idx_row_stride + r.kvh * p.idx_head_stride;
   // [B, S, Hkv, D] accumulators: key pos of this batch and kv head is row kv_row0 + pos * Hkv
   const int64_t kv_row0 = r.b * p.S * p.Hkv + r.kvh;
   Acc* dk = static_cast<Acc*>(a.g.dk_acc);
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
   const Acc delta = static_cast<const Acc*>(a.delta)[r.row];
 
   // a row without valid keys (lse -inf) has P = 0: no gradient anywhere
-  for (int64_t i0 = 0; lse != -INFINITY && i0 < p.K; i0 += kKeyBatch) {
+  for (int64_t i0 = 0; lse != -INFINITY && i0 < p.topk; i0 += kKeyBatch) {
     int pos[kKeyBatch];
     load_positions(p, idx_row, i0, pos);
     Acc dot[kKeyBatch] = {}, dp[kKeyBatch] = {};
@@ -179,13 +179,13 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
       const Acc qd = q_s[d];
 #pragma unroll
       for (int u = 0; u < kKeyBatch; ++u)
-        if (pos[u] >= 0) dot[u] += qd * to_acc(k_head[pos[u] * p.k_ss + d]);
+        if (pos[u] >= 0) dot[u] += qd * to_acc(k_head[pos[u] * p.k_row_stride + d]);
     }
     for (int d = lane; d < Dv; d += 32) {
       const Acc gd = do_s[d];
 #pragma unroll
       for (int u = 0; u < kKeyBatch; ++u)
-        if (pos[u] >= 0) dp[u] += gd * to_acc(v_head[pos[u] * p.v_ss + d]);
+        if (pos[u] >= 0) dp[u] += gd * to_acc(v_head[pos[u] * p.v_row_stride + d]);
     }
 #pragma unroll
     for (int u = 0; u < kKeyBatch; ++u) {
@@ -194,11 +194,11 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32) rowwise_bwd_kernel(const _
       if (pos[u] < 0) continue;
       const Acc prob = exp_acc(dot[u] * scale - lse);
       const Acc ds = prob * (dp[u] - delta) * scale;  // d loss / d (q . k)
-      const T* k_row = k_head + pos[u] * p.k_ss;
+      const T* k_row = k_head + pos[u] * p.k_row_stride;
       for (int d = lane; d < Dqk; d += 32) dq_s[d] += ds * to_acc(k_row[d]);
       if (contrib_k != nullptr) {
-        Acc* dk_row = contrib_k + (r.row * p.K + i0 + u) * p.Dqk;
-        Acc* dv_row = contrib_v + (r.row * p.K + i0 + u) * p.Dv;
+        Acc* dk_row = contrib_k + (r.row * p.topk + i0 + u) * p.Dqk;
+        Acc* dv_row = contrib_v + (r.row * p.topk + i0 + u) * p.Dv;
         for (int d = lane; d < Dqk; d += 32) dk_row[d] = ds * q_s[d];
         for (int d = lane; d < Dv; d += 32) dv_row[d] = prob * do_s[d];
       } else {
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32)
   RowTask r;
   if (!row_task(p, r)) return;
   const T* out = static_cast<const T*>(p.out) + r.row * p.Dv;  // contiguous [B, T, H, Dv]
-  const T* dout = static_cast<const T*>(a.grad_out) + r.b * a.do_sb + r.t * a.do_st + r.h * a.do_sh;
+  const T* dout = static_cast<const T*>(a.grad_out) + r.b * a.do_batch_stride + r.t * a.do_row_stride + r.h * a.do_head_stride;
   Acc sum = 0;
   for (int64_t d = lane; d < p.Dv; d += 32) sum += to_acc(dout[d]) * to_acc(out[d]);
   sum = warp_sum(sum);

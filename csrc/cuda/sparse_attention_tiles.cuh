@@ -67,11 +67,11 @@ __device__ __forceinline__ void issue_key_tile(const SparseAttentionParams& p, c
   const T* v_mapped = static_cast<const T*>(p.v);
   for (int r = warp; r < kKeysPerTile; r += nwarps) {
     const int64_t slot = tile * kKeysPerTile + r;
-    int pos = slot < p.K ? __ldg(idx_row + slot) : -1;
+    int pos = slot < p.topk ? __ldg(idx_row + slot) : -1;
     if (pos < 0 || pos >= p.S) pos = -1;
     if (lane == 0) idx[r] = pos;
-    const T* k_row = pos >= 0 ? k_head + pos * p.k_ss : nullptr;
-    const T* v_row = pos >= 0 ? v_head + pos * p.v_ss : nullptr;
+    const T* k_row = pos >= 0 ? k_head + pos * p.k_row_stride : nullptr;
+    const T* v_row = pos >= 0 ? v_head + pos * p.v_row_stride : nullptr;
     // the K row's chunks then the V row's: with D = 128 all 32 lanes copy
     for (int c = lane; c < k_chunks + v_chunks; c += 32) {
       if (c < k_chunks) {

@@ -17,18 +17,18 @@ namespace {
 
 template <typename T>
 void launch_topk_rows(const TopkParams& p, cudaStream_t stream) {
-  const DenseRows<T> rows{static_cast<const T*>(p.logits), p.T, p.l_sb, p.l_st, static_cast<int>(p.S)};
-  const int k = static_cast<int>(std::min(p.k, p.S));  // a row never has more than S to give
+  const DenseRows<T> rows{static_cast<const T*>(p.logits), p.T, p.logits_batch_stride, p.logits_row_stride, static_cast<int>(p.S)};
+  const int k = static_cast<int>(std::min(p.topk, p.S));  // a row never has more than S to give
   const int cand_cap = static_cast<int>(std::min<int64_t>(p.S, kSelectCandidates));
   select_rows_kernel<DenseRows<T>><<<static_cast<unsigned>(p.B * p.T), kSelectThreads,
-                                      cand_cap * sizeof(uint32_t), stream>>>(rows, k, p.k, p.out, cand_cap);
+                                      cand_cap * sizeof(uint32_t), stream>>>(rows, k, p.topk, p.out, cand_cap);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor topk_indices_cuda(const at::Tensor& logits, int64_t k) {
+at::Tensor topk_indices_cuda(const at::Tensor& logits, int64_t topk) {
   const char* op = "dsa.topk_indices";
-  auto c = prepare_topk(logits, k);
-  check_cuda_float(op, "logits", logits);
+  auto c = prepare_topk(logits, topk);
+  check_cuda_dtype(op, "logits", logits);
   check_row_length(op, "logits", c.p.S);
   check_grid(op, c.p.B * c.p.T);
   if (c.out.numel() == 0) return c.out;

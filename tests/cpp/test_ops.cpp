@@ -1,19 +1,17 @@
-// The dsa:: operators called from C++ through the dispatcher, as a LibTorch program would,
-// checked against direct ATen formulas on small float64 inputs.
-#include <ATen/core/dispatch/Dispatcher.h>
+// The dsa:: operators called from C++ as a LibTorch program would (dsa_ext.h: typed dispatcher
+// calls with the schemas' defaults), checked against direct ATen formulas on small float64 inputs.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
 #include <limits>
 #include <optional>
+#include <string>
 #include <tuple>
 
-namespace {
+#include "dsa_ext.h"
 
-template <typename Signature>
-auto op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+namespace {
 
 const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
 const auto kI32 = torch::TensorOptions().dtype(torch::kInt32);
@@ -27,19 +25,34 @@ TEST(DsaOps, IndexerLogitsMatchesFormula) {
   torch::manual_seed(1);
   const int64_t B = 2, T = 5, S = 9, Hi = 3, Di = 8;
   auto q = torch::randn({B, T, Hi, Di}, kF64), k = torch::randn({B, S, Di}, kF64), w = torch::randn({B, T, Hi}, kF64);
-  auto logits = op<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, double, bool,
-                                  const std::optional<torch::Tensor>&)>("dsa::indexer_logits")
-                    .call(q, k, w, 0.5, true, std::nullopt);
+  auto logits = dsa::indexer_logits(q, k, w, 0.5);
   auto want = 0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q, k}).relu()});
   want = want.masked_fill(causal_mask(T, S).logical_not(), -std::numeric_limits<double>::infinity());
   ASSERT_EQ(logits.sizes(), want.sizes());
   EXPECT_TRUE(torch::allclose(logits, want, 1e-12, 1e-12));
+  // the default scale is (Hi * Di) ** -0.5, resolved by the operator itself
+  EXPECT_TRUE(torch::allclose(dsa::indexer_logits(q, k, w), logits * (std::pow(Hi * Di, -0.5) / 0.5), 1e-12, 1e-12));
+  EXPECT_TRUE(torch::equal(dsa::indexer_topk(q, k, w, 4), dsa::topk_indices(logits, 4)));
+}
+
+TEST(DsaOps, SchemasCarryTheDefaults) {
+  const auto& schema = c10::Dispatcher::singleton().findSchemaOrThrow("dsa::sparse_attention", "").schema();
+  const auto& scale = schema.arguments().at(4);
+  EXPECT_EQ(scale.name(), "scale");
+  ASSERT_TRUE(scale.default_value().has_value());
+  EXPECT_TRUE(scale.default_value()->isNone());
+  const auto& kl = c10::Dispatcher::singleton().findSchemaOrThrow("dsa::indexer_kl_loss", "").schema();
+  for (const char* name : {"indices", "idx_scale", "attn_scale", "causal", "attn_lse"}) {
+    const auto at = kl.argumentIndexWithName(name);
+    ASSERT_TRUE(at.has_value()) << name;
+    EXPECT_TRUE(kl.arguments()[*at].default_value().has_value()) << name;
+  }
 }
 
 TEST(DsaOps, TopkIsDeterministicUnderTies) {
   auto logits = torch::zeros({1, 2, 10}, kF64);
   logits[0][1][7] = 1.0;
-  auto idx = op<torch::Tensor(const torch::Tensor&, int64_t)>("dsa::topk_indices").call(logits, 3);
+  auto idx = dsa::topk_indices(logits, 3);
   auto want = torch::tensor({0, 1, 2, 0, 1, 7}, kI32).view({1, 2, 3});
   EXPECT_TRUE(torch::equal(idx, want));
 }
@@ -49,10 +62,11 @@ TEST(DsaOps, SparseAttentionMatchesGatheredSoftmax) {
   const int64_t T = 4, S = 7, H = 2, D = 8;
   auto q = torch::randn({1, T, H, D}, kF64), k = torch::randn({1, S, 1, D}, kF64), v = torch::randn({1, S, 1, D}, kF64);
   auto idx = torch::tensor({0, 3, -1, 1, 1, 6, 2, 5, -1, -1, -1, -1}, kI32).view({1, T, 3});
-  auto [out, lse] = op<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&,
-                                                                  const torch::Tensor&, const torch::Tensor&, double)>(
-                        "dsa::sparse_attention")
-                        .call(q, k, v, idx, 0.25);
+  auto [out, lse] = dsa::sparse_attention(q, k, v, idx, 0.25);
+  // default scale: Dqk ** -0.5
+  auto [out_default, lse_default] = dsa::sparse_attention(q, k, v, idx);
+  auto [out_explicit, lse_explicit] = dsa::sparse_attention(q, k, v, idx, std::pow(D, -0.5));
+  EXPECT_TRUE(torch::equal(out_default, out_explicit));
   for (int64_t t = 0; t < T; ++t) {
     auto row = idx[0][t];
     auto valid = row.ge(0);
@@ -75,12 +89,7 @@ TEST(DsaOps, IndexerKlLossMatchesDenseFormula) {
   const int64_t T = 5, S = 8, Hi = 2, Di = 8, H = 4, Hkv = 2, D = 6;
   auto q_idx = torch::randn({1, T, Hi, Di}, kF64), k_idx = torch::randn({1, S, Di}, kF64);
   auto w = torch::randn({1, T, Hi}, kF64), q = torch::randn({1, T, H, D}, kF64), k = torch::randn({1, S, Hkv, D}, kF64);
-  using Out = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
-  auto [loss, idx_lse, attn_lse] =
-      op<Out(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-             const torch::Tensor&, const std::optional<torch::Tensor>&, double, double, bool,
-             const std::optional<torch::Tensor>&)>("dsa::indexer_kl_loss")
-          .call(q_idx, k_idx, w, q, k, std::nullopt, 0.5, 0.25, true, std::nullopt);
+  auto [loss, idx_lse, attn_lse] = dsa::indexer_kl_loss(q_idx, k_idx, w, q, k, std::nullopt, 0.5, 0.25);
   const double neg_inf = -std::numeric_limits<double>::infinity();
   auto hidden = causal_mask(T, S).logical_not();
   auto I = (0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q_idx, k_idx}).relu()}))
@@ -99,9 +108,7 @@ TEST(DsaOps, BadInputNamesTheArgument) {
   auto q = torch::randn({1, 4, 2, 8}, kF64), k = torch::randn({1, 6, 1, 8}, kF64);
   auto idx = torch::zeros({1, 4, 2}, torch::kInt64);
   try {
-    op<std::tuple<torch::Tensor, torch::Tensor>(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                                const torch::Tensor&, double)>("dsa::sparse_attention")
-        .call(q, k, k, idx, 1.0);
+    dsa::sparse_attention(q, k, k, idx);
     FAIL() << "expected an error";
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("expected indices to be int32, got Long"), std::string::npos) << e.what();

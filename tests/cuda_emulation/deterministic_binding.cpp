@@ -48,7 +48,7 @@ std::vector<at::Tensor> run(SparseAttentionBwdCall& c, double scale, bool use_mm
   return {c.grad_q, dk.narrow(0, 0, rows).view(c.grad_k.sizes()), dv.narrow(0, 0, rows).view(c.grad_v.sizes())};
 }
 
-std::vector<at::Tensor> deterministic_backward(const at::Tensor& grad_out, const c10::optional<at::Tensor>& grad_lse,
+std::vector<at::Tensor> deterministic_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
                                                const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& indices, const at::Tensor& out,
                                                const at::Tensor& lse, double scale, bool use_mma,

@@ -80,8 +80,8 @@ Inputs read_indexer_inputs() {
   in.w = exact_copy<float>(read_file("w.bin"));
   IndexerParams& p = in.p;
   p.B = geti("B"), p.T = geti("T"), p.S = geti("S"), p.Hi = geti("Hi"), p.Di = geti("Di");
-  p.q_sb = geti("q_sb"), p.q_st = geti("q_st"), p.q_sh = geti("q_sh");
-  p.k_sb = geti("k_sb"), p.k_ss = geti("k_ss");
+  p.q_batch_stride = geti("q_batch_stride"), p.q_row_stride = geti("q_row_stride"), p.q_head_stride = geti("q_head_stride");
+  p.k_batch_stride = geti("k_batch_stride"), p.k_row_stride = geti("k_row_stride");
   p.scale = getf("scale");
   p.causal = geti("causal") != 0;
   p.causal_offset = p.S - p.T;
@@ -151,12 +151,12 @@ void with_engine(Inputs& in, const Fn& fn) {
     return out;
   };
   qf = to_float(p.q, p.B * p.T * p.Hi, p.Di, [&](int64_t r) {
-    return (r / (p.T * p.Hi)) * p.q_sb + ((r / p.Hi) % p.T) * p.q_st + (r % p.Hi) * p.q_sh;
+    return (r / (p.T * p.Hi)) * p.q_batch_stride + ((r / p.Hi) % p.T) * p.q_row_stride + (r % p.Hi) * p.q_head_stride;
   });
-  kf = to_float(p.k, p.B * p.S, p.Di, [&](int64_t r) { return (r / p.S) * p.k_sb + (r % p.S) * p.k_ss; });
+  kf = to_float(p.k, p.B * p.S, p.Di, [&](int64_t r) { return (r / p.S) * p.k_batch_stride + (r % p.S) * p.k_row_stride; });
   p.q = qf.get(), p.k = kf.get();
-  p.q_sb = p.T * p.Hi * p.Di, p.q_st = p.Hi * p.Di, p.q_sh = p.Di;
-  p.k_sb = p.S * p.Di, p.k_ss = p.Di;
+  p.q_batch_stride = p.T * p.Hi * p.Di, p.q_row_stride = p.Hi * p.Di, p.q_head_stride = p.Di;
+  p.k_batch_stride = p.S * p.Di, p.k_row_stride = p.Di;
   fn.template operator()<SimtTile>(p, false);
 }
 
@@ -204,15 +204,15 @@ template <typename Elem>
 void run_topk_typed(const std::vector<uint8_t>& bytes) {
   const int64_t B = geti("B"), T = geti("T"), S = geti("S"), k = geti("k");
   auto logits = exact_copy<Elem>(bytes);
-  TopkParams p{logits.get(), B, T, S, k, geti("l_sb"), geti("l_st"), nullptr};
+  TopkParams p{logits.get(), B, T, S, k, geti("logits_batch_stride"), geti("logits_row_stride"), nullptr};
   std::unique_ptr<int32_t[]> out(new int32_t[B * T * k]);
   p.out = out.get();
   // as launch_topk_rows in topk.cu
-  const DenseRows<Elem> rows{static_cast<const Elem*>(p.logits), p.T, p.l_sb, p.l_st, static_cast<int>(p.S)};
-  const int kk = static_cast<int>(std::min(p.k, p.S));
+  const DenseRows<Elem> rows{static_cast<const Elem*>(p.logits), p.T, p.logits_batch_stride, p.logits_row_stride, static_cast<int>(p.S)};
+  const int kk = static_cast<int>(std::min(p.topk, p.S));
   const int cand_cap = static_cast<int>(std::min<int64_t>(p.S, geti("cand_cap")));
   emu::launch(static_cast<unsigned>(p.B * p.T), kSelectThreads, cand_cap * sizeof(uint32_t),
-              [&] { select_rows_kernel<DenseRows<Elem>>(rows, kk, p.k, p.out, cand_cap); });
+              [&] { select_rows_kernel<DenseRows<Elem>>(rows, kk, p.topk, p.out, cand_cap); });
   write_file("out.bin", out.get(), B * T * k);
 }
 
@@ -238,7 +238,7 @@ void run_backward_typed(Inputs& in) {
   bp.fwd.q = q.get() + geti("q_off");
   bp.fwd.k = k.get() + geti("k_off");
   bp.grad_logits = g.get();
-  bp.g_sb = geti("g_sb"), bp.g_st = geti("g_st");
+  bp.grad_batch_stride = geti("grad_batch_stride"), bp.grad_row_stride = geti("grad_row_stride");
   std::unique_ptr<T[]> gq(new T[p.B * p.T * p.Hi * p.Di]), gk(new T[p.B * p.S * p.Di]);
   std::unique_ptr<float[]> gw(new float[p.B * p.T * p.Hi]);
   bp.grad_q = gq.get(), bp.grad_k = gk.get(), bp.grad_w = gw.get();
@@ -286,11 +286,11 @@ struct AttnCase {
     if (!v_in_k) v = exact_copy<T>(read_file("v.bin"));
     idx = exact_copy<int32_t>(read_file("idx.bin"));
     p.B = geti("B"), p.T = geti("T"), p.S = geti("S"), p.H = geti("H"), p.Hkv = geti("Hkv");
-    p.Dqk = geti("Dqk"), p.Dv = geti("Dv"), p.K = geti("K");
-    p.q_sb = geti("q_sb"), p.q_st = geti("q_st"), p.q_sh = geti("q_sh");
-    p.k_sb = geti("k_sb"), p.k_ss = geti("k_ss"), p.k_sh = geti("k_sh");
-    p.v_sb = geti("v_sb"), p.v_ss = geti("v_ss"), p.v_sh = geti("v_sh");
-    p.i_sb = geti("i_sb"), p.i_st = geti("i_st"), p.i_sh = geti("i_sh");
+    p.Dqk = geti("Dqk"), p.Dv = geti("Dv"), p.topk = geti("K");
+    p.q_batch_stride = geti("q_batch_stride"), p.q_row_stride = geti("q_row_stride"), p.q_head_stride = geti("q_head_stride");
+    p.k_batch_stride = geti("k_batch_stride"), p.k_row_stride = geti("k_row_stride"), p.k_head_stride = geti("k_head_stride");
+    p.v_batch_stride = geti("v_batch_stride"), p.v_row_stride = geti("v_row_stride"), p.v_head_stride = geti("v_head_stride");
+    p.idx_batch_stride = geti("idx_batch_stride"), p.idx_row_stride = geti("idx_row_stride"), p.idx_head_stride = geti("idx_head_stride");
     p.scale = getf("scale");
     p.q = q.get() + geti("q_off");
     p.k = k.get() + geti("k_off");
@@ -353,7 +353,7 @@ void run_attention_backward_typed() {
   bp.fwd.out = out.get();
   bp.fwd.lse = lse.get();
   bp.grad_out = dout.get();
-  bp.do_sb = geti("do_sb"), bp.do_st = geti("do_st"), bp.do_sh = geti("do_sh");
+  bp.do_batch_stride = geti("do_batch_stride"), bp.do_row_stride = geti("do_row_stride"), bp.do_head_stride = geti("do_head_stride");
   bp.grad_lse = glse.get();
   std::unique_ptr<T[]> dq(new T[p.B * p.T * p.H * p.Dqk]);
   bp.grad_q = dq.get();

@@ -138,7 +138,7 @@ def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
     ks, k_off = storage_of(k)
     B, T, Hi, Di = q.shape
     meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=k.shape[1], Hi=Hi, Di=Di,
-                q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
+                q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2), k_batch_stride=k.stride(0), k_row_stride=k.stride(1),
                 q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), max_smem=max_smem,
                 k_scale=k_scale is not None)
     tensors = {"q": qs, "k": ks, "w": w.float().contiguous()}
@@ -158,9 +158,9 @@ def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
     idx = indices.contiguous()
     meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=S, H=H, Hkv=Hkv, Dqk=Dqk, Dv=Dv, K=idx.shape[-1],
-                q_sb=q.stride(0), q_st=q.stride(1), q_sh=q.stride(2), k_sb=k.stride(0), k_ss=k.stride(1),
-                k_sh=k.stride(2), v_sb=v.stride(0), v_ss=v.stride(1), v_sh=v.stride(2), i_sb=idx.stride(0),
-                i_st=idx.stride(1), i_sh=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
+                q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2), k_batch_stride=k.stride(0), k_row_stride=k.stride(1),
+                k_head_stride=k.stride(2), v_batch_stride=v.stride(0), v_row_stride=v.stride(1), v_head_stride=v.stride(2), idx_batch_stride=idx.stride(0),
+                idx_row_stride=idx.stride(1), idx_head_stride=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
                 v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), path=path, smem_limit=smem_limit,
                 min_warps=min_warps)
     tensors = {"q": qs, "k": ks, "idx": idx.view(-1)}

@@ -9,7 +9,7 @@ std::vector<at::Tensor> indexer_backward_float32(const at::Tensor& grad, const a
                                                  int64_t budget) {
   auto c = dsa::prepare_indexer_logits_backward(grad, q, k, w, scale, causal);
   dsa::cuda::indexer::indexer_backward_float32(c, budget);
-  return {c.grad_q, c.grad_k, dsa::finish_grad_w(c, w)};
+  return {c.grad_q, c.grad_k, dsa::finish_grad_w(c.grad_w, w)};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("indexer_backward_float32", &indexer_backward_float32); }

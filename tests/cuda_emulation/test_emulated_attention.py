@@ -53,8 +53,8 @@ def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024, min_warps=
 
 def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit=227 * 1024, min_warps=4):
     meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit, min_warps)
-    meta.update(op="attn_bwd", grad_lse=glse is not None, do_sb=dout.stride(0), do_st=dout.stride(1),
-                do_sh=dout.stride(2))
+    meta.update(op="attn_bwd", grad_lse=glse is not None, do_batch_stride=dout.stride(0), do_row_stride=dout.stride(1),
+                do_head_stride=dout.stride(2))
     tensors.update(out=out, lse=lse, dout=dout)
     if glse is not None:
         tensors["glse"] = glse

@@ -35,7 +35,7 @@ def emulated_topk(logits, k, cand_cap=8192):
     flat, off = emulator.storage_of(logits)
     assert off == 0
     meta = dict(op="topk", dtype=emulator.dtype_name(logits.dtype), B=B, T=T, S=S, k=k,
-                l_sb=logits.stride(0), l_st=logits.stride(1), cand_cap=cand_cap)
+                logits_batch_stride=logits.stride(0), logits_row_stride=logits.stride(1), cand_cap=cand_cap)
     out, _ = emulator.run(meta, {"logits": flat}, {"out": (torch.int32, (B, T, k))})
     return out["out"]
 
@@ -229,7 +229,7 @@ def emulated_backward(grad, q, k, w, scale, causal):
     meta, tensors = emulator.indexer_case(q, k, w, scale, causal)
     gs, g_off = emulator.storage_of(grad)
     assert g_off == 0
-    meta.update(op="backward", g_sb=grad.stride(0), g_st=grad.stride(1))
+    meta.update(op="backward", grad_batch_stride=grad.stride(0), grad_row_stride=grad.stride(1))
     tensors["g"] = gs
     B, T, Hi, Di = q.shape
     S = k.shape[1]

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.emulation, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def ext():
     return emulator.load_binding("dsa_kl_streamed_test", "kl_streamed_binding.cpp",
-                                 ["host.cpp", "checks.cpp", "indexer_kl_loss_host.cpp"])
+                                 ["host.cpp", "checks.cpp", "host_kl_loss.cpp"])
 
 
 def make(B, T, S, Hi, Di, H, Hkv, Dqk, dtype, seed):

@@ -1,0 +1,179 @@
+"""The DSA attention core around a host model's q, k, v, and the dense attention it replaces.
+
+:class:`DSAAttention` runs in one of three modes:
+
+``dense``  plain causal attention, the indexer is not run;
+``warmup`` dense attention output, and the indexer learns KL(main attention || indexer) over every
+           causal key;
+``sparse`` indexer top-k + ``sparse_attention``, and the same KL restricted to the top-k.
+
+In training (``module.training`` and a mode other than dense) the indexer's KL loss is attached
+to the attention output by :class:`AttachIndexerLoss`: the output is returned unchanged and its
+backward also sends ``loss_scale * loss_coeff`` into the loss, so ``lm_loss.backward()`` trains the
+indexer with no extra term in the loop. The loss belongs to the autograd graph of the forward
+that produced it: activation checkpointing (which runs a forward twice) and forwards that are
+never backpropagated cannot count it twice or leak it into the next step. A detached copy per
+layer (``last_loss``) is kept for logging.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import fp8, ops
+from ..conventions import causal_mask, default_attention_scale
+from .config import MODES, DSAConfig
+from .indexer import LightningIndexer
+
+if TYPE_CHECKING:
+    from .recall import RecallSums
+
+__all__ = ["DSAAttention", "AttachIndexerLoss", "dense_causal_attention", "head_mean_attention",
+           "dsa_modules", "DenseFn"]
+
+DenseFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """The dense KL target: per-head causal softmax of ``scale * q.k`` averaged over heads,
+    [B, T, S] (float32, float64 for float64 input). q [B,T,H,D], k [B,S,Hkv,D] with GQA (head h
+    reads kv head h // G), bottom-right causal alignment. Materialises [B, H, T, S]: for
+    measurements (recall), not for training."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    T, H, S, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    kk = k.to(acc).repeat_interleave(H // Hkv, dim=2)
+    scores = scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kk)
+    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(1)
+
+
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    """Plain causal attention in the batch-first layout (bottom-right aligned, GQA by head
+    groups): q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv]."""
+    T, S = q.shape[1], k.shape[1]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.shape[2] != k.shape[2]:
+        g = q.shape[2] // k.shape[2]
+        kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+    if S == T:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_mask(T, S, q.device), scale=scale)
+    return out.transpose(1, 2)
+
+
+class AttachIndexerLoss(torch.autograd.Function):
+    """``out = AttachIndexerLoss.apply(out, loss, coeff)``: the identity on ``out`` whose backward
+    also returns ``coeff`` as the gradient of the scalar ``loss`` (the pattern Megatron-LM uses for
+    auxiliary losses). Whatever backpropagates through ``out`` thereby adds ``coeff * loss`` to
+    the objective, once per forward that backward runs through."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, loss: Tensor, coeff: float) -> Tensor:
+        ctx.coeff = coeff
+        ctx.loss_meta = (loss.shape, loss.dtype, loss.device)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        shape, dtype, device = ctx.loss_meta
+        return grad_out, torch.full(shape, ctx.coeff, dtype=dtype, device=device), None
+
+
+class DSAAttention(nn.Module):
+    """DSA attention core around a host model's q, k, v. See the module docstring for the modes.
+
+    forward(q, k, v, hidden_states, positions=None, scale=None, dense_fn=None) -> [B, T, H, Dv]
+      q [B,T,H,D] and k [B,S,Hkv,D] after the host's own RoPE, v [B,S,Hkv,Dv]; hidden_states
+      [B,S,hidden] the input of the host attention (the indexer's input); positions [S] or [B,S]
+      for the indexer RoPE; scale the host's softmax scale (default D**-0.5); dense_fn(q,k,v,scale)
+      the host's dense attention (default :func:`dense_causal_attention`).
+
+    Indexer loss (training, modes warmup/sparse): the mean over tokens of the per-token KL,
+    attached to the output with weight ``loss_coeff * loss_scale`` (see
+    :func:`dsa_ext.nn.set_loss_scale` for gradient accumulation and loss scaling); its detached
+    value is ``last_loss``. While ``recall`` holds a :class:`~dsa_ext.nn.recall.RecallSums`, each
+    forward also adds its recall statistics to it (see :class:`~dsa_ext.nn.recall_stats`).
+    """
+
+    def __init__(self, indexer: LightningIndexer, topk: int, mode: str = "sparse", fp8_topk: bool = False,
+                 loss_coeff: float = 1.0):
+        super().__init__()
+        self.indexer = indexer
+        self.topk = int(topk)
+        self.fp8_topk = bool(fp8_topk)
+        self.mode = mode
+        self.loss_coeff = float(loss_coeff)
+        self.loss_scale = 1.0
+        self.last_loss: Optional[Tensor] = None
+        self.recall: Optional["RecallSums"] = None
+
+    @classmethod
+    def from_config(cls, config: DSAConfig, hidden_size: int) -> "DSAAttention":
+        """The core a conversion adds to one attention layer: a fresh indexer reading hidden
+        states of width ``hidden_size``, and ``config``'s top-k, mode, FP8 selection and loss
+        coefficient."""
+        indexer = LightningIndexer(hidden_size, config.n_heads, config.head_dim, config.rope_dim,
+                                   config.rope_theta, config.hadamard)
+        return cls(indexer, config.topk, config.mode, config.fp8_topk, config.loss_coeff)
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"DSAAttention.mode: expected one of {MODES}, got {mode!r}")
+        self._mode = mode
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden_states: Tensor,
+                positions: Optional[Tensor] = None, scale: Optional[float] = None,
+                dense_fn: Optional[DenseFn] = None) -> Tensor:
+        if scale is None:
+            scale = default_attention_scale(q.shape[-1])
+        dense_fn = dense_fn or dense_causal_attention
+        want_loss = self.training and self.mode != "dense" and torch.is_grad_enabled()
+        if self.mode == "dense" and self.recall is None:
+            return dense_fn(q, k, v, scale)
+        if hidden_states.shape[1] != k.shape[1]:
+            raise NotImplementedError(
+                f"DSA modes warmup/sparse need the hidden states of every key (got "
+                f"{hidden_states.shape[1]} hidden states for {k.shape[1]} keys): a KV cache is "
+                "not supported; use mode 'dense' for cached generation")
+        q_idx, k_idx, w = self.indexer(hidden_states, positions)
+        idx_scale = self.indexer.scale
+        indices = None
+        if self.mode == "sparse" or self.recall is not None:
+            with torch.no_grad():
+                select = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
+                indices = select(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, idx_scale)
+        if self.recall is not None:
+            self.recall.add(q, k, scale, indices, self.topk)
+        if self.mode == "sparse":
+            out, lse = ops.sparse_attention(q, k, v, indices, scale, return_lse=True)
+            if want_loss:
+                out = self._attach_loss(out, ops.indexer_kl_loss(
+                    q_idx, k_idx, w, q.detach(), k.detach(), indices, idx_scale, scale, True, lse.detach()))
+            return out
+        out = dense_fn(q, k, v, scale)
+        if want_loss:
+            out = self._attach_loss(out, ops.indexer_kl_loss(
+                q_idx, k_idx, w, q.detach(), k.detach(), None, idx_scale, scale, True, None))
+        return out
+
+    def _attach_loss(self, out: Tensor, per_token: Tensor) -> Tensor:
+        loss = per_token.mean()
+        self.last_loss = loss.detach()
+        return AttachIndexerLoss.apply(out, loss, self.loss_coeff * self.loss_scale)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode!r}, topk={self.topk}, fp8_topk={self.fp8_topk}, loss_coeff={self.loss_coeff}"
+
+
+def dsa_modules(model: nn.Module) -> List[DSAAttention]:
+    """Every DSA core in the model, in module order (one per converted attention layer)."""
+    return [m for m in model.modules() if isinstance(m, DSAAttention)]

@@ -1,0 +1,56 @@
+"""Small models the module tests share: the plain decoder and tiny transformers models, all in
+float64 unless asked otherwise, with weights larger than an LM init (sharper attention)."""
+import torch
+
+from dsa_ext import decoder
+from dsa_ext import nn as dnn
+
+VOCAB = 61
+HF_VOCAB = 97
+
+
+def small_decoder(dtype=torch.float64, n_kv_heads=2, layers=2):
+    cfg = decoder.DecoderConfig(vocab_size=VOCAB, d_model=48, n_layers=layers, n_heads=4,
+                                n_kv_heads=n_kv_heads)
+    m = decoder.Decoder(cfg).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(4.0)
+    return m
+
+
+def dsa_cfg(topk=8, mode="sparse", **kw):
+    kw = {"n_heads": 3, "head_dim": 16, "rope_dim": 8, **kw}
+    return dnn.DSAConfig(topk=topk, mode=mode, **kw)
+
+
+def indexer_grads(model):
+    return [p.grad for p in dnn.indexer_parameters(model)]
+
+
+def host_params(model):
+    idx = {id(p) for p in dnn.indexer_parameters(model)}
+    return [(n, p) for n, p in model.named_parameters() if id(p) not in idx]
+
+
+def hf_families():
+    import transformers
+
+    return {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }
+
+
+def tiny_hf(family, tie=False):
+    config_cls, model_cls = hf_families()[family]
+    cfg = config_cls(vocab_size=HF_VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                     max_position_embeddings=128, tie_word_embeddings=tie, attn_implementation="sdpa")
+    # built as from_pretrained(dtype=float64) builds it: float64 weights, float32 RoPE buffers
+    m = model_cls._from_config(cfg, dtype=torch.float64).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)
+    return m
