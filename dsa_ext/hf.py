@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .nn import DSAAttention, DSAConfig, dsa_modules
+from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
 from .conventions import causal_mask
 
 __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
@@ -144,8 +144,9 @@ def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
     if len(state) != 1:
         raise ValueError(f"save_pretrained: the layers differ in (mode, topk): {sorted(state)}")
     mode, topk = state.pop()  # the current ones, which set_mode may have changed since convert
+    saved = {**replace(model.dsa_config, mode=mode, topk=topk).to_dict(), "indexer_version": LightningIndexer._version}
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
-        json.dump(replace(model.dsa_config, mode=mode, topk=topk).to_dict(), f, indent=2)
+        json.dump(saved, f, indent=2)
 
 
 def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> nn.Module:
@@ -157,16 +158,21 @@ def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> 
 
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     cfg_file = os.path.join(path, CONFIG_FILE)
+    saved = {}
+    if os.path.exists(cfg_file):
+        with open(cfg_file) as f:
+            saved = json.load(f)
     if config is None:
-        config = DSAConfig()
-        if os.path.exists(cfg_file):
-            with open(cfg_file) as f:
-                config = DSAConfig.from_dict(json.load(f))
+        config = DSAConfig.from_dict(saved) if saved else DSAConfig()
     convert(model, config)
     weights = os.path.join(path, INDEXER_FILE)
     if os.path.exists(weights):
         expected = {k for k in model.state_dict() if ".dsa." in k}
         state = load_file(weights, device=str(next(model.parameters()).device))
+        if saved.get("indexer_version", 1) < LightningIndexer._version:  # written before the fix
+            for name, m in model.named_modules():
+                if isinstance(m, LightningIndexer):
+                    m.convert_legacy(state, name + ".")
         if set(state) != expected:
             raise ValueError(f"{weights}: indexer keys do not match the model "
                              f"(missing {sorted(expected - set(state))[:3]}, "

@@ -100,7 +100,7 @@ def test_modes(dtype):
             torch.testing.assert_close(out, reference.sparse_attention(q, k, v, indices, 0.3), **tol)
             assert not torch.allclose(out, dense, **tol)
             torch.testing.assert_close(
-                loss, dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, None, 0.3).mean())
+                loss, dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, core.indexer.scale, 0.3).mean())
         core.eval()  # no loss outside training
         core.last_loss = None
         assert core(q, k, v, x, scale=0.3).grad_fn is None
@@ -117,7 +117,7 @@ def test_fp8_topk_selects_from_e4m3_scores():
     assert not torch.equal(indices, dsa_ext.indexer_topk(q_idx, k_idx, w, 6))  # e4m3 moves the margin
     torch.testing.assert_close(out, reference.sparse_attention(q, k, v, indices, 0.3), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(core.last_loss,
-                               dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, None, 0.3).mean())
+                               dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, core.indexer.scale, 0.3).mean())
     assert "fp8_topk=True" in repr(core)
     converted = decoder.convert(small_decoder(), dsa_cfg(fp8_topk=True))
     assert all(c.fp8_topk for c in dnn.dsa_modules(converted))

@@ -120,3 +120,22 @@ def test_hf_refusals():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))
     with pytest.raises(ValueError, match="tested"):
         hf.convert(gpt2, dsa_cfg())
+
+
+def test_hf_checkpoint_of_the_earlier_indexer_convention_is_converted(tmp_path):
+    """dsa_config.json without indexer_version was written before the indexer matched DeepSeek's
+    score: its weights load converted (weights_proj x Hi**-0.5, LayerNorm eps 1e-5)."""
+    import json
+
+    m = hf.convert(tiny_hf("llama"), dsa_cfg(topk=5))
+    hf.save_pretrained(m, str(tmp_path))
+    cfg_path = tmp_path / hf.CONFIG_FILE
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg.pop("indexer_version") == 2
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="earlier indexer convention"):
+        loaded = hf.from_pretrained(str(tmp_path), dtype=torch.float64)
+    for a, b in zip(dnn.dsa_modules(m), dnn.dsa_modules(loaded)):
+        torch.testing.assert_close(b.indexer.weights_proj.weight, a.indexer.weights_proj.weight * 3 ** -0.5,
+                                   rtol=0, atol=0)
+        assert b.indexer.k_norm.eps == 1e-5

@@ -1,11 +1,95 @@
-"""dsa_ext.nn.LightningIndexer: shapes and dtypes, DeepSeek's non-interleaved RoPE on the first
-dims, the Hadamard rotation, the detached input; DSAConfig validation."""
+"""dsa_ext.nn.LightningIndexer: the score exactly as DeepSeek computes it (against an independent
+transcription), shapes and dtypes, the non-interleaved RoPE on the first dims, the Hadamard
+rotation, the detached input, checkpoints of the earlier convention; DSAConfig validation."""
+import math
+import warnings
+
 import pytest
 import torch
+import torch.nn.functional as F
 
+import dsa_ext
 from dsa_ext import nn as dnn
 from dsa_ext import reference
 from models import dsa_cfg
+
+
+def deepseek_rope(x, pos, rope_dim, theta):
+    """DeepSeek's fixed indexer RoPE, written out: on the first rope_dim dims, dim i paired with
+    dim i + rope_dim / 2 (rotate-half), angle pos * theta ** (-2i / rope_dim)."""
+    half = rope_dim // 2
+    ang = pos.double()[:, None] * theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    if x.dim() == 3:
+        cos, sin = cos[:, :, 0], sin[:, :, 0]
+    a, b = x[..., :half], x[..., half:rope_dim]
+    return torch.cat((a * cos - b * sin, b * cos + a * sin, x[..., rope_dim:]), -1)
+
+
+def deepseek_scores(idx, x, q_input=None, positions=None):
+    """I[t, s] = sum_j (Ww(x_t)_j * Hi**-0.5) * Di**-0.5 * relu(q_j . k_s), transcribed from
+    DeepSeek-V3.2's inference code (2025-11) on the module's weights, independent of its forward:
+    q = Wq(q_input), k = LayerNorm(Wk(x), eps 1e-6), weights from the hidden states x of the query
+    tokens, causal (bottom-right)."""
+    B, S, _ = x.shape
+    T = S if q_input is None else q_input.shape[1]
+    Hi, Di, rope = idx.n_heads, idx.head_dim, idx.rope_dim
+    pos = torch.arange(S) if positions is None else positions
+    q = ((x[:, S - T:] if q_input is None else q_input) @ idx.wq.weight.T).view(B, T, Hi, Di)
+    k = F.layer_norm(x @ idx.wk.weight.T, (Di,), idx.k_norm.weight, idx.k_norm.bias, eps=1e-6)
+    q, k = deepseek_rope(q, pos[S - T:], rope, idx.rope_theta), deepseek_rope(k, pos, rope, idx.rope_theta)
+    weights = (x[:, S - T:] @ idx.weights_proj.weight.T) * Hi ** -0.5 * Di ** -0.5
+    scores = torch.einsum("bth,bths->bts", weights, torch.einsum("bthd,bsd->bths", q, k).relu())
+    visible = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
+    return scores.masked_fill(~visible, -math.inf)
+
+
+@pytest.mark.parametrize("B,S,T,hidden,q_width,Hi,Di,rope", [
+    (2, 13, 13, 24, None, 3, 16, 8),   # q from the hidden state
+    (1, 11, 4, 20, 36, 4, 32, 16),     # q from a query latent of another width, 4 new queries
+    (2, 9, 9, 16, 16, 1, 8, 0),        # a latent of the hidden width (once silently wrong), no RoPE
+])
+def test_scores_exactly_as_deepseek(B, S, T, hidden, q_width, Hi, Di, rope):
+    idx = dnn.LightningIndexer(hidden, Hi, Di, rope, q_input_size=q_width).double()
+    with torch.no_grad():  # a non-trivial LayerNorm affine
+        idx.k_norm.weight.normal_()
+        idx.k_norm.bias.normal_()
+    x = torch.randn(B, S, hidden, dtype=torch.float64)
+    q_input = None if q_width is None else torch.randn(B, T, q_width, dtype=torch.float64)
+    q_idx, k_idx, w = idx(x, q_input=q_input)
+    want = deepseek_scores(idx, x, q_input)
+    for got in (reference.indexer_logits(q_idx, k_idx, w, idx.scale),
+                dsa_ext.indexer_logits(q_idx, k_idx, w, idx.scale)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # the operators' default scale assumes a raw w: it would apply Hi**-0.5 a second time
+    if Hi > 1:
+        assert not torch.allclose(reference.indexer_logits(q_idx, k_idx, w), want)
+
+
+def test_checkpoints_of_the_earlier_convention_score_as_they_did(tmp_path):
+    """A version-1 state dict (w from the query input, Hi**-0.5 twice, eps 1e-5) loads converted:
+    the new module's scores equal the old formula's on the same weights."""
+    idx = dnn.LightningIndexer(24, 4, 16, 8).double()
+    state = idx.state_dict()
+    state._metadata[""]["version"] = 1  # what torch.save wrote before the convention changed
+    torch.save(state, tmp_path / "old.pt")
+    old = dnn.LightningIndexer(24, 4, 16, 8).double()
+    with pytest.warns(UserWarning, match="earlier indexer convention"):
+        old.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    x = torch.randn(2, 10, 24, dtype=torch.float64)
+    q_idx, k_idx, w = old(x)
+    # the old formula: LayerNorm eps 1e-5, w = Ww(x) Hi**-0.5, scale (Hi Di)**-0.5
+    k_old = deepseek_rope(F.layer_norm(x @ idx.wk.weight.T, (16,), idx.k_norm.weight, idx.k_norm.bias, eps=1e-5),
+                          torch.arange(10), 8, idx.rope_theta)
+    w_old = (x @ idx.weights_proj.weight.T) * 4 ** -0.5
+    want = reference.indexer_logits(q_idx, k_old, w_old, (4 * 16) ** -0.5)
+    torch.testing.assert_close(reference.indexer_logits(q_idx, k_idx, w, old.scale), want, rtol=1e-12, atol=1e-12)
+    # a current state dict loads unchanged and silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh = dnn.LightningIndexer(24, 4, 16, 8).double()
+        fresh.load_state_dict(idx.state_dict())
+    assert torch.equal(fresh.weights_proj.weight, idx.weights_proj.weight) and fresh.k_norm.eps == 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -16,15 +100,15 @@ def test_indexer_shapes_and_dtypes(dtype, B, S, Hi, Di, rope):
     q, k, w = idx(x)
     assert q.shape == (B, S, Hi, Di) and q.dtype == dtype
     assert k.shape == (B, S, Di) and k.dtype == dtype
-    assert w.shape == (B, S, Hi) and w.dtype == torch.float32
-    assert idx.scale == pytest.approx((Hi * Di) ** -0.5)
+    assert w.shape == (B, S, Hi) and w.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert idx.scale == pytest.approx(Di ** -0.5)
     # the key is LayerNorm(Wk x) before RoPE: RoPE only rotates pairs, norms of the pairs are kept
-    ref = torch.nn.functional.layer_norm(x @ idx.wk.weight.T, (Di,), idx.k_norm.weight, idx.k_norm.bias)
+    ref = F.layer_norm(x @ idx.wk.weight.T, (Di,), idx.k_norm.weight, idx.k_norm.bias, eps=1e-6)
     torch.testing.assert_close(k[..., rope:], ref[..., rope:])
     half = rope // 2
     torch.testing.assert_close(k[..., :half] ** 2 + k[..., half:rope] ** 2,
                                ref[..., :half] ** 2 + ref[..., half:rope] ** 2)
-    torch.testing.assert_close(w, (x.float() @ idx.weights_proj.weight.float().T) * Hi ** -0.5)
+    torch.testing.assert_close(w, (x @ idx.weights_proj.weight.T).to(w.dtype) * Hi ** -0.5)
 
 
 def _interleaved_rope(x, pos, rope_dim, theta):

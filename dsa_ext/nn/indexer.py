@@ -3,6 +3,7 @@ rotation."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -43,19 +44,32 @@ def hadamard_matrix(n: int, dtype=torch.float32, device=None) -> Tensor:
 
 
 class LightningIndexer(nn.Module):
-    """The DSA lightning indexer: from hidden states x [B, S, hidden] it produces
+    """The DSA lightning indexer as DeepSeek-V3.2's (fixed, 2025-11) code builds it: from hidden
+    states x [B, S, hidden] (and an optional query-side input, V3.2's query latent) it produces
     ``q_idx`` [B, T, Hi, Di], ``k_idx`` [B, S, Di] (one key per token, shared by all heads) and
-    float32 head weights ``w`` [B, T, Hi] for ``indexer_logits``/``indexer_topk``.
+    float32 head weights ``w`` [B, T, Hi], scored by ``indexer_logits``/``indexer_topk`` with
+    ``scale = self.scale = Di ** -0.5``:
 
-    q_idx = Wq(x_q); k_idx = LayerNorm(Wk(x)); w = Ww(x) * Hi**-0.5 in float32; RoPE on the first
-    rope_dim dims of q_idx and k_idx (non-interleaved); optional Hadamard rotation of both.
-    ``detach_input`` (default, as in the paper): the indexer reads its inputs detached, so its
-    loss never reaches the host model.
+        q_idx = Wq(q_input or x_q);  k_idx = LayerNorm(Wk(x)) (eps 1e-6);
+        w = Ww(x_q) * Hi ** -0.5 in float32 (float64 for a float64 model), from the query
+            tokens' hidden states x_q;
+        I[t, s] = sum_j w[t, j] * Di ** -0.5 * relu(q_idx[t, j] . k_idx[s])
+
+    with RoPE on the first rope_dim dims of q_idx and k_idx (non-interleaved) and an optional
+    Hadamard rotation of both. ``Hi ** -0.5`` is applied once, in w. ``detach_input`` (default,
+    as in the paper): the indexer reads its inputs detached, so its loss never reaches the host.
+
+    Checkpoints of the earlier convention (w from the query input, ``Hi ** -0.5`` applied twice,
+    LayerNorm eps 1e-5: module version 1) are converted on load so that they score exactly as
+    they did: ``weights_proj`` is multiplied by ``Hi ** -0.5`` and the key LayerNorm keeps eps
+    1e-5 (a warning says so).
     """
+
+    _version = 2  # 1: the convention before DeepSeek's formula was matched (see the class docstring)
 
     def __init__(self, hidden_size: int, n_heads: int = 4, head_dim: int = 64, rope_dim: int = 32,
                  rope_theta: float = 10000.0, hadamard: bool = False,
-                 q_input_size: Optional[int] = None, detach_input: bool = True):
+                 q_input_size: Optional[int] = None, detach_input: bool = True, norm_eps: float = 1e-6):
         super().__init__()
         if rope_dim % 2 or not 0 <= rope_dim <= head_dim:
             raise ValueError(f"rope_dim: expected an even number in [0, head_dim={head_dim}], "
@@ -65,7 +79,7 @@ class LightningIndexer(nn.Module):
         self.detach_input = detach_input
         self.wq = nn.Linear(q_input_size or hidden_size, n_heads * head_dim, bias=False)
         self.wk = nn.Linear(hidden_size, head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(head_dim)
+        self.k_norm = nn.LayerNorm(head_dim, eps=norm_eps)
         self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
         if hadamard:
             self.register_buffer("hadamard", hadamard_matrix(head_dim), persistent=False)
@@ -74,32 +88,56 @@ class LightningIndexer(nn.Module):
 
     @property
     def scale(self) -> float:
-        """The score scale of indexer_logits: (Hi * Di) ** -0.5."""
-        return (self.n_heads * self.head_dim) ** -0.5
+        """The score scale to pass to indexer_logits/indexer_topk/indexer_kl_loss: Di ** -0.5
+        (w already carries Hi ** -0.5)."""
+        return self.head_dim ** -0.5
 
     def forward(self, x: Tensor, positions: Optional[Tensor] = None,
                 q_input: Optional[Tensor] = None):
-        """x: [B, S, hidden]; positions: [S] or [B, S] (default arange(S)); q_input: [B, T, *]
-        the query-side input (default x, T = S). Returns (q_idx, k_idx, w)."""
-        q_in = x if q_input is None else q_input
+        """x: [B, S, hidden] the hidden states of every key token (the last T are the queries');
+        positions: [S] or [B, S] (default arange(S)); q_input: [B, T, *] the query-side input of
+        Wq (default: the queries' hidden states). Returns (q_idx, k_idx, w)."""
         if self.detach_input:
-            x, q_in = x.detach(), q_in.detach()
+            x = x.detach()
+            q_input = None if q_input is None else q_input.detach()
         B, S, _ = x.shape
-        T = q_in.shape[1]
+        T = S if q_input is None else q_input.shape[1]
+        x_q = x[:, S - T:]
         if positions is None:
             positions = torch.arange(S, device=x.device)
         q_pos = positions[..., S - T:]
-        q = self.wq(q_in).view(B, T, self.n_heads, self.head_dim)
+        q = self.wq(x_q if q_input is None else q_input).view(B, T, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(x)).to(q.dtype)  # autocast runs LayerNorm in float32
         q = apply_partial_rope(q, q_pos, self.rope_dim, self.rope_theta)
         k = apply_partial_rope(k, positions, self.rope_dim, self.rope_theta)
         if self.hadamard is not None:
             q = q @ self.hadamard.to(q.dtype)
             k = k @ self.hadamard.to(k.dtype)
-        with torch.autocast(x.device.type, enabled=False):  # the weights stay float32 under autocast
-            w = F.linear(q_in.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        # the head weights in float32 at least (float64 for a float64 model), also under autocast
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            w = F.linear(x_q.to(acc), self.weights_proj.weight.to(acc)) * self.n_heads ** -0.5
         return q, k, w
+
+    def convert_legacy(self, state_dict: dict, prefix: str = "") -> None:
+        """Converts the indexer weights of a version-1 checkpoint in ``state_dict`` (in place) and
+        sets this module's key LayerNorm eps to 1e-5, so that it scores exactly as that
+        checkpoint did under the old convention."""
+        key = prefix + "weights_proj.weight"
+        if key in state_dict:
+            state_dict[key] = state_dict[key] * self.n_heads ** -0.5
+        self.k_norm.eps = 1e-5
+        warnings.warn(f"{prefix or 'LightningIndexer'}: converted a checkpoint of the earlier indexer "
+                      "convention (Hi**-0.5 applied twice, LayerNorm eps 1e-5): weights_proj scaled by "
+                      "Hi**-0.5 and eps kept at 1e-5, so it scores as it did", stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # state dicts saved by torch carry each module's version; a plain dict (safetensors) does not
+        if local_metadata.get("version") == 1:
+            self.convert_legacy(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (f"n_heads={self.n_heads}, head_dim={self.head_dim}, rope_dim={self.rope_dim}, "
-                f"hadamard={self.hadamard is not None}, detach_input={self.detach_input}")
+                f"hadamard={self.hadamard is not None}, detach_input={self.detach_input}, "
+                f"norm_eps={self.k_norm.eps}")
