@@ -5,7 +5,7 @@ F.scaled_dot_product_attention(is_causal=True) on the same CPU, T = S in {2048, 
 H=8, Hkv=2, D=128, k=256, bfloat16 and float32. Indices are the top-k of random causal scores:
 a uniformly random causal subset per query, the least cache-friendly case.
 
-FLOPs (shared/REFERENCES.md conventions): sparse forward 2*T*k*H*(Dqk+Dv), backward
+FLOPs (docs/DESIGN.md, "Cost model"): sparse forward 2*T*k*H*(Dqk+Dv), backward
 2*T*k*H*(2*Dv+3*Dqk); dense causal forward 2*T*S*H*(Dqk+Dv)/2, backward 2.5x forward. The
 machine's ceiling is a large float32 matmul measured in the same run.
 

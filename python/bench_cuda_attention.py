@@ -5,7 +5,7 @@ Shapes (bfloat16):
        on one latent kv head (Dqk=576, v = kv[..., :512]), k=2048
   gqa  B=1, T=S=32768, H=32, Hkv=8, D=128, k=2048
 
-FLOP conventions (shared/REFERENCES.md): sparse forward 2*B*T*k*H*(Dqk+Dv), backward
+FLOP conventions (docs/DESIGN.md, "Cost model"): sparse forward 2*B*T*k*H*(Dqk+Dv), backward
 2*B*T*k*H*(2*Dv+3*Dqk); dense causal the same with k replaced by the number of visible keys.
 Bytes: every (token, kv head) gathers k rows of K (and V unless v is a prefix of k) in bf16, and
 reads q / writes out; the backward gathers them again, reads q, dO and writes dq, and adds
