@@ -1,9 +1,46 @@
-"""Input builders and error bounds shared by the operator tests."""
+"""Input builders, named test shapes and error bounds shared by the operator tests."""
+from typing import NamedTuple
+
 import torch
 
 from dsa_ext import reference
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class IndexerShape(NamedTuple):
+    B: int
+    T: int
+    S: int
+    Hi: int
+    Di: int
+
+
+class AttentionShape(NamedTuple):
+    B: int
+    T: int
+    S: int
+    H: int
+    Hkv: int
+    Dqk: int
+    Dv: int
+    topk: int
+
+
+class KlShape(NamedTuple):
+    B: int
+    T: int
+    S: int
+    Hi: int
+    Di: int
+    H: int
+    Hkv: int
+    Dqk: int
+
+
+def shape_id(shape) -> str:
+    """A test id that names every size: B2-T7-S13-Hi3-Di24."""
+    return "-".join(f"{k}{v}" for k, v in shape._asdict().items())
 
 
 def randn(*shape, dtype=torch.float64, device="cpu", requires_grad=False):

@@ -4,10 +4,11 @@ import torch
 
 import dsa_ext
 from dsa_ext import reference
-from helpers import assert_close_to_reference, randn
+from helpers import IndexerShape, assert_close_to_reference, randn, shape_id
 
-# (B, T, S, Hi, Di): odd sizes, T = 1, S > T (KV prefix), D = 24, sizes past one key tile (256)
-SHAPES = [(1, 1, 1, 1, 8), (2, 7, 13, 3, 24), (1, 13, 13, 4, 16), (2, 33, 300, 2, 24), (1, 70, 70, 5, 40)]
+# odd sizes, T = 1, S > T (KV prefix), D = 24, sizes past one key tile (256)
+SHAPES = [IndexerShape(1, 1, 1, 1, 8), IndexerShape(2, 7, 13, 3, 24), IndexerShape(1, 13, 13, 4, 16),
+          IndexerShape(2, 33, 300, 2, 24), IndexerShape(1, 70, 70, 5, 40)]
 
 
 def indexer_inputs(B, T, S, Hi, Di, dtype=torch.float64, requires_grad=False, w_dtype=None):
@@ -17,7 +18,7 @@ def indexer_inputs(B, T, S, Hi, Di, dtype=torch.float64, requires_grad=False, w_
     return q, k, w
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("causal", [True, False])
 def test_logits_float64(seed, shape, causal):
     q, k, w = indexer_inputs(*shape)
@@ -28,7 +29,7 @@ def test_logits_float64(seed, shape, causal):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES[1:4])
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=shape_id)
 def test_logits_low_precision(seed, dtype, shape):
     q, k, w = indexer_inputs(*shape, dtype=dtype, w_dtype=torch.float32)
     out = dsa_ext.indexer_logits(q, k, w, scale=0.3)
@@ -37,7 +38,7 @@ def test_logits_low_precision(seed, dtype, shape):
     assert_close_to_reference(out, ref64, reference.indexer_logits(q, k, w, scale=0.3, upcast=False))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("causal", [True, False])
 def test_logits_backward_float64(seed, shape, causal):
     q, k, w = indexer_inputs(*shape, requires_grad=True)
@@ -93,7 +94,7 @@ def test_strided_inputs(seed):
     torch.testing.assert_close(dsa_ext.indexer_logits(q, k, w), reference.indexer_logits(q, k, w))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("k", [1, 5, 64, 400])
 @pytest.mark.parametrize("causal", [True, False])
 def test_fused_topk_matches_unfused(seed, shape, k, causal):
@@ -104,7 +105,7 @@ def test_fused_topk_matches_unfused(seed, shape, k, causal):
     assert torch.equal(fused, unfused)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_fused_topk_float64_reference(seed, shape):
     q, k_idx, w = indexer_inputs(*shape)
     assert torch.equal(dsa_ext.indexer_topk(q, k_idx, w, 6), reference.indexer_topk(q, k_idx, w, 6))

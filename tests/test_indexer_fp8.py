@@ -11,9 +11,11 @@ import torch
 
 import dsa_ext
 from dsa_ext import fp8, reference
+from helpers import IndexerShape, shape_id
 
-# (B, T, S, Hi, Di): odd sizes, T = 1, S > T, Di not a multiple of 16, past one CPU key tile
-SHAPES = [(1, 1, 1, 1, 8), (2, 7, 13, 3, 24), (2, 33, 300, 2, 32), (1, 9, 70, 20, 128)]
+# odd sizes, T = 1, S > T, Di not a multiple of 16, past one CPU key tile
+SHAPES = [IndexerShape(1, 1, 1, 1, 8), IndexerShape(2, 7, 13, 3, 24), IndexerShape(2, 33, 300, 2, 32),
+          IndexerShape(1, 9, 70, 20, 128)]
 
 
 def fp8_case(B, T, S, Hi, Di, device="cpu", outliers=False):
@@ -70,7 +72,7 @@ def test_indexer_inputs_fold_the_query_scale(seed):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("causal", [True, False])
 def test_logits_fp8(seed, shape, causal):
     _, (q8, k8, ws, ks) = fp8_case(*shape)
@@ -81,7 +83,7 @@ def test_logits_fp8(seed, shape, causal):
     assert_fp8_logits_exact_products(got, q8, k8, ws, torch.ones_like(ks), 0.3, causal)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_fused_topk_fp8_equals_unfused(seed, shape):
     _, (q8, k8, ws, ks) = fp8_case(*shape)
     for k in (1, 5, 64):
@@ -152,7 +154,8 @@ FP8_MMA_REL = 2 ** -10
 
 
 @cuda
-@pytest.mark.parametrize("shape", SHAPES + [(1, 5, 1000, 64, 128), (1, 3, 70, 72, 32)])
+@pytest.mark.parametrize("shape", SHAPES + [IndexerShape(1, 5, 1000, 64, 128), IndexerShape(1, 3, 70, 72, 32)],
+                         ids=shape_id)
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_logits_fp8(seed, shape, causal):
     _, (q8, k8, ws, ks) = fp8_case(*shape, device="cuda")

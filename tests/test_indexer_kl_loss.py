@@ -6,17 +6,17 @@ import torch
 
 import dsa_ext
 from dsa_ext import reference
-from helpers import assert_close_to_reference, dense_causal_indices, randn, random_indices
+from helpers import KlShape, assert_close_to_reference, dense_causal_indices, randn, random_indices, shape_id
 
-# (B, T, S, Hi, Di, H, Hkv, Dqk): T = 1, S > T (KV prefix), MHA / GQA / MQA, odd head dims, Dqk
+# T = 1, S > T (KV prefix), MHA / GQA / MQA, odd head dims, Dqk
 # unrelated to Di, query tiles (16) and key blocks (256) crossed, batches split across threads.
 SHAPES = [
-    (1, 1, 1, 1, 8, 1, 1, 4),
-    (2, 7, 13, 3, 24, 4, 2, 12),      # GQA, S > T
-    (1, 13, 13, 4, 16, 3, 1, 20),     # MQA
-    (3, 19, 19, 2, 8, 6, 6, 7),       # MHA, odd Dqk, 2 query tiles
-    (2, 33, 300, 2, 24, 4, 1, 40),    # past one key block
-    (1, 70, 70, 5, 40, 8, 2, 64),
+    KlShape(1, 1, 1, 1, 8, 1, 1, 4),
+    KlShape(2, 7, 13, 3, 24, 4, 2, 12),      # GQA, S > T
+    KlShape(1, 13, 13, 4, 16, 3, 1, 20),     # MQA
+    KlShape(3, 19, 19, 2, 8, 6, 6, 7),       # MHA, odd Dqk, 2 query tiles
+    KlShape(2, 33, 300, 2, 24, 4, 1, 40),    # past one key block
+    KlShape(1, 70, 70, 5, 40, 8, 2, 64),
 ]
 # K for the sparse form; > S for some shapes (padding), 1 (one key per row)
 K_VALUES = [1, 5, 40]
@@ -31,33 +31,42 @@ def kl_inputs(B, T, S, Hi, Di, H, Hkv, Dqk, dtype=torch.float64, requires_grad=F
     return q_idx, k_idx, w, q, k
 
 
-def forms(shape):
-    """(indices, causal) cases for a shape: dense causal, dense non-causal, sparse for each K."""
-    B, T, S = shape[:3]
-    cases = [(None, True), (None, False)]
-    cases += [(random_indices(B, T, S, K, causal=True), True) for K in K_VALUES]
-    return cases
+# the support of the loss: every causal key, every key, or the valid entries of `topk` indices
+FORMS = ["dense_causal", "dense", *(f"sparse_topk{K}" for K in K_VALUES)]
+
+
+def form_args(form, shape):
+    """(indices, causal) of a form for a shape (fresh random indices for the sparse forms)."""
+    if form.startswith("sparse"):
+        return random_indices(shape.B, shape.T, shape.S, int(form.removeprefix("sparse_topk")), causal=True), True
+    return None, form == "dense_causal"
+
+
+def support(form, shape):
+    """indices for a form that is just dense or sparse: None, or causal random indices."""
+    return random_indices(shape.B, shape.T, shape.S, 9, causal=True) if form == "sparse" else None
 
 
 def grads(loss, inputs, grad):
     return torch.autograd.grad(loss, inputs, grad)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-def test_float64_forward_backward(seed, shape):
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("form", FORMS)
+def test_float64_forward_backward(seed, shape, form):
     q_idx, k_idx, w, q, k = kl_inputs(*shape, requires_grad=True)
-    for indices, causal in forms(shape):
-        loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, causal=causal)
-        ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, causal=causal)
-        assert loss.dtype == torch.float64 and loss.shape == shape[:2]
-        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
-        g = torch.randn_like(loss)
-        for got, want, name in zip(grads(loss, (q_idx, k_idx, w), g), grads(ref, (q_idx, k_idx, w), g),
-                                   ("q_idx", "k_idx", "w")):
-            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"grad of {name}")
+    indices, causal = form_args(form, shape)
+    loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, causal=causal)
+    ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, causal=causal)
+    assert loss.dtype == torch.float64 and loss.shape == shape[:2]
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(loss)
+    for got, want, name in zip(grads(loss, (q_idx, k_idx, w), g), grads(ref, (q_idx, k_idx, w), g),
+                               ("q_idx", "k_idx", "w")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"grad of {name}")
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:5])
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=shape_id)
 def test_selecting_every_causal_key_equals_dense(seed, shape):
     """The sparse form over indices that list every causal key is the dense warm-up form."""
     B, T, S = shape[:3]
@@ -127,7 +136,8 @@ def test_rows_with_one_key_and_empty_rows(seed):
     assert all(torch.equal(x, torch.zeros_like(x)) for x in g_empty)
 
 
-def test_ties_in_indexer_logits(seed):
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_ties_in_indexer_logits(seed, form):
     """ReLU turns negative dots into exact zeros: many keys tie at I = 0 (and duplicated keys tie
     exactly). The loss and its gradients still match the reference."""
     q_idx, k_idx, w, q, k = kl_inputs(2, 24, 40, 3, 16, 4, 2, 16)
@@ -138,17 +148,17 @@ def test_ties_in_indexer_logits(seed):
     w.requires_grad_()
     logits = reference.indexer_logits(q_idx, k_idx, w)
     assert (logits == 0).sum() > 100
-    for indices in (None, random_indices(2, 24, 40, 12, causal=True)):
-        loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices)
-        ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, indices)
-        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
-        g = torch.randn_like(loss)
-        for a, b in zip(grads(loss, (q_idx, k_idx, w), g), grads(ref, (q_idx, k_idx, w), g)):
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    indices = support(form, KlShape(2, 24, 40, 3, 16, 4, 2, 16))
+    loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices)
+    ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, indices)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(loss)
+    for a, b in zip(grads(loss, (q_idx, k_idx, w), g), grads(ref, (q_idx, k_idx, w), g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[5]])
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[5]], ids=shape_id)
 @pytest.mark.parametrize("sparse", [False, True])
 def test_low_precision(seed, dtype, shape, sparse):
     """Loss and gradients within 2x the reference's own error in that precision (the reference
@@ -171,14 +181,12 @@ def test_low_precision(seed, dtype, shape, sparse):
         assert_close_to_reference(a, r64, rlp)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[3]])
-def test_gradcheck(seed, shape):
-    B, T, S = shape[:3]
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[2], SHAPES[3]], ids=shape_id)
+@pytest.mark.parametrize("form", ["dense_causal", "dense", "sparse_topk5"])
+def test_gradcheck(seed, shape, form):
     q_idx, k_idx, w, q, k = kl_inputs(*shape, requires_grad=True)
-    indices = random_indices(B, T, S, 4, causal=True)
-    for idx in (None, indices):
-        assert torch.autograd.gradcheck(lambda a, b, c: dsa_ext.indexer_kl_loss(a, b, c, q, k, idx), (q_idx, k_idx, w))
-    assert torch.autograd.gradcheck(lambda a, b, c: dsa_ext.indexer_kl_loss(a, b, c, q, k, causal=False),
+    idx, causal = form_args(form, shape)
+    assert torch.autograd.gradcheck(lambda a, b, c: dsa_ext.indexer_kl_loss(a, b, c, q, k, idx, causal=causal),
                                     (q_idx, k_idx, w))
 
 
@@ -200,20 +208,21 @@ def test_q_and_k_are_constants(seed):
         assert g is None or torch.equal(g, torch.zeros_like(g))
 
 
-@pytest.mark.parametrize("shape", SHAPES[1:5])
-def test_given_attn_lse(seed, shape):
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=shape_id)
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_given_attn_lse(seed, shape, form):
     """attn_lse given: bit-identical to recomputing it when it is the operator's own, and equal up
     to the lse's rounding when it comes from sparse_attention over the same indices."""
     B, T, S = shape[:3]
     q_idx, k_idx, w, q, k = kl_inputs(*shape, dtype=torch.float32, requires_grad=True)
-    for indices in (None, random_indices(B, T, S, 9, causal=True)):
-        loss, idx_lse, attn_lse = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, 0.2, 0.3, True, None)
-        again = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, 0.2, 0.3, True, attn_lse)
-        assert torch.equal(again[0], loss) and torch.equal(again[1], idx_lse) and torch.equal(again[2], attn_lse)
-        assert again[2].data_ptr() != attn_lse.data_ptr()  # a fresh output, never the input
-        g = torch.randn_like(loss)
-        for a, b in zip(grads(again[0], (q_idx, k_idx, w), g), grads(loss, (q_idx, k_idx, w), g)):
-            assert torch.equal(a, b)
+    indices = support(form, shape)
+    loss, idx_lse, attn_lse = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, 0.2, 0.3, True, None)
+    again = torch.ops.dsa.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, 0.2, 0.3, True, attn_lse)
+    assert torch.equal(again[0], loss) and torch.equal(again[1], idx_lse) and torch.equal(again[2], attn_lse)
+    assert again[2].data_ptr() != attn_lse.data_ptr()  # a fresh output, never the input
+    g = torch.randn_like(loss)
+    for a, b in zip(grads(again[0], (q_idx, k_idx, w), g), grads(loss, (q_idx, k_idx, w), g)):
+        assert torch.equal(a, b)
     indices = random_indices(B, T, S, 9, causal=True)
     _, lse = dsa_ext.sparse_attention(q, k, k, indices, scale=0.3, return_lse=True)
     with_lse = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, 0.2, 0.3, attn_lse=lse)
@@ -221,18 +230,19 @@ def test_given_attn_lse(seed, shape):
     torch.testing.assert_close(with_lse, without, rtol=1e-5, atol=1e-6)
 
 
-def test_kl_is_nonnegative(seed):
-    shape = (2, 50, 80, 4, 16, 4, 2, 16)
-    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 1e-5)):
-        q_idx, k_idx, w, q, k = kl_inputs(*shape, dtype=dtype)
-        for indices in (None, random_indices(2, 50, 80, 10, causal=True)):
-            loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q * 3, k, indices)
-            assert loss.min() >= -tol, f"{dtype}: min KL {loss.min().item():.3e}"
-            assert loss.max() > 1e-3  # an untrained indexer is not a perfect one
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-13), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_kl_is_nonnegative(seed, dtype, tol, form):
+    shape = KlShape(2, 50, 80, 4, 16, 4, 2, 16)
+    q_idx, k_idx, w, q, k = kl_inputs(*shape, dtype=dtype)
+    loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q * 3, k, support(form, shape))
+    assert loss.min() >= -tol, f"{dtype}: min KL {loss.min().item():.3e}"
+    assert loss.max() > 1e-3  # an untrained indexer is not a perfect one
 
 
 @pytest.mark.parametrize("H,Hkv", [(1, 1), (4, 1), (6, 3)])
-def test_zero_when_the_indexer_reproduces_the_target(seed, H, Hkv):
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_zero_when_the_indexer_reproduces_the_target(seed, H, Hkv, form):
     """Every head's logits equal (up to a constant) the indexer's: p == softmax(I), KL == 0 and
     the gradient vanishes. Positive q_idx and k_idx keep every ReLU active, so with one indexer
     head I(s) = idx_scale * w * q_idx . k_idx[s]; the attention uses the same vectors."""
@@ -242,36 +252,36 @@ def test_zero_when_the_indexer_reproduces_the_target(seed, H, Hkv):
     w = torch.full((B, T, 1), 2.0, dtype=torch.float64, requires_grad=True)
     q = q_idx.detach().expand(B, T, H, D)
     k = k_idx.detach()[:, :, None].expand(B, S, Hkv, D)
-    for indices in (None, random_indices(B, T, S, 8, causal=True)):
-        loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale=0.25, attn_scale=0.5)
-        assert loss.abs().max() < 1e-13
-        for g in grads(loss, (q_idx, k_idx, w), torch.ones_like(loss)):
-            assert g.abs().max() < 1e-11
+    loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, support(form, KlShape(B, T, S, 1, D, H, Hkv, D)),
+                                   idx_scale=0.25, attn_scale=0.5)
+    assert loss.abs().max() < 1e-13
+    for g in grads(loss, (q_idx, k_idx, w), torch.ones_like(loss)):
+        assert g.abs().max() < 1e-11
     # and a slightly different indexer is penalised
     loss = dsa_ext.indexer_kl_loss(q_idx * 1.1, k_idx, w, q, k, idx_scale=0.25, attn_scale=0.5)
     assert (loss[:, 1:] > 1e-6).all()
 
 
-def test_thread_counts_and_determinism(seed):
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("form", ["dense", "sparse"])
+def test_thread_counts_and_determinism(seed, threads, form):
     """Work is split by the thread count: every split agrees with the reference, and a repeated
     backward at a fixed thread count is bit-identical (dk_idx sums in a fixed order)."""
-    shape = (3, 21, 29, 2, 8, 4, 2, 8)
+    shape = KlShape(3, 21, 29, 2, 8, 4, 2, 8)
     q_idx, k_idx, w, q, k = kl_inputs(*shape, requires_grad=True)
-    indices = random_indices(3, 21, 29, 6, causal=True)
+    idx = support(form, shape)
     before = torch.get_num_threads()
     try:
-        for threads in (1, 3, 5):
-            torch.set_num_threads(threads)
-            for idx in (None, indices):
-                loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, idx)
-                ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, idx)
-                torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
-                g = torch.randn_like(loss)
-                first = grads(loss, (q_idx, k_idx, w), g)
-                second = grads(dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, idx), (q_idx, k_idx, w), g)
-                assert all(torch.equal(a, b) for a, b in zip(first, second))
-                for a, b in zip(first, grads(ref, (q_idx, k_idx, w), g)):
-                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        torch.set_num_threads(threads)
+        loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, idx)
+        ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, idx)
+        torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+        g = torch.randn_like(loss)
+        first = grads(loss, (q_idx, k_idx, w), g)
+        second = grads(dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, idx), (q_idx, k_idx, w), g)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        for a, b in zip(first, grads(ref, (q_idx, k_idx, w), g)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     finally:
         torch.set_num_threads(before)
 
@@ -285,7 +295,7 @@ def test_strided_inputs(seed):
     kv = randn(2, 11, 2, 40)
     k = kv[..., 8:20]
     indices = random_indices(2, 9, 11, 16, causal=True)[:, :, ::2]
-    for idx in (None, indices):
+    for idx in (None, indices):  # the same views, dense and sparse
         torch.testing.assert_close(dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, idx),
                                    reference.indexer_kl_loss(q_idx, k_idx, w, q, k, idx), rtol=1e-12, atol=1e-13)
 

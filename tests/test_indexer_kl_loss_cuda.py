@@ -5,7 +5,7 @@ import torch
 
 import dsa_ext
 from dsa_ext import reference
-from helpers import random_indices
+from helpers import KlShape, random_indices, shape_id
 
 pytestmark = [
     pytest.mark.cuda,
@@ -13,11 +13,11 @@ pytestmark = [
                        reason="needs a CUDA device and a CUDA build of dsa_ext"),
 ]
 
-SHAPES = [  # B, T, S, Hi, Di, H, Hkv, Dqk
-    (2, 7, 13, 3, 24, 4, 2, 12),      # GQA, S > T
-    (1, 13, 13, 4, 16, 3, 1, 20),     # MQA
-    (1, 70, 700, 8, 64, 8, 8, 64),    # MHA, more than one key block
-    (1, 33, 33, 64, 128, 16, 1, 96),  # indexer at V3.2 size, MQA
+SHAPES = [
+    KlShape(2, 7, 13, 3, 24, 4, 2, 12),      # GQA, S > T
+    KlShape(1, 13, 13, 4, 16, 3, 1, 20),     # MQA
+    KlShape(1, 70, 700, 8, 64, 8, 8, 64),    # MHA, more than one key block
+    KlShape(1, 33, 33, 64, 128, 16, 1, 96),  # indexer at V3.2 size, MQA
 ]
 
 
@@ -48,7 +48,7 @@ def to_cpu(args):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_matches_cpu_operator(seed, dtype, shape):
     q_idx, k_idx, w, q, k = inputs(shape, dtype)
     Hi, Di, Dqk = shape[3], shape[4], shape[7]

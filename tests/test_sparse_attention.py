@@ -5,16 +5,16 @@ import torch.nn.functional as F
 
 import dsa_ext
 from dsa_ext import reference
-from helpers import assert_close_to_reference, dense_causal_indices, randn, random_indices
+from helpers import AttentionShape, assert_close_to_reference, dense_causal_indices, randn, random_indices, shape_id
 
-# (B, T, S, H, Hkv, Dqk, Dv, K): MHA, GQA, MQA, Dqk != Dv, odd sizes, T = 1, K > S, K = 1
+# MHA, GQA, MQA, Dqk != Dv, odd sizes, T = 1, K > S, K = 1
 SHAPES = [
-    (1, 1, 1, 1, 1, 8, 8, 1),
-    (2, 7, 13, 4, 4, 24, 24, 5),
-    (2, 9, 13, 6, 2, 24, 20, 17),
-    (1, 11, 40, 5, 1, 40, 32, 9),
-    (2, 5, 30, 8, 2, 64, 48, 1),
-    (1, 3, 300, 3, 3, 16, 16, 64),
+    AttentionShape(1, 1, 1, 1, 1, 8, 8, 1),
+    AttentionShape(2, 7, 13, 4, 4, 24, 24, 5),
+    AttentionShape(2, 9, 13, 6, 2, 24, 20, 17),
+    AttentionShape(1, 11, 40, 5, 1, 40, 32, 9),
+    AttentionShape(2, 5, 30, 8, 2, 64, 48, 1),
+    AttentionShape(1, 3, 300, 3, 3, 16, 16, 64),
 ]
 
 
@@ -31,7 +31,7 @@ def grads(fn, inputs, grad_out, grad_lse):
     return torch.autograd.grad(loss, inputs)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("per_head", [False, True])
 def test_float64_forward_backward(seed, shape, per_head):
     B, T, S, H, Hkv, Dqk, Dv, K = shape
@@ -63,7 +63,7 @@ def test_duplicate_indices_count_per_occurrence(seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", SHAPES[1:5])
+@pytest.mark.parametrize("shape", SHAPES[1:5], ids=shape_id)
 def test_low_precision(seed, dtype, shape):
     B, T, S, H, Hkv, Dqk, Dv, K = shape
     q, k, v = attention_inputs(B, T, S, H, Hkv, Dqk, Dv, dtype=dtype, requires_grad=True)
