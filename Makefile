@@ -26,7 +26,7 @@ $(STAMPS)/deps: pyproject.toml Makefile
 	@mkdir -p $(STAMPS)
 	$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" 2>/dev/null \
 	  || $(PY) -m pip install "torch==$(TORCH_VERSION)"
-	$(PY) -m pip install -q numpy pytest expecttest ninja tqdm matplotlib "transformers==5.24.0"
+	$(PY) -m pip install -q numpy pytest expecttest hypothesis ninja tqdm matplotlib "transformers==5.24.0"
 	dpkg -s libgtest-dev >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libgtest-dev)
 	@touch $@
 
