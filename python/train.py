@@ -270,7 +270,7 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
     path = os.path.join(args.out, "ckpt", f"{st.name}.pt")
     rec = {"step": 0, "tokens": 0, "train_time_s": 0.0, "history": [], "done": False}
     if args.resume and os.path.exists(path):
-        saved = torch.load(path, map_location=env.device, weights_only=False)
+        saved = load_checkpoint(path, env.device)
         st.model.load_state_dict(saved["model"])
         st.optimizer.load_state_dict(saved["optimizer"])
         rec = saved["record"]
@@ -318,6 +318,21 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
         bar.update(1)
     bar.close()
     return rec
+
+
+def load_checkpoint(path: str, device) -> Dict:
+    """A checkpoint written by this program (or any file of tensors and plain containers), read
+    with torch.load(weights_only=True): a file that would need arbitrary pickled objects (which
+    can run code on load) is refused with a clear error instead of being executed."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(f"train.py: refusing to load {path}: it holds pickled objects other than tensors "
+                         f"and plain containers, and loading those could run arbitrary code. Checkpoints "
+                         f"written by train.py never do; re-save the weights as a state dict of tensors.\n"
+                         f"(torch: {str(e).splitlines()[0]})") from None
 
 
 def save(path: str, obj: Dict, env: Env) -> None:
@@ -377,7 +392,7 @@ def main(argv=None) -> Dict:
     dense = build_dense(args, corpus.vocab_size).to(env.device)
     stages: Dict[str, Dict] = {}
     if args.init and not _is_hf_dir(args.init):
-        dense.load_state_dict(torch.load(args.init, map_location=env.device, weights_only=False)["model"])
+        dense.load_state_dict(load_checkpoint(args.init, env.device)["model"])
     elif not args.init:
         stages["pretrain"] = run_stage(Stage(
             "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),

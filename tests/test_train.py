@@ -124,3 +124,25 @@ def test_torchrun_two_processes_gloo(tmp_path, text_dir):
 def test_bad_arguments_fail_clearly(tmp_path):
     res = run(tmp_path, "--data", str(tmp_path / "missing"), check=False)
     assert res.returncode != 0 and "no such file or directory" in res.stderr
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the file it names (the attack a pickle can carry)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickle_payload_is_refused(tmp_path):
+    """--init (and --resume) load with weights_only=True: a crafted file is refused, not executed."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "payload": _Payload(str(marker))}, tmp_path / "evil.pt")
+    res = run(tmp_path / "out", "--init", str(tmp_path / "evil.pt"), check=False)
+    assert res.returncode != 0
+    assert "refusing to load" in res.stderr and "could run arbitrary code" in res.stderr, res.stderr[-2000:]
+    assert not marker.exists()
