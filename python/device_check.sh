@@ -12,7 +12,8 @@ set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-$PWD/device_check_out}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
+# the GPU machine has python3 and no `python`; PYTHON=... overrides
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # torch guesses CUDA_HOME from the nvcc on PATH, which can be a symlink outside the toolkit
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
