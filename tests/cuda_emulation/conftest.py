@@ -12,5 +12,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="CPU emulation of the CUDA kernels is slow: set DSA_EXT_EMULATION=1")
     for item in items:
-        if "emulation" in item.keywords:
+        if item.get_closest_marker("emulation") is not None:
             item.add_marker(skip)
