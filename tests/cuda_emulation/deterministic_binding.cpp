@@ -1,14 +1,14 @@
 // The deterministic sparse_attention backward of the CUDA backend on CPU tensors: the host code
-// of csrc/cuda/sparse_attention_deterministic.h (token slices, contribution rows, ordered sums)
+// of csrc/cuda/attention/sparse_attention_deterministic.h (token slices, contribution rows, ordered sums)
 // driving the emulated backward kernels (emu_cuda.h), for test_deterministic_backward.py. Built
 // by torch.utils.cpp_extension against the emulator's source directory (emulator.source_dir).
 #include <torch/extension.h>
 
 // after torch: the emulated tensor_core.cuh brings emu_cuda.h, whose macros (__global__,
 // threadIdx, ...) are for the kernels only
-#include "sparse_attention_deterministic.h"
-#include "sparse_attention_mma_bwd.cuh"
-#include "sparse_attention_rowwise.cuh"
+#include "cuda/attention/sparse_attention_deterministic.h"
+#include "cuda/attention/sparse_attention_mma_bwd.cuh"
+#include "cuda/attention/sparse_attention_rowwise.cuh"
 
 namespace {
 

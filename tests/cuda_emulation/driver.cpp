@@ -1,17 +1,17 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h) for one test case.
 // Usage: driver <case dir>. The case dir holds meta.txt ("name value" lines) and raw
 // little-endian tensors written by run_emulation.py; outputs are written back next to them.
-// The launch code below mirrors the host code of the csrc/cuda/*.cu files (same plan and grid
+// The launch code below mirrors the host code of the csrc/cuda/*/*.cu files (same plan and grid
 // functions, same kernels).
 #include "emu_cuda.h"
-// kernel headers (copied from csrc/cuda with tensor_core.cuh replaced by the emulated one)
-#include "indexer_backward_kernels.cuh"
-#include "indexer_logits_kernels.cuh"
-#include "indexer_topk_kernels.cuh"
-#include "select_rows.cuh"
-#include "sparse_attention_mma_bwd.cuh"
-#include "sparse_attention_mma_fwd.cuh"
-#include "sparse_attention_rowwise.cuh"
+// kernel headers (copied from csrc/cuda with cuda/common/tensor_core.cuh replaced by the emulated one)
+#include "cuda/attention/sparse_attention_mma_bwd.cuh"
+#include "cuda/attention/sparse_attention_mma_fwd.cuh"
+#include "cuda/attention/sparse_attention_rowwise.cuh"
+#include "cuda/indexer/indexer_backward_kernels.cuh"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_topk_kernels.cuh"
+#include "cuda/indexer/select_rows.cuh"
 
 #include <fstream>
 #include <map>

@@ -1,8 +1,10 @@
 """Build and run the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h).
 
-`build()` copies the kernel headers (.cuh, .h) into a scratch directory, swaps tensor_core.cuh for the
-emulated one and turns `extern __shared__` arrays into the emulator's per-block buffer, then
-compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
+`build()` copies the headers (.cuh, .h) of csrc/cuda into a scratch directory, keeping their paths
+under cuda/ (the sources include each other as "cuda/<family>/<file>", relative to csrc/, so with
+the scratch directory first on the include path every such include finds the copy), swaps
+cuda/common/tensor_core.cuh for the emulated one and turns `extern __shared__` arrays into the
+emulator's per-block buffer, then compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
 runs the driver and returns its outputs as torch tensors.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 CUDA_SRC = os.path.join(CSRC, "cuda")
+TENSOR_CORE = "cuda/common/tensor_core.cuh"  # replaced by emu_tensor_core.cuh
 BUILD = os.path.join(tempfile.gettempdir(), "dsa_ext_cuda_emulation")
 
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
@@ -30,12 +33,15 @@ _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "
 
 
 def _sources() -> dict[str, str]:
+    """Scratch-directory path (relative, "/"-separated) -> text of every file the emulator builds from."""
     out = {}
-    for name in sorted(os.listdir(CUDA_SRC)):
-        if name.endswith((".cuh", ".h")) and name != "tensor_core.cuh":
-            text = open(os.path.join(CUDA_SRC, name)).read()
-            out[name] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
-    out["tensor_core.cuh"] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
+    for folder, _, files in os.walk(CUDA_SRC):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), CSRC).replace(os.sep, "/")
+            if name.endswith((".cuh", ".h")) and path != TENSOR_CORE:
+                text = open(os.path.join(folder, name)).read()
+                out[path] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
+    out[TENSOR_CORE] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
     for name in ("emu_cuda.h", "driver.cpp"):
         out[name] = open(os.path.join(HERE, name)).read()
     return out
@@ -62,7 +68,9 @@ def source_dir(tag: str = "") -> tuple[str, str]:
     src_dir = os.path.join(BUILD, f"src-{digest}")
     os.makedirs(src_dir, exist_ok=True)
     for name, text in srcs.items():
-        with open(os.path.join(src_dir, name), "w") as f:
+        path = os.path.join(src_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
             f.write(text)
     return src_dir, digest
 

@@ -1,7 +1,7 @@
 // Launch of the row-wise sparse_attention kernels (sparse_attention_rowwise.cuh).
 #include <c10/cuda/CUDAException.h>
 
-#include "sparse_attention_rowwise.cuh"
+#include "cuda/attention/sparse_attention_rowwise.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -7,8 +7,8 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "select_rows.cuh"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/select_rows.cuh"
 
 namespace dsa {
 namespace cuda {

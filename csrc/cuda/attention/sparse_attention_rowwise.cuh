@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_kernels.h"
 
 namespace dsa {
 namespace cuda {

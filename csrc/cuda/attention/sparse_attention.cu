@@ -24,8 +24,8 @@
 
 #include "checks.h"
 #include "host.h"
-#include "sparse_attention_deterministic.h"
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_deterministic.h"
+#include "cuda/attention/sparse_attention_kernels.h"
 
 namespace dsa {
 namespace cuda {

@@ -5,7 +5,7 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_kernels.h"
 
 namespace dsa {
 namespace cuda {

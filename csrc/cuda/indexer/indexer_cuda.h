@@ -1,4 +1,4 @@
-// Host-side helpers shared by the CUDA indexer and top-k operators (csrc/cuda/topk.cu,
+// Host-side helpers shared by the CUDA indexer and top-k operators (cuda/indexer/topk.cu,
 // indexer_logits.cu, indexer_logits_backward.cu, indexer_topk.cu): the CUDA-specific argument
 // checks and device limits. Everything else (shape checks, outputs, params) comes from host.h.
 #pragma once
@@ -9,7 +9,7 @@
 
 #include <cstdint>
 
-#include "indexer_tile.cuh"
+#include "cuda/indexer/indexer_tile.cuh"
 #include "params.h"
 
 namespace dsa {

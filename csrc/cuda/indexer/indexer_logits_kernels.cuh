@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstdint>
 
-#include "indexer_tile.cuh"
+#include "cuda/indexer/indexer_tile.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -7,8 +7,8 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "indexer_topk_kernels.cuh"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/indexer_topk_kernels.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -6,8 +6,8 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
 
 namespace dsa {
 namespace cuda {

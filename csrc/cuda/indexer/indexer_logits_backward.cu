@@ -11,9 +11,9 @@
 #include <tuple>
 
 #include "host.h"
-#include "indexer_backward_float.h"
-#include "indexer_backward_kernels.cuh"
-#include "indexer_cuda.h"
+#include "aten/indexer_backward_float.h"
+#include "cuda/indexer/indexer_backward_kernels.cuh"
+#include "cuda/indexer/indexer_cuda.h"
 
 namespace dsa {
 namespace cuda {
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cuda(cons
     else
       launch_mma_backward<__nv_bfloat16>(c.p, stream);
   } else {
-    indexer_backward_float32(c);
+    aten::indexer_backward_float32(c);
   }
   return {c.grad_q, c.grad_k, finish_grad_w(c.grad_w, w)};
 }

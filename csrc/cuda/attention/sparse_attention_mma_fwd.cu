@@ -1,6 +1,6 @@
 // Launch of the tensor-core forward of sparse_attention (kernel: sparse_attention_mma_fwd.cuh).
-#include "sparse_attention_mma_fwd.cuh"
-#include "sparse_attention_mma_launch.cuh"
+#include "cuda/attention/sparse_attention_mma_fwd.cuh"
+#include "cuda/attention/sparse_attention_mma_launch.cuh"
 
 namespace dsa {
 namespace cuda {
