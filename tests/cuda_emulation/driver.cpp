@@ -331,7 +331,7 @@ void run_attention_forward_typed() {
                   attn::smem_layout(s, false).bytes, [&] { attn::sparse_attention_fwd_mma_kernel<T>(a); });
     }
   } else {
-    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+    emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,
                 attn::rowwise_smem_bytes(p, sizeof(Acc), false), [&] { attn::rowwise::rowwise_fwd_kernel<T>(p); });
   }
   write_file("out.bin", out.get(), p.B * p.T * p.H * p.Dv);
@@ -359,7 +359,7 @@ void run_attention_backward_typed() {
   bp.grad_q = dq.get();
   const int64_t nk = p.B * p.S * p.Hkv * p.Dqk, nv = p.B * p.S * p.Hkv * p.Dv;
   std::unique_ptr<Acc[]> dk(new Acc[nk]()), dv(new Acc[nv]()), delta(new Acc[p.B * p.T * p.H]);
-  emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32, 0,
+  emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32, 0,
               [&] { attn::rowwise::delta_kernel<T>(bp, delta.get()); });
   if (get("path") == "mma") {
     if constexpr (sizeof(T) == 2) {
@@ -371,7 +371,7 @@ void run_attention_backward_typed() {
     }
   } else {
     const attn::SimpleBwdArgs a{bp, delta.get(), attn::KeyGradOut{dk.get(), dv.get(), nullptr, nullptr}};
-    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+    emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,
                 attn::rowwise_smem_bytes(p, sizeof(Acc), true), [&] { attn::rowwise::rowwise_bwd_kernel<T>(a); });
   }
   write_file("grad_q.bin", dq.get(), p.B * p.T * p.H * p.Dqk);

@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -26,6 +25,7 @@
 #include "host.h"
 #include "cuda/attention/sparse_attention_deterministic.h"
 #include "cuda/attention/sparse_attention_kernels.h"
+#include "cuda/common/launch.h"
 
 namespace dsa {
 namespace cuda {
@@ -41,18 +41,6 @@ ElemType elem_type(at::ScalarType t) {
     case at::kDouble: return ElemType::kDouble;
     default: TORCH_CHECK(false, "dsa.sparse_attention: no CUDA kernel for dtype ", t);
   }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Shared memory a block may use on the current device (after opting in). The environment
-// variable DSA_EXT_CUDA_SMEM_LIMIT (bytes) lowers it, so that the tests can run on one GPU the
-// block shapes that GPUs with less shared memory get (one stage, fewer rows per block).
-int smem_opt_in() {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  if (const char* cap = std::getenv("DSA_EXT_CUDA_SMEM_LIMIT")) bytes = std::min(bytes, std::atoi(cap));
-  return bytes;
 }
 
 // Warps per tensor-core block at least (choose_mma_shape): 4, or DSA_EXT_CUDA_MIN_WARPS (1 gives
@@ -88,23 +76,19 @@ std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at
   if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
   if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
   MmaShape s;
-  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, smem_opt_in(), min_block_warps(), s))
+  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, block_smem_limit(), min_block_warps(), s))
     return std::nullopt;
   return s;
-}
-
-void check_grid(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": B * T * heads = ", blocks,
-              " blocks exceed the CUDA grid limit of 2^31 - 1; split the batch");
 }
 
 // The row-wise kernels keep whole rows in shared memory; absurd head dims do not fit.
 void check_rowwise(const char* op, const SparseAttentionCall& c, bool backward) {
   const auto& p = c.p;
-  check_grid(op, ceil_div(p.B * p.T * p.H, kRowwiseWarps));
+  check_grid(op, rowwise_blocks(p));
   const int64_t need = rowwise_smem_bytes(p, c.q.scalar_type() == at::kDouble ? 8 : 4, backward);
-  TORCH_CHECK(need <= smem_opt_in(), op, ": head dims Dqk=", p.Dqk, " and Dv=", p.Dv, " need ", need,
-              " bytes of shared memory per block, more than the device's ", smem_opt_in());
+  const int limit = block_smem_limit();
+  TORCH_CHECK(need <= limit, op, ": head dims Dqk=", p.Dqk, " and Dv=", p.Dv, " need ", need,
+              " bytes of shared memory per block, more than the device's ", limit);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k,

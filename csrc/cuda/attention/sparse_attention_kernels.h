@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/common/ceil_div.cuh"
 #include "params.h"
 
 namespace dsa {
@@ -93,7 +94,7 @@ __host__ __device__ inline SmemLayout smem_layout(const MmaShape& s, bool backwa
   return L;
 }
 
-__host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>(ceil_div(a, b)); }
 
 // The tensor-core block shape for these dims (16-bit inputs whose rows are 16-byte aligned and
 // whose head dims are multiples of 8: the caller checks that), or false when none fits in
@@ -168,6 +169,9 @@ constexpr int kRowwiseWarps = 4;
 __host__ __device__ inline int64_t rowwise_smem_bytes(const SparseAttentionParams& p, int acc_bytes, bool backward) {
   return int64_t{kRowwiseWarps} * acc_bytes * (backward ? 2 * p.Dqk + p.Dv : p.Dqk + p.Dv);
 }
+
+// Blocks of a row-wise launch (forward, backward and delta alike): one warp per (b, t, h) row.
+inline int64_t rowwise_blocks(const SparseAttentionParams& p) { return ceil_div(p.B * p.T * p.H, kRowwiseWarps); }
 
 struct SimpleBwdArgs {
   SparseAttentionBwdParams p;

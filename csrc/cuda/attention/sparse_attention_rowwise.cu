@@ -2,6 +2,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include "cuda/attention/sparse_attention_rowwise.cuh"
+#include "cuda/common/launch.h"
 
 namespace dsa {
 namespace cuda {
@@ -12,10 +13,8 @@ using namespace rowwise;
 template <typename Kernel, typename Args>
 void launch_rowwise(Kernel kernel, const Args& args, const SparseAttentionParams& p, int64_t smem,
                     cudaStream_t stream) {
-  if (smem > 48 * 1024)  // the host checked that it fits the opt-in limit
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  kernel<<<static_cast<unsigned>(row_blocks(p)), kRowwiseWarps * 32, smem, stream>>>(args);
+  allow_smem(kernel, static_cast<int>(smem));  // the host checked that it fits the opt-in limit
+  kernel<<<static_cast<unsigned>(rowwise_blocks(p)), kRowwiseWarps * 32, smem, stream>>>(args);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -32,7 +31,7 @@ void bwd(const SimpleBwdArgs& a, cudaStream_t stream) {
 template <typename T>
 void delta(const SparseAttentionBwdParams& p, void* out, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
-  delta_kernel<T><<<static_cast<unsigned>(row_blocks(p.fwd)), kRowwiseWarps * 32, 0, stream>>>(
+  delta_kernel<T><<<static_cast<unsigned>(rowwise_blocks(p.fwd)), kRowwiseWarps * 32, 0, stream>>>(
       p, static_cast<Acc*>(out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -229,8 +229,6 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32)
   if (lane == 0) delta[r.row] = sum - (a.grad_lse != nullptr ? static_cast<const Acc*>(a.grad_lse)[r.row] : Acc(0));
 }
 
-inline int64_t row_blocks(const SparseAttentionParams& p) { return (p.B * p.T * p.H + kRowwiseWarps - 1) / kRowwiseWarps; }
-
 }  // namespace rowwise
 }  // namespace cuda
 }  // namespace dsa

@@ -1,6 +1,7 @@
-// Host-side helpers shared by the CUDA indexer and top-k operators (cuda/indexer/topk.cu,
-// indexer_logits.cu, indexer_logits_backward.cu, indexer_topk.cu): the CUDA-specific argument
-// checks and device limits. Everything else (shape checks, outputs, params) comes from host.h.
+// Host-side helpers of the CUDA indexer and top-k operators (topk.cu, indexer_logits.cu,
+// indexer_logits_backward.cu, indexer_topk.cu, all in cuda/indexer/): the launch limits of every
+// kernel family (cuda/common/launch.h) with the indexer's share of a block's shared memory, and
+// the choice of score engine. Everything else (shape checks, outputs, params) comes from host.h.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda/common/launch.h"
 #include "cuda/indexer/indexer_tile.cuh"
 #include "params.h"
 
@@ -16,34 +18,9 @@ namespace dsa {
 namespace cuda {
 namespace indexer {
 
-inline void check_grid(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= INT32_MAX, op, ": the problem needs ", blocks,
-              " thread blocks in one launch, more than CUDA allows (2^31 - 1); split the batch");
-}
-
-// Largest dynamic shared memory a block of the current device may opt into, less a reserve for
-// the kernels' static shared memory (the selection scratch, about 1 KiB), which counts too.
-inline int max_block_smem() {
-  constexpr int kStaticReserve = 4096;
-  int device = 0, bytes = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes - kStaticReserve;
-}
-
-inline int sm_count() {
-  int device = 0, n = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  return n;
-}
-
-// Lets `kernel` use `bytes` of dynamic shared memory. Needed once static + dynamic exceed the
-// 48 KiB default; the kernels' static shared memory is under 4 KiB.
-template <typename Kernel>
-void allow_smem(Kernel kernel, int bytes) {
-  if (bytes > 44 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-}
+// Dynamic shared memory an indexer block may use: the block's limit (launch.h, which honours
+// DSA_EXT_CUDA_SMEM_LIMIT) less kStaticSmemReserve for the kernels' static shared memory.
+inline int dynamic_smem_limit() { return block_smem_limit() - kStaticSmemReserve; }
 
 // The same call on converted copies of q_idx and k_idx (qc, kc).
 inline IndexerParams with_inputs(IndexerParams p, const at::Tensor& qc, const at::Tensor& kc) {
@@ -74,7 +51,7 @@ inline bool native_fp8_mma() {
 template <class Launch>
 void with_score_engine(const IndexerParams& p, at::ScalarType dtype, const at::Tensor& q, const at::Tensor& k,
                        const Launch& launch) {
-  const int smem = max_block_smem();
+  const int smem = dynamic_smem_limit();
   if (dtype == at::kFloat) {
     launch.template operator()<SimtTile>(p, false);
   } else if (dtype == at::kFloat8_e4m3fn && !(native_fp8_mma() && mma_fits<__nv_fp8_e4m3>(p, smem))) {

@@ -7,7 +7,6 @@
 
 #include <tuple>
 
-#include "cuda/indexer/indexer_cuda.h"
 #include "host.h"
 #include "aten/indexer_kl_loss_streamed.h"
 

@@ -28,7 +28,7 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
     const LogitsGrid grid = logits_grid(p);
     check_grid(op, grid.blocks);
     const auto kernel = indexer_logits_kernel<Tile, decltype(L)>;
-    allow_smem(kernel, L.bytes);
+    allow_smem(kernel, L.bytes, kStaticSmemReserve);
     kernel<<<static_cast<unsigned>(grid.blocks), kThreads, L.bytes, stream>>>(p, L, grid, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -27,8 +27,8 @@ void launch_mma_backward(const IndexerBwdParams& bp, cudaStream_t stream) {
   const IndexerBwdGrid grid = bwd_grid(bp.fwd);
   check_grid(op, grid.dq_blocks);
   check_grid(op, grid.dk_blocks);
-  allow_smem(indexer_dq_kernel<T>, L.bytes);
-  allow_smem(indexer_dk_kernel<T>, L.bytes);
+  allow_smem(indexer_dq_kernel<T>, L.bytes, kStaticSmemReserve);
+  allow_smem(indexer_dk_kernel<T>, L.bytes, kStaticSmemReserve);
   indexer_dq_kernel<T><<<static_cast<unsigned>(grid.dq_blocks), kThreads, L.bytes, stream>>>(bp, L, grid);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   indexer_dk_kernel<T><<<static_cast<unsigned>(grid.dk_blocks), kThreads, L.bytes, stream>>>(bp, L, grid);
@@ -48,7 +48,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cuda(cons
     c.grad_q.zero_();
     c.grad_k.zero_();
     c.grad_w.zero_();
-  } else if (c.q.scalar_type() != at::kFloat && bwd_mma_fits(p, max_block_smem())) {
+  } else if (c.q.scalar_type() != at::kFloat && bwd_mma_fits(p, dynamic_smem_limit())) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     if (c.q.scalar_type() == at::kHalf)
       launch_mma_backward<__half>(c.p, stream);

@@ -336,6 +336,11 @@ __device__ __forceinline__ void for_each_score_tile(const Tile& tile, int64_t s_
 // Host side: which engine a call takes
 // ------------------------------------------------------------------------------------------
 
+// A block's static shared memory (the selection scratch of the fused top-k and of
+// select_rows_kernel, about 1 KiB) counts against the same per-block limit as the dynamic
+// tiles: the host leaves this much of the limit to it (indexer_cuda.h).
+constexpr int kStaticSmemReserve = 4096;
+
 // 16-byte cp.async needs 16-byte aligned rows: Di and every row stride a multiple of 16 bytes.
 inline bool rows_16b_aligned(const IndexerParams& p, int elem_bytes) {
   const int64_t n = 16 / elem_bytes;

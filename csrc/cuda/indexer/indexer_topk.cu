@@ -37,7 +37,7 @@ at::Tensor indexer_topk_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, c
   with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const auto partial = indexer_topk_partial_kernel<Tile, decltype(L)>;
-    allow_smem(partial, L.bytes);
+    allow_smem(partial, L.bytes, kStaticSmemReserve);
     for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
       const TopkWorkspace ws = topk_workspace(p, plan, reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>()),
                                               pos.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), t_begin);
