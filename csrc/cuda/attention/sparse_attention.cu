@@ -25,6 +25,7 @@
 #include "host.h"
 #include "cuda/attention/sparse_attention_deterministic.h"
 #include "cuda/attention/sparse_attention_kernels.h"
+#include "cuda/common/dispatch.h"
 #include "cuda/common/launch.h"
 
 namespace dsa {
@@ -33,15 +34,10 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kHalf;
-    case at::kFloat: return ElemType::kFloat;
-    case at::kDouble: return ElemType::kDouble;
-    default: TORCH_CHECK(false, "dsa.sparse_attention: no CUDA kernel for dtype ", t);
-  }
-}
+// The dtypes each path's launchers are instantiated for (sparse_attention_mma_fwd.cu / _bwd.cu,
+// sparse_attention_rowwise.cu), as DSA_DISPATCH_CUDA lists.
+#define DSA_MMA_TYPES (at::kBFloat16, at::kHalf)
+#define DSA_ROWWISE_TYPES (at::kBFloat16, at::kHalf, at::kFloat, at::kDouble)
 
 // Warps per tensor-core block at least (choose_mma_shape): 4, or DSA_EXT_CUDA_MIN_WARPS (1 gives
 // the narrowest blocks, for comparing the two on a GPU).
@@ -105,13 +101,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
     return {c.out, c.lse};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ElemType et = elem_type(c.q.scalar_type());
+  const at::ScalarType dtype = c.q.scalar_type();
   if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
     check_grid(op, p.B * p.T * p.Hkv * s->chunks);
-    launch_fwd_mma(FwdArgs{p, *s, static_cast<float>(p.scale * kLog2e)}, et, stream);
+    const FwdArgs args{p, *s, static_cast<float>(p.scale * kLog2e)};
+    DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_fwd_mma<scalar_t>(args, stream); });
   } else {
     check_rowwise(op, c, /*backward=*/false);
-    launch_fwd_simple(p, et, stream);
+    DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_fwd_simple<scalar_t>(p, stream); });
   }
   return {c.out, c.lse};
 }
@@ -131,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
     return {c.grad_q, c.grad_k, c.grad_v};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ElemType et = elem_type(c.fwd.q.scalar_type());
-  const auto acc_options = c.fwd.q.options().dtype(score_dtype(c.fwd.q.scalar_type()));
+  const at::ScalarType dtype = c.fwd.q.scalar_type();
+  const auto acc_options = c.fwd.q.options().dtype(score_dtype(dtype));
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
-  launch_bwd_delta(c.p, et, delta.data_ptr(), stream);
+  DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_bwd_delta<scalar_t>(c.p, delta.data_ptr(), stream); });
 
   const auto mma = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true);
   if (!mma) check_rowwise(op, c.fwd, /*backward=*/true);
@@ -142,9 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const auto launch = [&](const SparseAttentionBwdParams& p, const void* delta_p, const KeyGradOut& g) {
     if (mma) {
       check_grid(op, p.fwd.B * p.fwd.T * p.fwd.Hkv * mma->chunks);
-      launch_bwd_mma(BwdArgs{p, *mma, scale_log2, static_cast<const float*>(delta_p), g}, et, stream);
+      const BwdArgs args{p, *mma, scale_log2, static_cast<const float*>(delta_p), g};
+      DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_bwd_mma<scalar_t>(args, stream); });
     } else {
-      launch_bwd_simple(SimpleBwdArgs{p, delta_p, g}, et, stream);
+      const SimpleBwdArgs args{p, delta_p, g};
+      DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_bwd_simple<scalar_t>(args, stream); });
     }
   };
   const int64_t rows = f.B * f.S * f.Hkv;

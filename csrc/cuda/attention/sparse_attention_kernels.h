@@ -31,8 +31,6 @@ constexpr int kMaxPairsBwd = 9;   // dq column pairs per warp, backward (72 regi
 constexpr int kMaxWarps = 16;     // 512 threads: kernels are compiled for <= 128 registers
 constexpr int kMaxRowWarps = 8;   // at most 128 query heads per block
 
-enum class ElemType { kBFloat16, kHalf, kFloat, kDouble };
-
 struct MmaShape {
   int group;            // query heads per kv head (H / Hkv)
   int rows;             // query heads per block, 16 * row_warps (rows >= group are padding)
@@ -179,13 +177,21 @@ struct SimpleBwdArgs {
   KeyGradOut g;       // acc_t
 };
 
-// Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
-void launch_fwd_mma(const FwdArgs& a, ElemType t, cudaStream_t stream);
-void launch_fwd_simple(const SparseAttentionParams& p, ElemType t, cudaStream_t stream);
+// The launchers, for element type T: __nv_bfloat16 or __half for the tensor-core kernels
+// (instantiated in sparse_attention_mma_fwd.cu / _bwd.cu), also float and double for the row-wise
+// ones (sparse_attention_rowwise.cu). sparse_attention.cu picks T with DSA_DISPATCH_CUDA. Each
+// launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+template <typename T>
+void launch_fwd_mma(const FwdArgs& a, cudaStream_t stream);
+template <typename T>
+void launch_fwd_simple(const SparseAttentionParams& p, cudaStream_t stream);
 // delta[b,t,h] = sum_d grad_out * out - grad_lse, in acc_t
-void launch_bwd_delta(const SparseAttentionBwdParams& p, ElemType t, void* delta, cudaStream_t stream);
-void launch_bwd_mma(const BwdArgs& a, ElemType t, cudaStream_t stream);
-void launch_bwd_simple(const SimpleBwdArgs& a, ElemType t, cudaStream_t stream);
+template <typename T>
+void launch_bwd_delta(const SparseAttentionBwdParams& p, void* delta, cudaStream_t stream);
+template <typename T>
+void launch_bwd_mma(const BwdArgs& a, cudaStream_t stream);
+template <typename T>
+void launch_bwd_simple(const SimpleBwdArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dsa

@@ -5,12 +5,13 @@
 namespace dsa {
 namespace cuda {
 
-void launch_bwd_mma(const BwdArgs& a, ElemType t, cudaStream_t stream) {
-  if (t == ElemType::kBFloat16)
-    launch_mma_kernel(sparse_attention_bwd_mma_kernel<__nv_bfloat16>, a, a.p.fwd, /*backward=*/true, stream);
-  else
-    launch_mma_kernel(sparse_attention_bwd_mma_kernel<__half>, a, a.p.fwd, /*backward=*/true, stream);
+template <typename T>
+void launch_bwd_mma(const BwdArgs& a, cudaStream_t stream) {
+  launch_mma_kernel(sparse_attention_bwd_mma_kernel<T>, a, a.p.fwd, /*backward=*/true, stream);
 }
+
+template void launch_bwd_mma<__nv_bfloat16>(const BwdArgs&, cudaStream_t);
+template void launch_bwd_mma<__half>(const BwdArgs&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace dsa

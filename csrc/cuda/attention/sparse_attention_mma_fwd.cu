@@ -5,12 +5,13 @@
 namespace dsa {
 namespace cuda {
 
-void launch_fwd_mma(const FwdArgs& a, ElemType t, cudaStream_t stream) {
-  if (t == ElemType::kBFloat16)
-    launch_mma_kernel(sparse_attention_fwd_mma_kernel<__nv_bfloat16>, a, a.p, /*backward=*/false, stream);
-  else
-    launch_mma_kernel(sparse_attention_fwd_mma_kernel<__half>, a, a.p, /*backward=*/false, stream);
+template <typename T>
+void launch_fwd_mma(const FwdArgs& a, cudaStream_t stream) {
+  launch_mma_kernel(sparse_attention_fwd_mma_kernel<T>, a, a.p, /*backward=*/false, stream);
 }
+
+template void launch_fwd_mma<__nv_bfloat16>(const FwdArgs&, cudaStream_t);
+template void launch_fwd_mma<__half>(const FwdArgs&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace dsa

@@ -18,52 +18,38 @@ void launch_rowwise(Kernel kernel, const Args& args, const SparseAttentionParams
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
 template <typename T>
-void fwd(const SparseAttentionParams& p, cudaStream_t stream) {
-  launch_rowwise(rowwise_fwd_kernel<T>, p, p, rowwise_smem_bytes(p, sizeof(typename AccOf<T>::type), false),
-                    stream);
+void launch_fwd_simple(const SparseAttentionParams& p, cudaStream_t stream) {
+  launch_rowwise(rowwise_fwd_kernel<T>, p, p, rowwise_smem_bytes(p, sizeof(typename AccOf<T>::type), false), stream);
 }
 template <typename T>
-void bwd(const SimpleBwdArgs& a, cudaStream_t stream) {
-  launch_rowwise(rowwise_bwd_kernel<T>, a, a.p.fwd,
-                    rowwise_smem_bytes(a.p.fwd, sizeof(typename AccOf<T>::type), true), stream);
+void launch_bwd_simple(const SimpleBwdArgs& a, cudaStream_t stream) {
+  launch_rowwise(rowwise_bwd_kernel<T>, a, a.p.fwd, rowwise_smem_bytes(a.p.fwd, sizeof(typename AccOf<T>::type), true),
+                 stream);
 }
 template <typename T>
-void delta(const SparseAttentionBwdParams& p, void* out, cudaStream_t stream) {
+void launch_bwd_delta(const SparseAttentionBwdParams& p, void* out, cudaStream_t stream) {
   using Acc = typename AccOf<T>::type;
   delta_kernel<T><<<static_cast<unsigned>(rowwise_blocks(p.fwd)), kRowwiseWarps * 32, 0, stream>>>(
       p, static_cast<Acc*>(out));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
-
-void launch_fwd_simple(const SparseAttentionParams& p, ElemType t, cudaStream_t stream) {
-  switch (t) {
-    case ElemType::kBFloat16: return fwd<__nv_bfloat16>(p, stream);
-    case ElemType::kHalf: return fwd<__half>(p, stream);
-    case ElemType::kFloat: return fwd<float>(p, stream);
-    case ElemType::kDouble: return fwd<double>(p, stream);
-  }
-}
-
-void launch_bwd_simple(const SimpleBwdArgs& a, ElemType t, cudaStream_t stream) {
-  switch (t) {
-    case ElemType::kBFloat16: return bwd<__nv_bfloat16>(a, stream);
-    case ElemType::kHalf: return bwd<__half>(a, stream);
-    case ElemType::kFloat: return bwd<float>(a, stream);
-    case ElemType::kDouble: return bwd<double>(a, stream);
-  }
-}
-
-void launch_bwd_delta(const SparseAttentionBwdParams& p, ElemType t, void* out, cudaStream_t stream) {
-  switch (t) {
-    case ElemType::kBFloat16: return delta<__nv_bfloat16>(p, out, stream);
-    case ElemType::kHalf: return delta<__half>(p, out, stream);
-    case ElemType::kFloat: return delta<float>(p, out, stream);
-    case ElemType::kDouble: return delta<double>(p, out, stream);
-  }
-}
+// Every dtype sparse_attention.cu dispatches the row-wise path for (DSA_ROWWISE_TYPES there).
+template void launch_fwd_simple<__nv_bfloat16>(const SparseAttentionParams&, cudaStream_t);
+template void launch_fwd_simple<__half>(const SparseAttentionParams&, cudaStream_t);
+template void launch_fwd_simple<float>(const SparseAttentionParams&, cudaStream_t);
+template void launch_fwd_simple<double>(const SparseAttentionParams&, cudaStream_t);
+template void launch_bwd_simple<__nv_bfloat16>(const SimpleBwdArgs&, cudaStream_t);
+template void launch_bwd_simple<__half>(const SimpleBwdArgs&, cudaStream_t);
+template void launch_bwd_simple<float>(const SimpleBwdArgs&, cudaStream_t);
+template void launch_bwd_simple<double>(const SimpleBwdArgs&, cudaStream_t);
+template void launch_bwd_delta<__nv_bfloat16>(const SparseAttentionBwdParams&, void*, cudaStream_t);
+template void launch_bwd_delta<__half>(const SparseAttentionBwdParams&, void*, cudaStream_t);
+template void launch_bwd_delta<float>(const SparseAttentionBwdParams&, void*, cudaStream_t);
+template void launch_bwd_delta<double>(const SparseAttentionBwdParams&, void*, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace dsa

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda/common/dispatch.h"
 #include "cuda/common/launch.h"
 #include "cuda/indexer/indexer_tile.cuh"
 #include "params.h"
@@ -49,23 +50,23 @@ inline bool native_fp8_mma() {
 // the CUDA-core float32 engine (on float32 copies of q_idx and k_idx). e4m3 inputs on older GPUs
 // take the bfloat16 tensor cores on bfloat16 copies: every e4m3 value is exact in bfloat16.
 template <class Launch>
-void with_score_engine(const IndexerParams& p, at::ScalarType dtype, const at::Tensor& q, const at::Tensor& k,
-                       const Launch& launch) {
+void with_score_engine(const char* op, const IndexerParams& p, at::ScalarType dtype, const at::Tensor& q,
+                       const at::Tensor& k, const Launch& launch) {
   const int smem = dynamic_smem_limit();
   if (dtype == at::kFloat) {
     launch.template operator()<SimtTile>(p, false);
   } else if (dtype == at::kFloat8_e4m3fn && !(native_fp8_mma() && mma_fits<__nv_fp8_e4m3>(p, smem))) {
     const at::Tensor qb = q.to(at::kBFloat16), kb = k.to(at::kBFloat16);
-    with_score_engine(with_inputs(p, qb, kb), at::kBFloat16, qb, kb, launch);
-  } else if (dtype == at::kFloat8_e4m3fn) {
-    launch.template operator()<MmaTile<__nv_fp8_e4m3>>(p, rows_16b_aligned(p, 1));
-  } else if (dtype == at::kHalf && mma_fits<__half>(p, smem)) {
-    launch.template operator()<MmaTile<__half>>(p, rows_16b_aligned(p, 2));
-  } else if (dtype == at::kBFloat16 && mma_fits<__nv_bfloat16>(p, smem)) {
-    launch.template operator()<MmaTile<__nv_bfloat16>>(p, rows_16b_aligned(p, 2));
+    with_score_engine(op, with_inputs(p, qb, kb), at::kBFloat16, qb, kb, launch);
   } else {
-    const at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat);
-    launch.template operator()<SimtTile>(with_inputs(p, qf, kf), false);
+    DSA_DISPATCH_CUDA(dtype, op, (at::kFloat8_e4m3fn, at::kHalf, at::kBFloat16), [&] {
+      if (mma_fits<scalar_t>(p, smem)) {  // e4m3 always fits here (checked above)
+        launch.template operator()<MmaTile<scalar_t>>(p, rows_16b_aligned(p, sizeof(scalar_t)));
+      } else {
+        const at::Tensor qf = q.to(at::kFloat), kf = k.to(at::kFloat);
+        launch.template operator()<SimtTile>(with_inputs(p, qf, kf), false);
+      }
+    });
   }
 }
 

@@ -23,7 +23,7 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
   const c10::cuda::CUDAGuard guard(q_idx.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* out = c.logits.data_ptr<float>();
-  with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+  with_score_engine(op, c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const LogitsGrid grid = logits_grid(p);
     check_grid(op, grid.blocks);

@@ -34,7 +34,7 @@ at::Tensor indexer_topk_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, c
   const at::Tensor counts = at::empty({slots}, int_opts);
   const int cand_cap = topk_select_candidates(plan);
 
-  with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+  with_score_engine(op, c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const auto partial = indexer_topk_partial_kernel<Tile, decltype(L)>;
     allow_smem(partial, L.bytes, kStaticSmemReserve);
