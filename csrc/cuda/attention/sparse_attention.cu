@@ -68,7 +68,7 @@ std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at
   const auto& p = c.p;
   const auto dtype = c.q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
-  if (p.Dqk % 8 != 0 || p.Dv % 8 != 0 || p.Dqk > 4096 || p.Dv > 4096) return std::nullopt;
+  if (!mma_head_dims(p)) return std::nullopt;
   if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
   if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
   MmaShape s;

@@ -94,8 +94,14 @@ __host__ __device__ inline SmemLayout smem_layout(const MmaShape& s, bool backwa
 
 __host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>(ceil_div(a, b)); }
 
+// Head dims the tensor-core kernels take: multiples of 8 (rows are gathered in 16-byte pieces)
+// and not absurdly large. The host code (sparse_attention.cu) and the emulator's driver both ask.
+inline bool mma_head_dims(const SparseAttentionParams& p) {
+  return p.Dqk % 8 == 0 && p.Dv % 8 == 0 && p.Dqk <= 4096 && p.Dv <= 4096;
+}
+
 // The tensor-core block shape for these dims (16-bit inputs whose rows are 16-byte aligned and
-// whose head dims are multiples of 8: the caller checks that), or false when none fits in
+// whose head dims pass mma_head_dims: the caller checks that), or false when none fits in
 // smem_limit bytes. Column warps split the out (forward) or dq (backward) columns so that each
 // keeps at most kMaxPairs* 16-wide pairs in registers; row warps cover as many heads of the GQA
 // group as fit in shared memory, with two stages when they fit. Blocks with fewer than min_warps
