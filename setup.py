@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _sources(pattern):
-    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
 
 
 def _want_cuda():
@@ -75,7 +75,7 @@ def build_extension():
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DDSA_EXT_WITH_CUDA"]
     return cpp_extension.CUDAExtension(
-        "dsa_ext._C", sources + _sources("csrc/cuda/*.cu"),
+        "dsa_ext._C", sources + _sources("csrc/cuda/**/*.cu"),
         extra_compile_args={"cxx": cxx + ["-DDSA_EXT_WITH_CUDA"], "nvcc": nvcc},
         include_dirs=[os.path.join(ROOT, "csrc")])
 

@@ -1,14 +1,14 @@
 // The deterministic sparse_attention backward of the CUDA backend on CPU tensors: the host code
-// of csrc/cuda/sparse_attention_deterministic.h (token slices, contribution rows, ordered sums)
+// of csrc/cuda/attention/sparse_attention_deterministic.h (token slices, contribution rows, ordered sums)
 // driving the emulated backward kernels (emu_cuda.h), for test_deterministic_backward.py. Built
 // by torch.utils.cpp_extension against the emulator's source directory (emulator.source_dir).
 #include <torch/extension.h>
 
 // after torch: the emulated tensor_core.cuh brings emu_cuda.h, whose macros (__global__,
 // threadIdx, ...) are for the kernels only
-#include "sparse_attention_deterministic.h"
-#include "sparse_attention_mma_bwd.cuh"
-#include "sparse_attention_rowwise.cuh"
+#include "cuda/attention/sparse_attention_deterministic.h"
+#include "cuda/attention/sparse_attention_mma_bwd.cuh"
+#include "cuda/attention/sparse_attention_rowwise.cuh"
 
 namespace {
 
@@ -22,7 +22,7 @@ std::vector<at::Tensor> run(SparseAttentionBwdCall& c, double scale, bool use_mm
   const SparseAttentionParams& f = c.p.fwd;
   const auto acc = c.fwd.q.options().dtype(score_dtype(c.fwd.q.scalar_type()));
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc);
-  emu::launch(static_cast<unsigned>(rowwise::row_blocks(f)), kRowwiseWarps * 32, 0,
+  emu::launch(static_cast<unsigned>(rowwise_blocks(f)), kRowwiseWarps * 32, 0,
               [&] { rowwise::delta_kernel<T>(c.p, delta.data_ptr<Acc>()); });
   MmaShape s{};
   const bool v_in_k = c.fwd.v.data_ptr() == c.fwd.k.data_ptr();
@@ -40,7 +40,7 @@ std::vector<at::Tensor> run(SparseAttentionBwdCall& c, double scale, bool use_mm
       }
     } else {
       const SimpleBwdArgs a{p, delta_p, g};
-      emu::launch(static_cast<unsigned>(rowwise::row_blocks(p.fwd)), kRowwiseWarps * 32,
+      emu::launch(static_cast<unsigned>(rowwise_blocks(p.fwd)), kRowwiseWarps * 32,
                   rowwise_smem_bytes(p.fwd, sizeof(Acc), true), [&] { rowwise::rowwise_bwd_kernel<T>(a); });
     }
   };

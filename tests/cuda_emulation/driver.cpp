@@ -1,22 +1,27 @@
 // Runs the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h) for one test case.
 // Usage: driver <case dir>. The case dir holds meta.txt ("name value" lines) and raw
-// little-endian tensors written by run_emulation.py; outputs are written back next to them.
-// The launch code below mirrors the host code of the csrc/cuda/*.cu files (same plan and grid
-// functions, same kernels).
+// little-endian tensors written by emulator.py; outputs are written back next to them.
+// The launch code below mirrors the host code of the csrc/cuda/*/*.cu files (same plan and grid
+// functions, same kernels, the same choice of kernel path), and prints the path it took as one
+// line that the tests assert: "engine=mma|simt ..." (indexer), "path=mma|rowwise ..." (attention),
+// "select cand_cap=..." (top-k).
 #include "emu_cuda.h"
-// kernel headers (copied from csrc/cuda with tensor_core.cuh replaced by the emulated one)
-#include "indexer_backward_kernels.cuh"
-#include "indexer_logits_kernels.cuh"
-#include "indexer_topk_kernels.cuh"
-#include "select_rows.cuh"
-#include "sparse_attention_mma_bwd.cuh"
-#include "sparse_attention_mma_fwd.cuh"
-#include "sparse_attention_rowwise.cuh"
+// kernel headers (copied from csrc/cuda with cuda/common/tensor_core.cuh replaced by the emulated one)
+#include "cuda/attention/sparse_attention_mma_bwd.cuh"
+#include "cuda/attention/sparse_attention_mma_fwd.cuh"
+#include "cuda/attention/sparse_attention_rowwise.cuh"
+#include "cuda/indexer/indexer_backward_kernels.cuh"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_topk_kernels.cuh"
+#include "cuda/indexer/select_rows.cuh"
 
 #include <fstream>
+#include <initializer_list>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <utility>
 
 using namespace dsa;
 using namespace dsa::cuda::indexer;
@@ -93,8 +98,13 @@ Inputs read_indexer_inputs() {
   return in;
 }
 
-// Calls fn.template operator()<Tile>(params, vec16) like with_score_engine in indexer_cuda.h
-// (max_smem comes from the case so that the fallback is reachable).
+// The dynamic shared memory an indexer block may use, as dynamic_smem_limit in indexer_cuda.h
+// computes it from the block limit (the case's smem_limit: the device's, or DSA_EXT_CUDA_SMEM_LIMIT).
+int indexer_smem() { return static_cast<int>(geti("smem_limit")) - kStaticSmemReserve; }
+
+// Calls fn.template operator()<Tile>(params, vec16) with the engine with_score_engine in
+// indexer_cuda.h picks (the case's smem_limit makes the fallback reachable), and prints it:
+// "engine=mma|simt dtype=<input dtype> vec16=0|1 converted=0|1".
 template <class Fn>
 void with_engine(Inputs& in, const Fn& fn) {
   static std::unique_ptr<float[]> qf, kf;
@@ -102,20 +112,25 @@ void with_engine(Inputs& in, const Fn& fn) {
   static std::unique_ptr<__nv_bfloat16[]> qb, kb;
   static std::unique_ptr<__nv_fp8_e4m3[]> q8, k8;
   IndexerParams p = in.p;
-  const int max_smem = static_cast<int>(geti("max_smem"));
+  const int smem = indexer_smem();
   const int64_t q_off = geti("q_off"), k_off = geti("k_off");
+  const auto print = [&](const char* engine, bool vec16, bool converted) {
+    std::printf("engine=%s dtype=%s vec16=%d converted=%d\n", engine, in.dtype.c_str(), vec16 ? 1 : 0,
+                converted ? 1 : 0);
+  };
   if (in.dtype == "f32") {
     qf = exact_copy<float>(in.q_bytes), kf = exact_copy<float>(in.k_bytes);
     p.q = qf.get() + q_off, p.k = kf.get() + k_off;
+    print("simt", false, false);
     fn.template operator()<SimtTile>(p, false);
     return;
   }
   if (in.dtype == "e4m3") {  // an sm_89+ device (the e4m3 tensor cores)
     q8 = exact_copy<__nv_fp8_e4m3>(in.q_bytes), k8 = exact_copy<__nv_fp8_e4m3>(in.k_bytes);
     p.q = q8.get() + q_off, p.k = k8.get() + k_off;
-    if (mma_fits<__nv_fp8_e4m3>(p, max_smem)) {
+    if (mma_fits<__nv_fp8_e4m3>(p, smem)) {
       const bool vec16 = rows_16b_aligned(p, 1);
-      std::printf("engine mma e4m3 vec16=%d\n", vec16 ? 1 : 0);
+      print("mma", vec16, false);
       fn.template operator()<MmaTile<__nv_fp8_e4m3>>(p, vec16);
       return;
     }
@@ -129,9 +144,9 @@ void with_engine(Inputs& in, const Fn& fn) {
     qb = exact_copy<__nv_bfloat16>(in.q_bytes), kb = exact_copy<__nv_bfloat16>(in.k_bytes);
     p.q = qb.get() + q_off, p.k = kb.get() + k_off;
   }
-  if (mma_fits<__half>(p, max_smem)) {  // the same layout for both 16-bit types
+  if (mma_fits<__half>(p, smem)) {  // the same layout for both 16-bit types
     const bool vec16 = rows_16b_aligned(p, 2);
-    std::printf("engine mma vec16=%d\n", vec16 ? 1 : 0);
+    print("mma", vec16, false);
     if (in.dtype == "f16")
       fn.template operator()<MmaTile<__half>>(p, vec16);
     else
@@ -139,7 +154,7 @@ void with_engine(Inputs& in, const Fn& fn) {
     return;
   }
   // Fallback: contiguous float32 copies (the host code uses .to(kFloat)).
-  std::printf("engine simt (converted)\n");
+  print("simt", false, true);
   const auto to_float = [&](const void* base, int64_t rows, int64_t cols, auto row_off) {
     std::unique_ptr<float[]> out(new float[rows * cols]);
     for (int64_t r = 0; r < rows; ++r)
@@ -211,6 +226,7 @@ void run_topk_typed(const std::vector<uint8_t>& bytes) {
   const DenseRows<Elem> rows{static_cast<const Elem*>(p.logits), p.T, p.logits_batch_stride, p.logits_row_stride, static_cast<int>(p.S)};
   const int kk = static_cast<int>(std::min(p.topk, p.S));
   const int cand_cap = static_cast<int>(std::min<int64_t>(p.S, geti("cand_cap")));
+  std::printf("select cand_cap=%d\n", cand_cap);
   emu::launch(static_cast<unsigned>(p.B * p.T), kSelectThreads, cand_cap * sizeof(uint32_t),
               [&] { select_rows_kernel<DenseRows<Elem>>(rows, kk, p.topk, p.out, cand_cap); });
   write_file("out.bin", out.get(), B * T * k);
@@ -242,13 +258,13 @@ void run_backward_typed(Inputs& in) {
   std::unique_ptr<T[]> gq(new T[p.B * p.T * p.Hi * p.Di]), gk(new T[p.B * p.S * p.Di]);
   std::unique_ptr<float[]> gw(new float[p.B * p.T * p.Hi]);
   bp.grad_q = gq.get(), bp.grad_k = gk.get(), bp.grad_w = gw.get();
-  if (!bwd_mma_fits(p, static_cast<int>(geti("max_smem")))) {
+  if (!bwd_mma_fits(p, indexer_smem())) {  // the host takes the ATen path (test_float_backward.py)
     std::fprintf(stderr, "driver: backward case outside the tensor-core kernels\n");
     std::exit(3);
   }
   // as launch_mma_backward in indexer_logits_backward.cu
   const BwdLayout L = bwd_layout<T>(p, rows_16b_aligned(p, sizeof(T)));
-  std::printf("engine mma vec16=%d\n", L.vec16 ? 1 : 0);
+  std::printf("engine=mma dtype=%s vec16=%d converted=0\n", in.dtype.c_str(), L.vec16 ? 1 : 0);
   const IndexerBwdGrid grid = bwd_grid(p);
   emu::launch(static_cast<unsigned>(grid.dq_blocks), kThreads, L.bytes, [&] { indexer_dq_kernel<T>(bp, L, grid); });
   emu::launch(static_cast<unsigned>(grid.dk_blocks), kThreads, L.bytes, [&] { indexer_dk_kernel<T>(bp, L, grid); });
@@ -298,17 +314,44 @@ struct AttnCase {
     p.indices = idx.get();
   }
 
-  // The tensor-core block shape as sparse_attention.cu picks it; exits when there is none.
-  attn::MmaShape mma_shape(bool backward) const {
+  // Rows of a [n0, n1, n2, D] view at `base` ((size, element stride) of the first three dims)
+  // start 16-byte aligned: rows_aligned of sparse_attention.cu on the view.
+  static bool rows_aligned(const void* base, std::initializer_list<std::pair<int64_t, int64_t>> dims) {
+    if (reinterpret_cast<uintptr_t>(base) % 16 != 0) return false;
+    for (const auto& [size, stride] : dims)
+      if (size > 1 && stride * static_cast<int64_t>(sizeof(T)) % 16 != 0) return false;
+    return true;
+  }
+
+  // The kernels sparse_attention.cu launches for this case (tensor_core_shape): the tensor-core
+  // kernels for 16-bit inputs with head dims they take, 16-byte aligned rows of q, k, v (and of
+  // grad_out in the backward) and a block shape that fits in smem_limit; the row-wise kernels
+  // otherwise. Prints "path=mma rows=.. row_warps=.. col_warps=.. chunks=.. stages=.. pairs=.."
+  // or "path=rowwise"; returns the block shape of the tensor-core path.
+  std::optional<attn::MmaShape> kernel_path(const SparseAttentionBwdParams* bwd) const {
+    const bool backward = bwd != nullptr;
+    const int smem_limit = static_cast<int>(geti("smem_limit"));
     attn::MmaShape s;
-    if (!attn::choose_mma_shape(p, v_in_k, backward, static_cast<int>(geti("smem_limit")),
-                                static_cast<int>(geti("min_warps")), s)) {
-      std::fprintf(stderr, "driver: no tensor-core shape fits\n");
+    const bool mma =
+        sizeof(T) == 2 && attn::mma_head_dims(p) &&
+        rows_aligned(p.q, {{p.B, p.q_batch_stride}, {p.T, p.q_row_stride}, {p.H, p.q_head_stride}}) &&
+        rows_aligned(p.k, {{p.B, p.k_batch_stride}, {p.S, p.k_row_stride}, {p.Hkv, p.k_head_stride}}) &&
+        rows_aligned(p.v, {{p.B, p.v_batch_stride}, {p.S, p.v_row_stride}, {p.Hkv, p.v_head_stride}}) &&
+        (!backward ||
+         rows_aligned(bwd->grad_out, {{p.B, bwd->do_batch_stride}, {p.T, bwd->do_row_stride}, {p.H, bwd->do_head_stride}})) &&
+        attn::choose_mma_shape(p, v_in_k, backward, smem_limit, static_cast<int>(geti("min_warps")), s);
+    if (mma) {
+      std::printf("path=mma rows=%d row_warps=%d col_warps=%d chunks=%d stages=%d pairs=%d\n", s.rows, s.row_warps,
+                  s.col_warps, s.chunks, s.stages, s.pairs_per_warp);
+      return s;
+    }
+    using Acc = typename attn::rowwise::AccOf<T>::type;
+    if (attn::rowwise_smem_bytes(p, sizeof(Acc), backward) > smem_limit) {  // check_rowwise raises
+      std::fprintf(stderr, "driver: the row-wise kernels' rows do not fit in shared memory\n");
       std::exit(3);
     }
-    std::printf("%s shape rows=%d row_warps=%d col_warps=%d chunks=%d stages=%d pairs=%d\n",
-                backward ? "bwd" : "fwd", s.rows, s.row_warps, s.col_warps, s.chunks, s.stages, s.pairs_per_warp);
-    return s;
+    std::printf("path=rowwise\n");
+    return std::nullopt;
   }
 };
 
@@ -323,15 +366,15 @@ void run_attention_forward_typed() {
   std::unique_ptr<Acc[]> lse(new Acc[p.B * p.T * p.H]);
   p.out = out.get();
   p.lse = lse.get();
-  if (get("path") == "mma") {
+  if (const auto shape = c.kernel_path(nullptr)) {
     if constexpr (sizeof(T) == 2) {
-      const attn::MmaShape s = c.mma_shape(false);
+      const attn::MmaShape s = *shape;
       const attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
       emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
                   attn::smem_layout(s, false).bytes, [&] { attn::sparse_attention_fwd_mma_kernel<T>(a); });
     }
   } else {
-    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+    emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,
                 attn::rowwise_smem_bytes(p, sizeof(Acc), false), [&] { attn::rowwise::rowwise_fwd_kernel<T>(p); });
   }
   write_file("out.bin", out.get(), p.B * p.T * p.H * p.Dv);
@@ -359,11 +402,11 @@ void run_attention_backward_typed() {
   bp.grad_q = dq.get();
   const int64_t nk = p.B * p.S * p.Hkv * p.Dqk, nv = p.B * p.S * p.Hkv * p.Dv;
   std::unique_ptr<Acc[]> dk(new Acc[nk]()), dv(new Acc[nv]()), delta(new Acc[p.B * p.T * p.H]);
-  emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32, 0,
+  emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32, 0,
               [&] { attn::rowwise::delta_kernel<T>(bp, delta.get()); });
-  if (get("path") == "mma") {
+  if (const auto shape = c.kernel_path(&bp)) {
     if constexpr (sizeof(T) == 2) {
-      const attn::MmaShape s = c.mma_shape(true);
+      const attn::MmaShape s = *shape;
       const attn::BwdArgs a{bp, s, static_cast<float>(p.scale) * kLog2eF, delta.get(),
                             attn::KeyGradOut{dk.get(), dv.get(), nullptr, nullptr}};
       emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
@@ -371,7 +414,7 @@ void run_attention_backward_typed() {
     }
   } else {
     const attn::SimpleBwdArgs a{bp, delta.get(), attn::KeyGradOut{dk.get(), dv.get(), nullptr, nullptr}};
-    emu::launch(static_cast<unsigned>(attn::rowwise::row_blocks(p)), attn::kRowwiseWarps * 32,
+    emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,
                 attn::rowwise_smem_bytes(p, sizeof(Acc), true), [&] { attn::rowwise::rowwise_bwd_kernel<T>(a); });
   }
   write_file("grad_q.bin", dq.get(), p.B * p.T * p.H * p.Dqk);

@@ -1,5 +1,5 @@
 // A small CPU emulation of the CUDA execution model, enough to run the kernels of
-// csrc/cuda/*.cuh on a machine without a GPU (tests/cuda_emulation/run_emulation.py).
+// csrc/cuda/*/*.cuh on a machine without a GPU (tests/cuda_emulation/emulator.py).
 //
 // One block runs at a time; each of its threads is a std::thread. __syncthreads is a barrier
 // of the block, warp intrinsics (shuffles, ballot) meet at a barrier of the warp and exchange

@@ -1,4 +1,4 @@
-// Emulated replacement of csrc/cuda/tensor_core.cuh (same names and signatures), written from
+// Emulated replacement of csrc/cuda/common/tensor_core.cuh (same names and signatures), written from
 // the PTX ISA fragment layouts, independently of how the kernels use them:
 //   ldmatrix .m8n8 .x4: lanes 8i..8i+7 give the 8 row addresses (16 bytes each, 16-byte
 //     aligned) of matrix i; lane l receives in r[i] the row l/4, columns 2(l%4), 2(l%4)+1 of

@@ -1,8 +1,10 @@
 """Build and run the CUDA kernels of csrc/cuda on the CPU emulator (emu_cuda.h).
 
-`build()` copies the kernel headers (.cuh, .h) into a scratch directory, swaps tensor_core.cuh for the
-emulated one and turns `extern __shared__` arrays into the emulator's per-block buffer, then
-compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
+`build()` copies the headers (.cuh, .h) of csrc/cuda into a scratch directory, keeping their paths
+under cuda/ (the sources include each other as "cuda/<family>/<file>", relative to csrc/, so with
+the scratch directory first on the include path every such include finds the copy), swaps
+cuda/common/tensor_core.cuh for the emulated one and turns `extern __shared__` arrays into the
+emulator's per-block buffer, then compiles driver.cpp with AddressSanitizer and UBSan. `run(op, meta, tensors)` writes one case,
 runs the driver and returns its outputs as torch tensors.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CSRC = os.path.join(ROOT, "csrc")
 CUDA_SRC = os.path.join(CSRC, "cuda")
+TENSOR_CORE = "cuda/common/tensor_core.cuh"  # replaced by emu_tensor_core.cuh
 BUILD = os.path.join(tempfile.gettempdir(), "dsa_ext_cuda_emulation")
 
 _EXTERN_SHARED = re.compile(r"extern __shared__ (?:__align__\(\d+\) )?(\w+) (\w+)\[\];")
@@ -30,12 +33,15 @@ _DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16, "
 
 
 def _sources() -> dict[str, str]:
+    """Scratch-directory path (relative, "/"-separated) -> text of every file the emulator builds from."""
     out = {}
-    for name in sorted(os.listdir(CUDA_SRC)):
-        if name.endswith((".cuh", ".h")) and name != "tensor_core.cuh":
-            text = open(os.path.join(CUDA_SRC, name)).read()
-            out[name] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
-    out["tensor_core.cuh"] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
+    for folder, _, files in os.walk(CUDA_SRC):
+        for name in files:
+            path = os.path.relpath(os.path.join(folder, name), CSRC).replace(os.sep, "/")
+            if name.endswith((".cuh", ".h")) and path != TENSOR_CORE:
+                text = open(os.path.join(folder, name)).read()
+                out[path] = _EXTERN_SHARED.sub(r"\1* \2 = emu::dynamic_smem<\1>();", text)
+    out[TENSOR_CORE] = open(os.path.join(HERE, "emu_tensor_core.cuh")).read()
     for name in ("emu_cuda.h", "driver.cpp"):
         out[name] = open(os.path.join(HERE, name)).read()
     return out
@@ -62,7 +68,9 @@ def source_dir(tag: str = "") -> tuple[str, str]:
     src_dir = os.path.join(BUILD, f"src-{digest}")
     os.makedirs(src_dir, exist_ok=True)
     for name, text in srcs.items():
-        with open(os.path.join(src_dir, name), "w") as f:
+        path = os.path.join(src_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
             f.write(text)
     return src_dir, digest
 
@@ -120,6 +128,14 @@ def run(meta: dict, tensors: dict[str, torch.Tensor], outputs: dict[str, tuple],
                 for stem, (dt, shape) in outputs.items()}, proc.stdout
 
 
+def launched(log: str, key: str) -> str:
+    """The line of the driver's output that says which kernels it launched, the one starting with
+    `key` ("engine=" for the indexer, "path=" for sparse_attention, "select " for top-k)."""
+    lines = [line for line in log.splitlines() if line.startswith(key)]
+    assert len(lines) == 1, f"expected one {key!r} line in the driver's output:\n{log}"
+    return lines[0]
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
@@ -131,15 +147,16 @@ def storage_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float, causal: bool,
-                 max_smem: int = 227 * 1024, k_scale: torch.Tensor | None = None) -> tuple[dict, dict]:
+                 smem_limit: int = 227 * 1024, k_scale: torch.Tensor | None = None) -> tuple[dict, dict]:
     """meta and tensors of an indexer call (q and k may be strided views; k_scale [B, S] float32
-    for float8_e4m3fn inputs)."""
+    for float8_e4m3fn inputs). smem_limit: a block's shared memory, as the device (an H100/H200:
+    227 KiB) or DSA_EXT_CUDA_SMEM_LIMIT gives it to the host code."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
     B, T, Hi, Di = q.shape
     meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=k.shape[1], Hi=Hi, Di=Di,
                 q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2), k_batch_stride=k.stride(0), k_row_stride=k.stride(1),
-                q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), max_smem=max_smem,
+                q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), smem_limit=smem_limit,
                 k_scale=k_scale is not None)
     tensors = {"q": qs, "k": ks, "w": w.float().contiguous()}
     if k_scale is not None:
@@ -148,8 +165,10 @@ def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
 
 
 def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
-                   path: str, smem_limit: int = 227 * 1024, min_warps: int = 4) -> tuple[dict, dict]:
-    """meta and tensors of a sparse_attention call; v may be a view of k's storage (MLA)."""
+                   smem_limit: int = 227 * 1024, min_warps: int = 4) -> tuple[dict, dict]:
+    """meta and tensors of a sparse_attention call; v may be a view of k's storage (MLA). The
+    driver picks the kernels as sparse_attention.cu does (smem_limit, min_warps: what the device
+    or DSA_EXT_CUDA_SMEM_LIMIT / DSA_EXT_CUDA_MIN_WARPS give the host code)."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
     v_in_k = v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
@@ -161,7 +180,7 @@ def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
                 q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2), k_batch_stride=k.stride(0), k_row_stride=k.stride(1),
                 k_head_stride=k.stride(2), v_batch_stride=v.stride(0), v_row_stride=v.stride(1), v_head_stride=v.stride(2), idx_batch_stride=idx.stride(0),
                 idx_row_stride=idx.stride(1), idx_head_stride=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
-                v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), path=path, smem_limit=smem_limit,
+                v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), smem_limit=smem_limit,
                 min_warps=min_warps)
     tensors = {"q": qs, "k": ks, "idx": idx.view(-1)}
     if not v_in_k:

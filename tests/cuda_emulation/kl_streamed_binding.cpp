@@ -1,16 +1,16 @@
 // Exposes the streamed indexer KL loss of the CUDA backend (device-agnostic ATen code,
-// csrc/cuda/indexer_kl_loss_streamed.h) to Python, so that test_kl_streamed.py can run it on CPU
+// csrc/aten/indexer_kl_loss_streamed.h) to Python, so that test_kl_streamed.py can run it on CPU
 // tensors against the CPU kernel and the reference.
 #include <torch/extension.h>
 
-#include "cuda/indexer_kl_loss_streamed.h"
+#include "aten/indexer_kl_loss_streamed.h"
 
 std::vector<at::Tensor> kl_forward(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                    const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& indices,
                                    double idx_scale, double attn_scale, bool causal,
                                    const std::optional<at::Tensor>& attn_lse, int64_t budget, int64_t block_keys) {
   auto c = dsa::prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
-  dsa::cuda::indexer::indexer_kl_loss_streamed(c, budget, block_keys);
+  dsa::aten::indexer_kl_loss_streamed(c, budget, block_keys);
   return {c.loss, c.idx_lse, c.attn_lse};
 }
 
@@ -21,7 +21,7 @@ std::vector<at::Tensor> kl_backward(const at::Tensor& grad_loss, const at::Tenso
                                     int64_t budget, int64_t block_keys) {
   auto c = dsa::prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse,
                                                  idx_scale, attn_scale, causal);
-  dsa::cuda::indexer::indexer_kl_loss_backward_streamed(c, budget, block_keys);
+  dsa::aten::indexer_kl_loss_backward_streamed(c, budget, block_keys);
   return {c.grad_q_idx, c.grad_k_idx, dsa::finish_grad_w(c.grad_w, w)};
 }
 

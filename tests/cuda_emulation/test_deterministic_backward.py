@@ -1,5 +1,5 @@
 """The deterministic sparse_attention backward of the CUDA backend (used under
-torch.use_deterministic_algorithms): its host code (csrc/cuda/sparse_attention_deterministic.h:
+torch.use_deterministic_algorithms): its host code (csrc/cuda/attention/sparse_attention_deterministic.h:
 token slices, contribution rows, ordered sums) driving the emulated kernels, on CPU tensors.
 
 Checks: gradients against the float64 reference (bfloat16/float16 within twice the reference's own

@@ -1,8 +1,9 @@
 """The CUDA sparse_attention kernels (tensor-core forward/backward, row-wise forward/backward,
 the backward's delta) run from their source on the CPU emulator, against the float64 reference.
 
-The launch code mirrors sparse_attention.cu (driver.cpp), including its block-shape choice
-(choose_mma_shape, shared with the host code). Errors of the bfloat16/float16 paths are bounded by
+The launch code mirrors sparse_attention.cu (driver.cpp), including its choice of kernels
+(dtype, head dims, row alignment, and the block shape of choose_mma_shape, shared with the host
+code); every case asserts the path it took. Errors of the bfloat16/float16 paths are bounded by
 twice the error of the reference computed in that precision (flash-attention's rule); the
 float32 row-wise path by float32 rounding.
 """
@@ -42,8 +43,8 @@ def make_case(B, T, S, H, Hkv, Dqk, Dv, K, dtype, seed, v_in_k=False, per_head=F
     return q, k, v, idx.to(torch.int32)
 
 
-def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024, min_warps=4):
-    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit, min_warps)
+def emulate_forward(q, k, v, idx, scale, smem_limit=227 * 1024, min_warps=4):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, smem_limit, min_warps)
     meta["op"] = "attn_fwd"
     B, T, H = q.shape[:3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -51,8 +52,8 @@ def emulate_forward(q, k, v, idx, scale, path, smem_limit=227 * 1024, min_warps=
     return got["out"], got["lse"], log
 
 
-def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit=227 * 1024, min_warps=4):
-    meta, tensors = emulator.attention_case(q, k, v, idx, scale, path, smem_limit, min_warps)
+def emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, smem_limit=227 * 1024, min_warps=4):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, smem_limit, min_warps)
     meta.update(op="attn_bwd", grad_lse=glse is not None, do_batch_stride=dout.stride(0), do_row_stride=dout.stride(1),
                 do_head_stride=dout.stride(2))
     tensors.update(out=out, lse=lse, dout=dout)
@@ -89,11 +90,18 @@ def assert_within(got, ref64, ref_low, name, factor=2.0, atol=1e-5):
     assert err <= factor * ref_err + atol, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e}"
 
 
+def assert_path(log, path, expect=None):
+    """The driver launched the `path` kernels ("mma" or "rowwise"), with `expect` in the line that
+    says so (the block shape, for "mma")."""
+    line = emulator.launched(log, "path=")
+    assert line.split()[0] == f"path={path}", line
+    assert expect is None or expect in line, line
+
+
 def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None, min_warps=4):
     scale = q.shape[-1] ** -0.5
-    out, lse, log = emulate_forward(q, k, v, idx, scale, path, smem_limit, min_warps)
-    if expect:
-        assert expect in log, log
+    out, lse, log = emulate_forward(q, k, v, idx, scale, smem_limit, min_warps)
+    assert_path(log, path, expect)
     ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
     low_out, low_lse = reference.sparse_attention(q, k, v, idx, scale, return_lse=True, upcast=False)
     empty = torch.isneginf(ref_lse)
@@ -105,9 +113,8 @@ def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=
     g = gen(99)
     dout = torch.randn(out.shape, generator=g).to(q.dtype)
     glse = torch.randn(lse.shape, generator=g).float() if with_grad_lse else None
-    dq, dk, dv, blog = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, path, smem_limit, min_warps)
-    if expect:
-        assert expect in blog, blog
+    dq, dk, dv, blog = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, smem_limit, min_warps)
+    assert_path(blog, path, expect)
     _, _, rq, rk, rv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=True)
     _, _, lq, lk, lv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=False)
     assert torch.isfinite(dq.double()).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
@@ -164,21 +171,40 @@ def test_mma_one_stage_when_shared_memory_is_small():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_rowwise_float32_odd_dims():
-    q, k, v, idx = make_case(2, 3, 17, 4, 2, 20, 12, 7, torch.float32, seed=5)
-    scale = 20 ** -0.5
-    out, lse, _ = emulate_forward(q, k, v, idx, scale, "rowwise")
+@pytest.mark.parametrize("Dqk,Dv", [(20, 12), (32, 16)])
+def test_rowwise_float32(Dqk, Dv):
+    # float32 takes the row-wise kernels whatever the head dims: odd ones (lanes past the row's
+    # end) and multiples of 8, which 16-bit inputs would take to the tensor cores
+    q, k, v, idx = make_case(2, 3, 17, 4, 2, Dqk, Dv, 7, torch.float32, seed=5)
+    scale = Dqk ** -0.5
+    out, lse, log = emulate_forward(q, k, v, idx, scale)
+    assert_path(log, "rowwise")
     ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-6)
     empty = torch.isneginf(ref_lse)
     assert torch.equal(torch.isneginf(lse), empty)
     torch.testing.assert_close(lse[~empty].double(), ref_lse[~empty], rtol=1e-5, atol=1e-6)
     dout, glse = torch.randn_like(out), torch.randn_like(lse)
-    dq, dk, dv, _ = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse, "rowwise")
+    dq, dk, dv, blog = emulate_backward(q, k, v, idx, scale, out, lse, dout, glse)
+    assert_path(blog, "rowwise")
     _, _, rq, rk, rv = reference_grads(q, k, v, idx, scale, dout, glse, upcast=True)
     for got, want, name in ((dq, rq, "grad_q"), (dk, rk, "grad_k"), (dv, rv, "grad_v")):
         torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_rowwise_bfloat16():
-    check(*make_case(1, 3, 21, 4, 1, 24, 16, 9, torch.bfloat16, seed=6), "rowwise")
+def test_rowwise_bfloat16_odd_head_dims():
+    # head dims that are not multiples of 8: no 16-byte row pieces for the tensor cores
+    check(*make_case(1, 3, 21, 4, 1, 20, 12, 9, torch.bfloat16, seed=6), "rowwise")
+
+
+def test_rowwise_bfloat16_misaligned_rows():
+    # q a view one element into its storage: its rows are not 16-byte aligned
+    q, k, v, idx = make_case(1, 3, 21, 4, 1, 24, 16, 9, torch.bfloat16, seed=7)
+    wide = torch.zeros(*q.shape[:3], q.shape[3] + 1, dtype=q.dtype)
+    wide[..., 1:] = q
+    check(wide[..., 1:], k, v, idx, "rowwise")
+
+
+def test_rowwise_float16_when_no_tile_fits():
+    # D = 128 under an 8 KiB limit: no tensor-core block fits, the row-wise rows do
+    check(*make_case(1, 2, 30, 4, 1, 128, 128, 16, torch.float16, seed=9), "rowwise", smem_limit=8 * 1024)

@@ -3,7 +3,9 @@ float64 reference. Slow (the emulator runs every GPU thread as an OS thread, und
 AddressSanitizer); run with `pytest tests/cuda_emulation -m emulation`.
 
 What this checks: indexing, masking, fragment layouts (from the PTX spec), tie handling,
-out-of-bounds accesses (ASan), reads of never-written shared memory (filled with NaN bytes).
+out-of-bounds accesses (ASan), reads of never-written shared memory (filled with NaN bytes), and
+that each case takes the kernel path the host code would (the driver mirrors its choice and
+prints it; emulator.launched).
 What it cannot check: races the barriers do not order, cp.async timing, performance.
 """
 import os
@@ -36,7 +38,9 @@ def emulated_topk(logits, k, cand_cap=8192):
     assert off == 0
     meta = dict(op="topk", dtype=emulator.dtype_name(logits.dtype), B=B, T=T, S=S, k=k,
                 logits_batch_stride=logits.stride(0), logits_row_stride=logits.stride(1), cand_cap=cand_cap)
-    out, _ = emulator.run(meta, {"logits": flat}, {"out": (torch.int32, (B, T, k))})
+    out, log = emulator.run(meta, {"logits": flat}, {"out": (torch.int32, (B, T, k))})
+    # shared-memory candidates: as many as the row has, at most cand_cap (0: every pass reads the row)
+    assert emulator.launched(log, "select ") == f"select cand_cap={min(S, cand_cap)}", log
     return out["out"]
 
 
@@ -90,19 +94,24 @@ def indexer_inputs(B, T, S, Hi, Di, dtype, seed, strided=False, quantized=False)
     return q, k, w
 
 
-def emulated_logits(q, k, w, scale, causal, max_smem=227 * 1024, k_scale=None):
-    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, max_smem, k_scale)
+def emulated_logits(q, k, w, scale, causal, smem_limit=227 * 1024, k_scale=None):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, smem_limit, k_scale)
     meta["op"] = "logits"
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     out, log = emulator.run(meta, tensors, {"out": (torch.float32, (B, T, S))})
     return out["out"], log
 
 
-def check_logits(q, k, w, causal, max_smem=227 * 1024, expect_engine=None, k_scale=None):
+def engine(dtype, mma, vec16=False, converted=False):
+    """The driver's line for the score engine it ran (with_score_engine's choice)."""
+    return (f"engine={'mma' if mma else 'simt'} dtype={emulator.dtype_name(dtype)} vec16={int(vec16)} "
+            f"converted={int(converted)}")
+
+
+def check_logits(q, k, w, causal, expect_engine, smem_limit=227 * 1024, k_scale=None):
     scale = (q.shape[2] * q.shape[3]) ** -0.5
-    got, log = emulated_logits(q, k, w, scale, causal, max_smem, k_scale)
-    if expect_engine:
-        assert expect_engine in log, log
+    got, log = emulated_logits(q, k, w, scale, causal, smem_limit, k_scale)
+    assert emulator.launched(log, "engine=") == expect_engine, log
     ks = None if k_scale is None else k_scale.double()
     ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal, k_scale=ks)
     masked = torch.isinf(ref)
@@ -119,26 +128,28 @@ def check_logits(q, k, w, causal, max_smem=227 * 1024, expect_engine=None, k_sca
 @pytest.mark.parametrize("Hi,Di", [(8, 64), (20, 24), (72, 32), (1, 16)])
 def test_logits_mma(dtype, Hi, Di):
     q, k, w = indexer_inputs(2, 5, 77, Hi, Di, dtype, seed=Hi + Di)
-    check_logits(q, k, w, causal=True, expect_engine="engine mma vec16=1")
+    check_logits(q, k, w, causal=True, expect_engine=engine(dtype, mma=True, vec16=True))
 
 
 def test_logits_mma_unaligned_rows():
     q, k, w = indexer_inputs(1, 3, 130, 16, 17, torch.bfloat16, seed=3, strided=True)
-    check_logits(q, k, w, causal=False, expect_engine="engine mma vec16=0")
+    check_logits(q, k, w, causal=False, expect_engine=engine(torch.bfloat16, mma=True, vec16=False))
     q, k, w = indexer_inputs(1, 4, 70, 16, 32, torch.float16, seed=4, strided=True)  # offset rows
-    check_logits(q, k, w, causal=True, expect_engine="engine mma vec16=0")
+    check_logits(q, k, w, causal=True, expect_engine=engine(torch.float16, mma=True, vec16=False))
 
 
 def test_logits_simt_float32():
     q, k, w = indexer_inputs(2, 3, 70, 20, 70, torch.float32, seed=5)
-    check_logits(q, k, w, causal=True)
+    check_logits(q, k, w, causal=True, expect_engine=engine(torch.float32, mma=False))
     q, k, w = indexer_inputs(1, 4, 9, 3, 5, torch.float32, seed=6, strided=True)
-    check_logits(q, k, w, causal=False)
+    check_logits(q, k, w, causal=False, expect_engine=engine(torch.float32, mma=False))
 
 
 def test_logits_fallback_when_smem_too_small():
+    # under DSA_EXT_CUDA_SMEM_LIMIT=8192 the tiles do not fit: float32 copies on the CUDA cores
     q, k, w = indexer_inputs(1, 3, 40, 16, 32, torch.bfloat16, seed=7)
-    check_logits(q, k, w, causal=True, max_smem=1024, expect_engine="engine simt (converted)")
+    check_logits(q, k, w, causal=True, smem_limit=8192,
+                 expect_engine=engine(torch.bfloat16, mma=False, converted=True))
 
 
 def fp8_indexer_inputs(B, T, S, Hi, Di, seed, strided=False):
@@ -154,19 +165,20 @@ def fp8_indexer_inputs(B, T, S, Hi, Di, seed, strided=False):
 @pytest.mark.parametrize("Hi,Di", [(8, 64), (20, 32), (3, 128), (16, 24)])
 def test_logits_mma_e4m3(Hi, Di):
     q8, k8, ws, ks = fp8_indexer_inputs(2, 5, 77, Hi, Di, seed=Hi * Di)
-    engine = "engine mma e4m3 vec16=" + ("1" if Di % 16 == 0 else "0")
-    check_logits(q8, k8, ws, causal=True, expect_engine=engine, k_scale=ks)
+    expect = engine(torch.float8_e4m3fn, mma=True, vec16=Di % 16 == 0)
+    check_logits(q8, k8, ws, causal=True, expect_engine=expect, k_scale=ks)
 
 
 def test_logits_mma_e4m3_strided():
     q8, k8, ws, ks = fp8_indexer_inputs(1, 4, 70, 16, 32, seed=12, strided=True)
-    check_logits(q8, k8, ws, causal=False, expect_engine="engine mma e4m3 vec16=0", k_scale=ks)
+    check_logits(q8, k8, ws, causal=False, expect_engine=engine(torch.float8_e4m3fn, mma=True, vec16=False),
+                 k_scale=ks)
 
 
 def test_logits_long_prefix_chunks():
     # S > 512 keys: several key chunks per query tile, the masked part filled with -inf
     q, k, w = indexer_inputs(1, 7, 1100, 16, 16, torch.bfloat16, seed=8)
-    check_logits(q, k, w, causal=True)
+    check_logits(q, k, w, causal=True, expect_engine=engine(torch.bfloat16, mma=True, vec16=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +207,8 @@ def test_indexer_topk_equals_unfused_with_ties(dtype, topk, sm_count, budget):
     scale = 0.125
     for causal in (True, False):
         got, log = emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count, budget)
+        mma = dtype != torch.float32  # float32: the CUDA-core engine
+        assert emulator.launched(log, "engine=") == engine(dtype, mma=mma, vec16=mma), log
         logits, _ = emulated_logits(q, k, w, scale, causal)
         assert torch.equal(got, reference.topk_indices(logits, topk)), (causal, log)
         # and the set is right for the exact scores (integer inputs: fp32 is exact)
@@ -207,6 +221,7 @@ def test_indexer_topk_e4m3_equals_unfused():
     meta, tensors = emulator.indexer_case(q8, k8, ws, 0.125, True, k_scale=ks)
     meta.update(op="indexer_topk", k=40, sm_count=1, budget=256 << 20)
     got, log = emulator.run(meta, tensors, {"out": (torch.int32, (1, 6, 40))})
+    assert emulator.launched(log, "engine=") == engine(torch.float8_e4m3fn, mma=True, vec16=True), log
     logits, _ = emulated_logits(q8, k8, ws, 0.125, True, k_scale=ks)
     assert torch.equal(got["out"], reference.topk_indices(logits, 40)), log
 
@@ -216,6 +231,7 @@ def test_indexer_topk_splits_need_many_keys():
     q, k, w = indexer_inputs(1, 2, 8300, 1, 16, torch.bfloat16, seed=11, quantized=True)
     got, log = emulated_indexer_topk(q, k, w, 100, 0.5, True, sm_count=64)
     assert "splits=2" in log, log
+    assert emulator.launched(log, "engine=") == engine(torch.bfloat16, mma=True, vec16=True), log
     ref = reference.indexer_topk(q.double(), k.double(), w.double(), 100, 0.5, True)
     assert torch.equal(got, ref)
 
@@ -252,6 +268,7 @@ def test_backward(dtype, B, T, S, Hi, Di, causal):
     if causal:  # masked positions hold garbage that must be ignored
         grad.masked_fill_(~reference.causal_mask(T, S), float("nan"))
     gq, gk, gw, log = emulated_backward(grad, q, k, w, scale, causal)
+    assert emulator.launched(log, "engine=") == engine(dtype, mma=True, vec16=Di * 2 % 16 == 0), log
     qd, kd, wd = (x.double().requires_grad_() for x in (q, k, w))
     ref = reference.indexer_logits(qd, kd, wd, scale, causal)
     ref.backward(torch.where(torch.isinf(ref), 0.0, grad.double()))

@@ -1,4 +1,4 @@
-"""The float32 path of the CUDA indexer_logits_backward (csrc/cuda/indexer_backward_float.h,
+"""The float32 path of the CUDA indexer_logits_backward (csrc/aten/indexer_backward_float.h,
 plain ATen code) run on CPU tensors against the float64 reference, in one chunk of queries and
 in chunks of one query (tiny budget)."""
 import os

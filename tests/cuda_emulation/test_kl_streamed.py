@@ -1,4 +1,4 @@
-"""The CUDA backend's streamed indexer_kl_loss (csrc/cuda/indexer_kl_loss_streamed.h, plain
+"""The CUDA backend's streamed indexer_kl_loss (csrc/aten/indexer_kl_loss_streamed.h, plain
 ATen code) run on CPU tensors, against the CPU kernel of the same op and the float64
 reference: dense (causal or not) and sparse forms, duplicates and -1 holes, a given attn_lse,
 empty rows, several query chunks and key blocks."""

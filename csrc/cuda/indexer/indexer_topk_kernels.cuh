@@ -18,10 +18,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "indexer_logits_kernels.cuh"
-#include "indexer_tile.cuh"
-#include "radix_select.cuh"
-#include "select_rows.cuh"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_tile.cuh"
+#include "cuda/indexer/radix_select.cuh"
+#include "cuda/indexer/select_rows.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -11,8 +11,8 @@
 
 #include <cstdint>
 
-#include "device_types.cuh"
-#include "radix_select.cuh"
+#include "cuda/common/device_types.cuh"
+#include "cuda/indexer/radix_select.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_kernels.h"
 
 namespace dsa {
 namespace cuda {
@@ -228,8 +228,6 @@ __global__ void __launch_bounds__(kRowwiseWarps * 32)
   sum = warp_sum(sum);
   if (lane == 0) delta[r.row] = sum - (a.grad_lse != nullptr ? static_cast<const Acc*>(a.grad_lse)[r.row] : Acc(0));
 }
-
-inline int64_t row_blocks(const SparseAttentionParams& p) { return (p.B * p.T * p.H + kRowwiseWarps - 1) / kRowwiseWarps; }
 
 }  // namespace rowwise
 }  // namespace cuda

@@ -1,4 +1,5 @@
-// indexer_kl_loss and its backward for the CUDA backend, streamed: query chunks of tc rows meet
+// indexer_kl_loss and its backward in ATen operations, for the CUDA backend
+// (cuda/indexer/indexer_kl_loss.cu), streamed: query chunks of tc rows meet
 // key blocks of n keys (dense: consecutive keys; sparse: n slots of each row's index list,
 // gathered), and only per-row statistics survive a block, as in the CPU kernel
 // (csrc/cpu/indexer_kl_loss.cpp): extra memory is O(B*T*(H+Hi)) plus one block's temporaries,
@@ -27,8 +28,7 @@
 #include "host.h"
 
 namespace dsa {
-namespace cuda {
-namespace indexer {
+namespace aten {
 
 constexpr int64_t kKlBudget = int64_t{256} << 20;  // bytes of one block's temporaries
 constexpr int64_t kKlBlockKeys = 512;               // keys (or index slots) per block at most
@@ -267,6 +267,5 @@ inline void indexer_kl_loss_backward_streamed(const IndexerKlLossBwdCall& c, int
   c.grad_k_idx.copy_(dk);
 }
 
-}  // namespace indexer
-}  // namespace cuda
+}  // namespace aten
 }  // namespace dsa

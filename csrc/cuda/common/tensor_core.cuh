@@ -86,7 +86,7 @@ struct Mma<__half> {
 // e4m3 x e4m3 -> float32, m16n8k32. Its fragments are those of m16n8k16 with every 16-bit slot
 // holding two consecutive e4m3 values along k (a0: row grp, k = 4quad..4quad+3; a2: k + 16; b0:
 // k = 4quad..4quad+3, n = grp; b1: k + 16), so the same ldmatrix addressing loads them when
-// columns are counted in pairs of e4m3 (kPack in indexer_tile.cuh).
+// columns are counted in pairs of e4m3 (kPack in cuda/indexer/indexer_tile.cuh).
 template <>
 struct Mma<__nv_fp8_e4m3> {
   static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -97,7 +97,7 @@ struct Mma<__nv_fp8_e4m3> {
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #else
-    __trap();  // never launched: the host checks the kernel's binary version first (indexer_cuda.h)
+    __trap();  // never launched: the host checks the kernel's binary version first (cuda/indexer/indexer_cuda.h)
 #endif
   }
 };

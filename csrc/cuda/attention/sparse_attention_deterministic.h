@@ -13,7 +13,7 @@
 #include <cstdint>
 
 #include "host.h"
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_kernels.h"
 
 namespace dsa {
 namespace cuda {

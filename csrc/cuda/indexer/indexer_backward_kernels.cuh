@@ -17,8 +17,8 @@
 
 #include <cstdint>
 
-#include "indexer_logits_kernels.cuh"
-#include "indexer_tile.cuh"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_tile.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -1,8 +1,9 @@
-// The simple path of the CUDA indexer_logits_backward: float32 inputs, and bfloat16/float16
-// shapes beyond the tensor-core kernels. The formulas of indexer_backward_kernels.cuh in
-// float32 with ATen batched GEMMs over chunks of queries, so that at most kFloatPathBudget
-// bytes of [.., Hi, S] temporaries exist at a time. Device-agnostic ATen code (the emulation
-// tests run it on CPU tensors); deterministic. TF32 follows torch's global matmul setting.
+// indexer_logits_backward in float32 ATen operations: the simple path of the CUDA backend
+// (cuda/indexer/indexer_logits_backward.cu) for float32 inputs and for bfloat16/float16 shapes
+// beyond the tensor-core kernels. The formulas of cuda/indexer/indexer_backward_kernels.cuh with
+// ATen batched GEMMs over chunks of queries, so that at most kFloatPathBudget bytes of [.., Hi, S]
+// temporaries exist at a time. Device-agnostic (no CUDA of its own: the emulation tests run it on
+// CPU tensors); deterministic. TF32 follows torch's global matmul setting.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -12,8 +13,7 @@
 #include "host.h"
 
 namespace dsa {
-namespace cuda {
-namespace indexer {
+namespace aten {
 
 constexpr int64_t kFloatPathBudget = int64_t{256} << 20;
 
@@ -47,6 +47,5 @@ inline void indexer_backward_float32(const IndexerLogitsBwdCall& c, int64_t budg
   c.grad_k.copy_(dk);
 }
 
-}  // namespace indexer
-}  // namespace cuda
+}  // namespace aten
 }  // namespace dsa

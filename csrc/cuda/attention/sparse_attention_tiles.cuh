@@ -4,8 +4,8 @@
 // an index that was checked to lie in [0, S); anything else becomes a zero-filled row.
 #pragma once
 
-#include "sparse_attention_kernels.h"
-#include "tensor_core.cuh"
+#include "cuda/attention/sparse_attention_kernels.h"
+#include "cuda/common/tensor_core.cuh"
 
 namespace dsa {
 namespace cuda {

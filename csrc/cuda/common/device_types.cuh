@@ -1,4 +1,5 @@
-// Conversions between float and the CUDA element types the indexer kernels read.
+// Conversions between float and the CUDA element types a kernel reads or writes (float, __half,
+// __nv_bfloat16, __nv_fp8_e4m3); the indexer and top-k kernels use them.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,7 +8,6 @@
 
 namespace dsa {
 namespace cuda {
-namespace indexer {
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -24,6 +24,5 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __nv_fp8_e4m3 from_float<__nv_fp8_e4m3>(float x) { return __nv_fp8_e4m3(x); }
 
-}  // namespace indexer
 }  // namespace cuda
 }  // namespace dsa

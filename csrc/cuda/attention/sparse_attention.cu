@@ -9,7 +9,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -24,8 +23,10 @@
 
 #include "checks.h"
 #include "host.h"
-#include "sparse_attention_deterministic.h"
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_deterministic.h"
+#include "cuda/attention/sparse_attention_kernels.h"
+#include "cuda/common/dispatch.h"
+#include "cuda/common/launch.h"
 
 namespace dsa {
 namespace cuda {
@@ -33,27 +34,10 @@ namespace {
 
 constexpr double kLog2e = 1.4426950408889634;
 
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kHalf;
-    case at::kFloat: return ElemType::kFloat;
-    case at::kDouble: return ElemType::kDouble;
-    default: TORCH_CHECK(false, "dsa.sparse_attention: no CUDA kernel for dtype ", t);
-  }
-}
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Shared memory a block may use on the current device (after opting in). The environment
-// variable DSA_EXT_CUDA_SMEM_LIMIT (bytes) lowers it, so that the tests can run on one GPU the
-// block shapes that GPUs with less shared memory get (one stage, fewer rows per block).
-int smem_opt_in() {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device()));
-  if (const char* cap = std::getenv("DSA_EXT_CUDA_SMEM_LIMIT")) bytes = std::min(bytes, std::atoi(cap));
-  return bytes;
-}
+// The dtypes each path's launchers are instantiated for (sparse_attention_mma_fwd.cu / _bwd.cu,
+// sparse_attention_rowwise.cu), as DSA_DISPATCH_CUDA lists.
+#define DSA_MMA_TYPES (at::kBFloat16, at::kHalf)
+#define DSA_ROWWISE_TYPES (at::kBFloat16, at::kHalf, at::kFloat, at::kDouble)
 
 // Warps per tensor-core block at least (choose_mma_shape): 4, or DSA_EXT_CUDA_MIN_WARPS (1 gives
 // the narrowest blocks, for comparing the two on a GPU).
@@ -84,27 +68,23 @@ std::optional<MmaShape> tensor_core_shape(const SparseAttentionCall& c, const at
   const auto& p = c.p;
   const auto dtype = c.q.scalar_type();
   if (dtype != at::kBFloat16 && dtype != at::kHalf) return std::nullopt;
-  if (p.Dqk % 8 != 0 || p.Dv % 8 != 0 || p.Dqk > 4096 || p.Dv > 4096) return std::nullopt;
+  if (!mma_head_dims(p)) return std::nullopt;
   if (!rows_aligned(c.q) || !rows_aligned(c.k) || !rows_aligned(c.v)) return std::nullopt;
   if (grad_out != nullptr && !rows_aligned(*grad_out)) return std::nullopt;
   MmaShape s;
-  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, smem_opt_in(), min_block_warps(), s))
+  if (!choose_mma_shape(p, v_is_prefix_of_k(c.k, c.v), backward, block_smem_limit(), min_block_warps(), s))
     return std::nullopt;
   return s;
-}
-
-void check_grid(const char* op, int64_t blocks) {
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": B * T * heads = ", blocks,
-              " blocks exceed the CUDA grid limit of 2^31 - 1; split the batch");
 }
 
 // The row-wise kernels keep whole rows in shared memory; absurd head dims do not fit.
 void check_rowwise(const char* op, const SparseAttentionCall& c, bool backward) {
   const auto& p = c.p;
-  check_grid(op, ceil_div(p.B * p.T * p.H, kRowwiseWarps));
+  check_grid(op, rowwise_blocks(p));
   const int64_t need = rowwise_smem_bytes(p, c.q.scalar_type() == at::kDouble ? 8 : 4, backward);
-  TORCH_CHECK(need <= smem_opt_in(), op, ": head dims Dqk=", p.Dqk, " and Dv=", p.Dv, " need ", need,
-              " bytes of shared memory per block, more than the device's ", smem_opt_in());
+  const int limit = block_smem_limit();
+  TORCH_CHECK(need <= limit, op, ": head dims Dqk=", p.Dqk, " and Dv=", p.Dv, " need ", need,
+              " bytes of shared memory per block, more than the device's ", limit);
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -121,13 +101,14 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
     return {c.out, c.lse};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ElemType et = elem_type(c.q.scalar_type());
+  const at::ScalarType dtype = c.q.scalar_type();
   if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
     check_grid(op, p.B * p.T * p.Hkv * s->chunks);
-    launch_fwd_mma(FwdArgs{p, *s, static_cast<float>(p.scale * kLog2e)}, et, stream);
+    const FwdArgs args{p, *s, static_cast<float>(p.scale * kLog2e)};
+    DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_fwd_mma<scalar_t>(args, stream); });
   } else {
     check_rowwise(op, c, /*backward=*/false);
-    launch_fwd_simple(p, et, stream);
+    DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_fwd_simple<scalar_t>(p, stream); });
   }
   return {c.out, c.lse};
 }
@@ -147,10 +128,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
     return {c.grad_q, c.grad_k, c.grad_v};
   }
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const ElemType et = elem_type(c.fwd.q.scalar_type());
-  const auto acc_options = c.fwd.q.options().dtype(score_dtype(c.fwd.q.scalar_type()));
+  const at::ScalarType dtype = c.fwd.q.scalar_type();
+  const auto acc_options = c.fwd.q.options().dtype(score_dtype(dtype));
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
-  launch_bwd_delta(c.p, et, delta.data_ptr(), stream);
+  DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_bwd_delta<scalar_t>(c.p, delta.data_ptr(), stream); });
 
   const auto mma = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true);
   if (!mma) check_rowwise(op, c.fwd, /*backward=*/true);
@@ -158,9 +139,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const auto launch = [&](const SparseAttentionBwdParams& p, const void* delta_p, const KeyGradOut& g) {
     if (mma) {
       check_grid(op, p.fwd.B * p.fwd.T * p.fwd.Hkv * mma->chunks);
-      launch_bwd_mma(BwdArgs{p, *mma, scale_log2, static_cast<const float*>(delta_p), g}, et, stream);
+      const BwdArgs args{p, *mma, scale_log2, static_cast<const float*>(delta_p), g};
+      DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_bwd_mma<scalar_t>(args, stream); });
     } else {
-      launch_bwd_simple(SimpleBwdArgs{p, delta_p, g}, et, stream);
+      const SimpleBwdArgs args{p, delta_p, g};
+      DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_bwd_simple<scalar_t>(args, stream); });
     }
   };
   const int64_t rows = f.B * f.S * f.Hkv;

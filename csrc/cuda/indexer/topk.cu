@@ -7,8 +7,9 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "select_rows.cuh"
+#include "cuda/common/dispatch.h"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/select_rows.cuh"
 
 namespace dsa {
 namespace cuda {
@@ -34,11 +35,8 @@ at::Tensor topk_indices_cuda(const at::Tensor& logits, int64_t topk) {
   if (c.out.numel() == 0) return c.out;
   const c10::cuda::CUDAGuard guard(logits.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  switch (c.logits.scalar_type()) {
-    case at::kFloat: launch_topk_rows<float>(c.p, stream); break;
-    case at::kHalf: launch_topk_rows<__half>(c.p, stream); break;
-    default: launch_topk_rows<__nv_bfloat16>(c.p, stream); break;
-  }
+  DSA_DISPATCH_CUDA(c.logits.scalar_type(), op, (at::kFloat, at::kHalf, at::kBFloat16),
+                    [&] { launch_topk_rows<scalar_t>(c.p, stream); });
   return c.out;
 }
 

@@ -24,9 +24,9 @@
 
 #include <cstdint>
 
-#include "device_types.cuh"
+#include "cuda/common/device_types.cuh"
 #include "params.h"
-#include "tensor_core.cuh"
+#include "cuda/common/tensor_core.cuh"
 
 namespace dsa {
 namespace cuda {
@@ -80,7 +80,7 @@ __device__ __forceinline__ float key_scaled(const IndexerParams& p, int64_t b, i
 template <typename T>
 struct MmaTile {
   // Elements per 16-bit fragment slot: ldmatrix and the mma fragments count 16-bit units, and an
-  // e4m3 slot holds two consecutive values along the head dim (tensor_core.cuh). One mma k-step
+  // e4m3 slot holds two consecutive values along the head dim (cuda/common/tensor_core.cuh). One mma k-step
   // is 16 * kPack elements, one 16-byte row piece 8 * kPack.
   static constexpr int kPack = 2 / static_cast<int>(sizeof(T));
 
@@ -335,6 +335,11 @@ __device__ __forceinline__ void for_each_score_tile(const Tile& tile, int64_t s_
 // ------------------------------------------------------------------------------------------
 // Host side: which engine a call takes
 // ------------------------------------------------------------------------------------------
+
+// A block's static shared memory (the selection scratch of the fused top-k and of
+// select_rows_kernel, about 1 KiB) counts against the same per-block limit as the dynamic
+// tiles: the host leaves this much of the limit to it (indexer_cuda.h).
+constexpr int kStaticSmemReserve = 4096;
 
 // 16-byte cp.async needs 16-byte aligned rows: Di and every row stride a multiple of 16 bytes.
 inline bool rows_16b_aligned(const IndexerParams& p, int elem_bytes) {

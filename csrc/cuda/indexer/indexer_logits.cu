@@ -6,8 +6,8 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "indexer_logits_kernels.cuh"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/indexer_logits_kernels.cuh"
 
 namespace dsa {
 namespace cuda {
@@ -23,12 +23,12 @@ at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx,
   const c10::cuda::CUDAGuard guard(q_idx.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   float* out = c.logits.data_ptr<float>();
-  with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+  with_score_engine(op, c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const LogitsGrid grid = logits_grid(p);
     check_grid(op, grid.blocks);
     const auto kernel = indexer_logits_kernel<Tile, decltype(L)>;
-    allow_smem(kernel, L.bytes);
+    allow_smem(kernel, L.bytes, kStaticSmemReserve);
     kernel<<<static_cast<unsigned>(grid.blocks), kThreads, L.bytes, stream>>>(p, L, grid, out);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

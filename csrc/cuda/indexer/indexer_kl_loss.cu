@@ -1,5 +1,5 @@
 // CUDA indexer_kl_loss and indexer_kl_loss_backward: the streamed implementation of
-// indexer_kl_loss_streamed.h (cuBLAS batched GEMMs over query chunks x key blocks, per-row
+// aten/indexer_kl_loss_streamed.h (cuBLAS batched GEMMs over query chunks x key blocks, per-row
 // online statistics, bounded temporaries) on the shared host preparation (host.h).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -7,9 +7,8 @@
 
 #include <tuple>
 
-#include "indexer_cuda.h"
 #include "host.h"
-#include "indexer_kl_loss_streamed.h"
+#include "aten/indexer_kl_loss_streamed.h"
 
 namespace dsa {
 namespace cuda {
@@ -23,7 +22,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cuda(
   auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
   check_cuda_dtype("dsa.indexer_kl_loss", "q_idx", c.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
-  indexer_kl_loss_streamed(c);
+  aten::indexer_kl_loss_streamed(c);
   return {c.loss, c.idx_lse, c.attn_lse};
 }
 
@@ -35,7 +34,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cuda(
                                             attn_scale, causal);
   check_cuda_dtype("dsa.indexer_kl_loss_backward", "q_idx", c.fwd.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
-  indexer_kl_loss_backward_streamed(c);
+  aten::indexer_kl_loss_backward_streamed(c);
   return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c.grad_w, w)};
 }
 

@@ -5,7 +5,8 @@
 
 #include <c10/cuda/CUDAException.h>
 
-#include "sparse_attention_kernels.h"
+#include "cuda/attention/sparse_attention_kernels.h"
+#include "cuda/common/launch.h"
 
 namespace dsa {
 namespace cuda {
@@ -14,7 +15,7 @@ template <typename Args>
 void launch_mma_kernel(void (*kernel)(Args), const Args& a, const SparseAttentionParams& p, bool backward,
                        cudaStream_t stream) {
   const int smem = smem_layout(a.s, backward).bytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  allow_smem(kernel, smem);
   const int64_t blocks = p.B * p.T * p.Hkv * a.s.chunks;
   kernel<<<static_cast<unsigned>(blocks), threads_of(a.s), smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -6,15 +6,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "indexer_tile.cuh"
+#include "cuda/common/ceil_div.cuh"
+#include "cuda/indexer/indexer_tile.cuh"
 
 namespace dsa {
 namespace cuda {
 namespace indexer {
 
 constexpr int kChunkTiles = 8;  // key tiles per block: the query tile is loaded once per 512 keys
-
-__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid of the forward: blocks = B * q_tiles * k_chunks, k_chunks fastest.
 struct LogitsGrid {

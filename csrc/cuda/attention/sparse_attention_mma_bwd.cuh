@@ -15,7 +15,7 @@
 
 #include <cstdint>
 
-#include "sparse_attention_tiles.cuh"
+#include "cuda/attention/sparse_attention_tiles.cuh"
 
 namespace dsa {
 namespace cuda {

@@ -7,8 +7,8 @@
 #include <torch/library.h>
 
 #include "host.h"
-#include "indexer_cuda.h"
-#include "indexer_topk_kernels.cuh"
+#include "cuda/indexer/indexer_cuda.h"
+#include "cuda/indexer/indexer_topk_kernels.cuh"
 
 namespace dsa {
 namespace cuda {
@@ -34,10 +34,10 @@ at::Tensor indexer_topk_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, c
   const at::Tensor counts = at::empty({slots}, int_opts);
   const int cand_cap = topk_select_candidates(plan);
 
-  with_score_engine(c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
+  with_score_engine(op, c.p, c.q.scalar_type(), c.q, c.k, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     const auto partial = indexer_topk_partial_kernel<Tile, decltype(L)>;
-    allow_smem(partial, L.bytes);
+    allow_smem(partial, L.bytes, kStaticSmemReserve);
     for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
       const TopkWorkspace ws = topk_workspace(p, plan, reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>()),
                                               pos.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), t_begin);

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "cuda/common/ceil_div.cuh"
 #include "params.h"
 
 namespace dsa {
@@ -29,8 +30,6 @@ constexpr int kMaxPairsFwd = 8;   // 16-wide output column pairs per warp, forwa
 constexpr int kMaxPairsBwd = 9;   // dq column pairs per warp, backward (72 registers; 576 = 4 x 144)
 constexpr int kMaxWarps = 16;     // 512 threads: kernels are compiled for <= 128 registers
 constexpr int kMaxRowWarps = 8;   // at most 128 query heads per block
-
-enum class ElemType { kBFloat16, kHalf, kFloat, kDouble };
 
 struct MmaShape {
   int group;            // query heads per kv head (H / Hkv)
@@ -93,10 +92,16 @@ __host__ __device__ inline SmemLayout smem_layout(const MmaShape& s, bool backwa
   return L;
 }
 
-__host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+__host__ __device__ inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>(ceil_div(a, b)); }
+
+// Head dims the tensor-core kernels take: multiples of 8 (rows are gathered in 16-byte pieces)
+// and not absurdly large. The host code (sparse_attention.cu) and the emulator's driver both ask.
+inline bool mma_head_dims(const SparseAttentionParams& p) {
+  return p.Dqk % 8 == 0 && p.Dv % 8 == 0 && p.Dqk <= 4096 && p.Dv <= 4096;
+}
 
 // The tensor-core block shape for these dims (16-bit inputs whose rows are 16-byte aligned and
-// whose head dims are multiples of 8: the caller checks that), or false when none fits in
+// whose head dims pass mma_head_dims: the caller checks that), or false when none fits in
 // smem_limit bytes. Column warps split the out (forward) or dq (backward) columns so that each
 // keeps at most kMaxPairs* 16-wide pairs in registers; row warps cover as many heads of the GQA
 // group as fit in shared memory, with two stages when they fit. Blocks with fewer than min_warps
@@ -169,19 +174,30 @@ __host__ __device__ inline int64_t rowwise_smem_bytes(const SparseAttentionParam
   return int64_t{kRowwiseWarps} * acc_bytes * (backward ? 2 * p.Dqk + p.Dv : p.Dqk + p.Dv);
 }
 
+// Blocks of a row-wise launch (forward, backward and delta alike): one warp per (b, t, h) row.
+inline int64_t rowwise_blocks(const SparseAttentionParams& p) { return ceil_div(p.B * p.T * p.H, kRowwiseWarps); }
+
 struct SimpleBwdArgs {
   SparseAttentionBwdParams p;
   const void* delta;  // [B, T, H] acc_t
   KeyGradOut g;       // acc_t
 };
 
-// Each launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
-void launch_fwd_mma(const FwdArgs& a, ElemType t, cudaStream_t stream);
-void launch_fwd_simple(const SparseAttentionParams& p, ElemType t, cudaStream_t stream);
+// The launchers, for element type T: __nv_bfloat16 or __half for the tensor-core kernels
+// (instantiated in sparse_attention_mma_fwd.cu / _bwd.cu), also float and double for the row-wise
+// ones (sparse_attention_rowwise.cu). sparse_attention.cu picks T with DSA_DISPATCH_CUDA. Each
+// launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
+template <typename T>
+void launch_fwd_mma(const FwdArgs& a, cudaStream_t stream);
+template <typename T>
+void launch_fwd_simple(const SparseAttentionParams& p, cudaStream_t stream);
 // delta[b,t,h] = sum_d grad_out * out - grad_lse, in acc_t
-void launch_bwd_delta(const SparseAttentionBwdParams& p, ElemType t, void* delta, cudaStream_t stream);
-void launch_bwd_mma(const BwdArgs& a, ElemType t, cudaStream_t stream);
-void launch_bwd_simple(const SimpleBwdArgs& a, ElemType t, cudaStream_t stream);
+template <typename T>
+void launch_bwd_delta(const SparseAttentionBwdParams& p, void* delta, cudaStream_t stream);
+template <typename T>
+void launch_bwd_mma(const BwdArgs& a, cudaStream_t stream);
+template <typename T>
+void launch_bwd_simple(const SimpleBwdArgs& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace dsa
