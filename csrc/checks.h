@@ -81,7 +81,8 @@ void check_index_range(const char* op, const at::Tensor& indices, int64_t S);
 // not float64 (those kernels run on CPU); sparse_attention's row-wise kernels also take float64.
 void check_cuda_dtype(const char* op, const char* name, const at::Tensor& t);
 
-// Positions are int32 and the CUDA selection's loop counters run a block past a row's end.
+// Selected positions are int32 (and the CUDA selection's loop counters run a block past a row's
+// end): the top-k operators take rows of at most INT32_MAX - 2^16 positions, on every backend.
 void check_row_length(const char* op, const char* name, int64_t n);
 
 // The CUDA index-range check. Off by default: CUDA kernels treat any out-of-range index as -1

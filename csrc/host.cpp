@@ -83,6 +83,7 @@ at::Tensor finish_grad_w(const at::Tensor& grad_w, const at::Tensor& w) { return
 
 TopkCall prepare_topk(const at::Tensor& logits, int64_t topk) {
   check_topk_inputs("dsa.topk_indices", logits, topk);
+  check_row_length("dsa.topk_indices", "logits", logits.size(2));
   TopkCall c;
   c.logits = last_dim_contiguous(logits);
   const int64_t B = logits.size(0), T = logits.size(1), S = logits.size(2);
@@ -98,6 +99,7 @@ IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& 
   const char* op = "dsa.indexer_topk";
   const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
   check_topk(op, topk);
+  check_row_length(op, "k_idx", d.S);
   IndexerTopkCall c;
   c.q = last_dim_contiguous(q_idx);
   c.k = last_dim_contiguous(k_idx);
