@@ -51,7 +51,8 @@ from torch import Tensor, nn
 
 from .nn import DSAAttention, DSAConfig, LightningIndexer, Selection
 
-__all__ = ["MODEL_TYPES", "ATTN_NAME", "IndexerCall", "convert", "model_dsa_config", "checkpoint_state_dict"]
+__all__ = ["MODEL_TYPES", "ATTN_NAME", "IndexerCall", "convert", "attention", "causal_mask_builder", "absorbed_qkv",
+           "model_dsa_config", "checkpoint_state_dict"]
 
 MODEL_TYPES = ("deepseek_v32", "glm_moe_dsa")
 ATTN_NAME = "dsa_mla"
@@ -123,7 +124,7 @@ def absorbed_qkv(module: nn.Module, query: Tensor, key: Tensor, latent: Tensor):
     (the latent, then the shared RoPE key), v = k[..., :r] (a view) and W_UV [H, v_head_dim, r]:
     ``softmax(q.k) v @ W_UV[h].T`` is the layer's attention output per head."""
     nope, r = module.qk_nope_head_dim, module.kv_lora_rank
-    w = module.kv_b_proj.weight.view(query.shape[1], -1, r)  # per head: W_UK rows, then W_UV rows
+    w = module.kv_b_proj.weight.view(query.shape[1], -1, r).to(query.dtype)  # per head: W_UK rows, then W_UV rows
     q = torch.cat((torch.einsum("bhtd,hdr->bthr", query[..., :nope], w[:, :nope]),
                    query[..., nope:].transpose(1, 2)), dim=-1)
     k = torch.cat((latent, key[:, 0, :, nope:]), dim=-1).unsqueeze(2).to(q.dtype)
@@ -165,7 +166,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     if dropout:
         raise NotImplementedError("DSA sparse mode has no attention dropout (attention_dropout must be 0)")
     q, k, v, w_uv = absorbed_qkv(module, query, key, latent)
-    return torch.einsum("bthr,hvr->bthv", core.attend(q, k, v, selection, scaling), w_uv), None
+    out = core.attend(q, k, v, selection, scaling)
+    return torch.einsum("bthr,hvr->bthv", out, w_uv.to(out.dtype)), None
 
 
 def _attention_modules(model: nn.Module):

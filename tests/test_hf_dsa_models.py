@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dsa_ext import nn as dnn
 from dsa_ext import reference
 from indexer_formulas import deepseek_scores
-from models import HF_VOCAB, hf_dsa_families, tiny_hf_dsa
+from models import HF_VOCAB, dsa_cfg, hf_dsa_families, tiny_hf, tiny_hf_dsa
 
 transformers = pytest.importorskip("transformers")
 from dsa_ext import hf, hf_mla  # noqa: E402
@@ -177,7 +177,7 @@ def test_save_load_round_trip(family, tmp_path):
     under transformers' names and index_topk = the layers' top-k; hf.from_pretrained gives the
     same model back, plain from_pretrained the same weights; an unconverted checkpoint loads
     converted with its own indexer weights (no fresh indexer)."""
-    m = hf.convert(tiny_hf_dsa(family, TOPK), dnn.DSAConfig(mode="warmup"))
+    m = hf.convert(tiny_hf_dsa(family, TOPK), dnn.DSAConfig(mode="warmup", hadamard=True))
     dnn.set_mode(m, "sparse")
     for c in dnn.dsa_modules(m):
         c.topk = 5
@@ -190,7 +190,7 @@ def test_save_load_round_trip(family, tmp_path):
     hf.save_pretrained(m, str(tmp_path / "dsa"))
     assert not (tmp_path / "dsa" / hf.INDEXER_FILE).exists()
     loaded = hf.from_pretrained(str(tmp_path / "dsa"), dtype=torch.float64, experts_implementation="eager").eval()
-    assert all(c.mode == "sparse" and c.topk == 5 for c in dnn.dsa_modules(loaded))
+    assert all(c.mode == "sparse" and c.topk == 5 for c in dnn.dsa_modules(loaded)) and loaded.dsa_config.hadamard
     saved = m.state_dict()
     assert loaded.state_dict().keys() == saved.keys()
     assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())
@@ -239,3 +239,20 @@ def test_padding_refused_in_dsa_modes_and_served_in_dense_mode(family):
                                    ref(ids, attention_mask=padding).logits[:, 3:], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="already"):
         hf.convert(m)
+
+
+@pytest.mark.parametrize("family", FAMILIES + ["llama"])
+def test_trains_under_bf16_autocast(family):
+    """Under autocast the host's RoPE leaves q and k in float32 beside bfloat16 values and indexer
+    outputs: warm-up and sparse steps run in the autocast dtype and train the indexers."""
+    m = tiny_hf(family).float() if family == "llama" else tiny_hf_dsa(family, TOPK, dtype=torch.float32)
+    hf.convert(m, dsa_cfg(topk=TOPK) if family == "llama" else None).train()
+    ids = torch.randint(0, HF_VOCAB, (2, 21))
+    for mode in ("warmup", "sparse"):
+        dnn.set_mode(m, mode)
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = m(ids).logits
+        logits.float().sum().backward()
+        assert torch.isfinite(logits).all() and dnn.indexer_loss(m) > 0
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in dnn.indexer_parameters(m))

@@ -177,6 +177,9 @@ class DSAAttention(nn.Module):
         dense_fn = dense_fn or dense_causal_attention
         if self.mode == "dense" and self.recall is None:
             return dense_fn(q, k, v, scale)
+        if torch.is_autocast_enabled(q.device.type):  # a host's RoPE in float32 leaves q, k in float32
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         own = selection is not None and selection.q_idx is not None
         if own and selection.k_idx.shape[1] != k.shape[1]:
             raise NotImplementedError(
