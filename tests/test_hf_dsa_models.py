@@ -76,7 +76,8 @@ def test_sparse_mode_is_the_unconverted_model(family, T):
     want, got = ref(ids).logits, m(ids).logits
     assert len(taps) == len(ref_taps) == (1 if family == "glm_moe_dsa" else 2)
     for (_, hf_top, _), (_, ours, sel) in zip(ref_taps, taps):
-        assert_robust_selection(reference.indexer_logits(sel.q_idx, sel.k_idx, sel.w, m.dsa_config.head_dim ** -0.5), TOPK)
+        scale = m.dsa_config.head_dim ** -0.5
+        assert_robust_selection(reference.indexer_logits(sel.q_idx, sel.k_idx, sel.w, scale), TOPK)
         assert_same_keys(hf_top, ours)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
     g = torch.randn_like(want)

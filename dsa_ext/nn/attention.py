@@ -158,7 +158,8 @@ class DSAAttention(nn.Module):
         if self.mode == "dense" and self.recall is None:
             return None
         if self.indexer is None:
-            raise ValueError("DSAAttention.select: this core has no indexer (it attends over another layer's selection)")
+            raise ValueError("DSAAttention.select: this core has no indexer (it attends over another "
+                             "layer's selection)")
         q_idx, k_idx, w = self.indexer(hidden_states, positions, q_input=q_input, rope=rope)
         indices = None
         if self.mode == "sparse" or self.recall is not None:

@@ -74,8 +74,9 @@ class LightningIndexer(nn.Module):
         I[t, s] = sum_j w[t, j] * Di ** -0.5 * relu(q_idx[t, j] . k_idx[s])
 
     with RoPE on the first rope_dim dims of q_idx and k_idx (non-interleaved; ``interleaved_rope``
-    for GLM-5's layout, see :func:`rotate_partial`) and an optional Hadamard rotation of both. ``Hi ** -0.5`` is applied once, in w. ``detach_input`` (default,
-    as in the paper): the indexer reads its inputs detached, so its loss never reaches the host.
+    for GLM-5's layout, see :func:`rotate_partial`) and an optional Hadamard rotation of both.
+    ``Hi ** -0.5`` is applied once, in w. ``detach_input`` (default, as in the paper): the indexer
+    reads its inputs detached, so its loss never reaches the host.
 
     Checkpoints of the earlier convention (w from the query input, ``Hi ** -0.5`` applied twice,
     LayerNorm eps 1e-5: module version 1) are converted on load so that they score exactly as
