@@ -76,8 +76,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: bytes)")
     p.add_argument("--init", help="dense checkpoint to start from instead of stage 1: a .pt "
                                   "written by this script, or a Hugging Face model directory")
-    p.add_argument("--arch", choices=["decoder", "llama", "qwen2", "qwen3"],
-                   help="decoder: dsa_ext.decoder; others: a transformers model built from a config")
+    p.add_argument("--arch", choices=["decoder", "llama", "qwen2", "qwen3", "deepseek_v32", "glm_moe_dsa"],
+                   help="decoder: dsa_ext.decoder; others: a transformers model built from a config "
+                        "(deepseek_v32, glm_moe_dsa: MLA and MoE with their own indexer, which the "
+                        "conversion keeps)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--seed", type=int, default=0)
     for name, typ in (("d_model", int), ("n_layers", int), ("n_heads", int), ("seq_len", int),
@@ -169,6 +171,8 @@ def build_dense(args, vocab_size: int) -> nn.Module:
     if args.arch == "decoder":
         return dsa_decoder.Decoder(dsa_decoder.DecoderConfig(
             vocab_size=vocab_size, d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads))
+    if args.arch in ("deepseek_v32", "glm_moe_dsa"):
+        return HFCausalLM(build_hf_dsa_model(args, vocab_size))
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
@@ -181,6 +185,29 @@ def build_dense(args, vocab_size: int) -> nn.Module:
     model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
                  "qwen3": transformers.Qwen3ForCausalLM}[args.arch]
     return HFCausalLM(model_cls(cfg))
+
+
+def build_hf_dsa_model(args, vocab_size: int) -> nn.Module:
+    """A small DeepSeek-V3.2 or GLM-5 from a config: MLA (query and kv latents of d_model/2, heads
+    of d_model/n_heads plus rope_dim RoPE dims), its own indexer (indexer_heads x indexer_dim), a
+    dense MLP then MoE layers (4 experts, 2 active, 1 shared). index_topk = seq_len selects every
+    key: the dense model of stages 1 and 4; the conversion keeps these indexer weights."""
+    import transformers
+
+    config_cls, model_cls = {
+        "deepseek_v32": (transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM),
+        "glm_moe_dsa": (transformers.GlmMoeDsaConfig, transformers.GlmMoeDsaForCausalLM)}[args.arch]
+    head = args.d_model // args.n_heads
+    cfg = config_cls(vocab_size=vocab_size, hidden_size=args.d_model, num_hidden_layers=args.n_layers,
+                     num_attention_heads=args.n_heads, num_key_value_heads=args.n_heads,
+                     intermediate_size=32 * -(-8 * args.d_model // 3 // 32), moe_intermediate_size=args.d_model,
+                     q_lora_rank=args.d_model // 2, kv_lora_rank=args.d_model // 2, qk_nope_head_dim=head,
+                     qk_rope_head_dim=args.rope_dim, v_head_dim=head, n_routed_experts=4,
+                     num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1,
+                     index_topk=args.seq_len, index_n_heads=args.indexer_heads, index_head_dim=args.indexer_dim,
+                     max_position_embeddings=max(args.seq_len, 2048), tie_word_embeddings=True,
+                     attn_implementation="sdpa")
+    return model_cls(cfg)
 
 
 def dsa_config(args, mode: str) -> dsa_nn.DSAConfig:

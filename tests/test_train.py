@@ -115,6 +115,19 @@ def test_transformers_llama_run(tmp_path, text_dir):
     assert (tmp_path / "dsa_model" / "config.json").exists()
 
 
+@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
+def test_transformers_dsa_model_run(tmp_path, text_dir, arch):
+    """A tiny DeepSeek-V3.2 / GLM-5 built from a config: its own indexers are warmed up and saved
+    in its own checkpoint (no separate indexer file)."""
+    pytest.importorskip("transformers")
+    run(tmp_path, "--data", text_dir, "--arch", arch)
+    check_results(results(tmp_path))
+    with open(tmp_path / "dsa_model" / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == arch and config["index_topk"] == 16
+    assert not (tmp_path / "dsa_model" / "dsa_indexer.safetensors").exists()
+
+
 def test_torchrun_two_processes_gloo(tmp_path, text_dir):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     run(tmp_path, "--data", text_dir, "--batch-size", "4", launcher=launcher)
