@@ -4,11 +4,9 @@
 // registers: the random row gathers bound this kernel, and bfloat16 rows are half the bytes.
 //
 // The backward recomputes probabilities from lse. dq belongs to its item; dk and dv receive
-// contributions from every query that selected the key, so each of a fixed number of chunks
-// accumulates into its own buffer and the buffers are summed in chunk order: deterministic
-// for a given thread count.
+// contributions from every query that selected the key: a chunked_sum over chunks of items fixed
+// by the problem, so the gradients are bit-identical for any number of threads.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -16,6 +14,8 @@
 
 #include "../host.h"
 #include "attention_tiles.h"
+#include "chunked_sum.h"
+#include "parallel.h"
 #include "vec_math.h"
 
 namespace dsa::cpu {
@@ -69,7 +69,7 @@ struct ItemScratch {
 template <typename scalar_t>
 void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
   using acc_t = acc_type<scalar_t>;
-  at::parallel_for(0, p.B * p.T * p.Hkv, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * p.T * p.Hkv, 1, [&](int64_t begin, int64_t end) {
     ItemScratch<scalar_t> it(p);
     std::vector<acc_t> out(it.Gp * p.Dv);
     for (int64_t i = begin; i < end; ++i) {
@@ -96,63 +96,62 @@ void sparse_attention_fwd_kernel(const SparseAttentionParams& p) {
   });
 }
 
+// dkv [B, S, Hkv, Dqk + Dv] (zeroed): key row (b, s, kvh) holds its dk, then its dv.
 template <typename scalar_t>
-void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, at::Tensor& dk_acc,
-                                 at::Tensor& dv_acc) {
+void sparse_attention_bwd_kernel(const SparseAttentionBwdParams& bp, acc_type<scalar_t>* dkv) {
   using acc_t = acc_type<scalar_t>;
   const auto& p = bp.fwd;
-  const int64_t items = p.B * p.T * p.Hkv;
-  const int64_t chunks = dk_acc.size(0);
+  const int64_t items = p.B * p.T * p.Hkv, width = p.Dqk + p.Dv;
+  const int64_t chunks = fixed_chunks(items, items * p.topk, p.S * p.Hkv);
   const int64_t per_chunk = (items + chunks - 1) / chunks;
-  at::parallel_for(0, chunks, 1, [&](int64_t cbegin, int64_t cend) {
+  chunked_sum(chunks, p.B * p.S * p.Hkv * width, dkv, [&](int64_t c, acc_t* dKV) {
     ItemScratch<scalar_t> it(p);
     std::vector<acc_t> dq(it.Gp * p.Dqk), out(p.Dv), delta(it.G);
-    for (int64_t c = cbegin; c < cend; ++c) {
-      acc_t* dK = dk_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dqk]
-      acc_t* dV = dv_acc[c].data_ptr<acc_t>();  // [B, S, Hkv, Dv]
-      for (int64_t i = c * per_chunk; i < std::min(items, (c + 1) * per_chunk); ++i) {
-        const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
-        it.load(p, b, t, kvh);
-        const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
-        const auto* lse = static_cast<const acc_t*>(p.lse) + row;
-        const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_batch_stride + t * bp.do_row_stride;
-        for (int64_t g = 0; g < it.G; ++g) {
-          load_row(dO + (kvh * it.G + g) * bp.do_head_stride, it.dout.data() + g * p.Dv, p.Dv);
-          load_row(static_cast<const scalar_t*>(p.out) + (row + g) * p.Dv, out.data(), p.Dv);
-          // d lse / d score = prob, so a gradient on lse shifts the softmax's row term.
-          const acc_t dlse = bp.grad_lse ? static_cast<const acc_t*>(bp.grad_lse)[row + g] : acc_t(0);
-          delta[g] = dot(it.dout.data() + g * p.Dv, out.data(), p.Dv) - dlse;
-        }
-        for (int64_t j = 0; j < it.n; ++j) {
-          const int64_t at_row = (b * p.S + it.pos[j]) * p.Hkv + kvh;
-          it.dkrows[j] = dK + at_row * p.Dqk;
-          it.dvrows[j] = dV + at_row * p.Dv;
-        }
-        // probs = exp(scores - lse); dS = probs * (dO . v - delta), written over scores.
-        gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.probs.data(), p.topk);
-        gathered_dots(it.dout.data(), it.Gp, p.Dv, it.vrows.data(), it.n, it.scores.data(), p.topk);
-        for (int64_t g = 0; g < it.G; ++g) {
-          acc_t* pr = it.probs.data() + g * p.topk;
-          acc_t* ds = it.scores.data() + g * p.topk;
-          if (lse[g] == neg_inf<acc_t>())
-            std::fill_n(pr, it.n, acc_t(0));
-          else
-            exp_shifted(pr, lse[g], it.n);
-          for (int64_t j = 0; j < it.n; ++j) ds[j] = pr[j] * (ds[j] - delta[g]);
-        }
-        for (int64_t g = it.G; g < it.Gp; ++g) {  // padding heads contribute nothing
-          std::fill_n(it.probs.data() + g * p.topk, it.n, acc_t(0));
-          std::fill_n(it.scores.data() + g * p.topk, it.n, acc_t(0));
-        }
-        std::fill(dq.begin(), dq.end(), acc_t(0));
-        gathered_combine(it.scores.data(), p.topk, it.Gp, it.krows.data(), it.n, p.Dqk, dq.data());
-        scale_row(dq.data(), static_cast<acc_t>(p.scale), it.G * p.Dqk);
-        store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q) + row * p.Dqk, it.G * p.Dqk);
-        // q is pre-scaled, so dS . q already carries the scale of d score / d k.
-        gathered_scatter(it.scores.data(), p.topk, it.Gp, it.q.data(), p.Dqk, it.dkrows.data(), it.n);
-        gathered_scatter(it.probs.data(), p.topk, it.Gp, it.dout.data(), p.Dv, it.dvrows.data(), it.n);
+    int64_t lo = p.B * p.S * p.Hkv, hi = 0;  // the key rows this chunk reaches
+    for (int64_t i = c * per_chunk; i < std::min(items, (c + 1) * per_chunk); ++i) {
+      const int64_t b = i / (p.T * p.Hkv), t = (i / p.Hkv) % p.T, kvh = i % p.Hkv;
+      it.load(p, b, t, kvh);
+      const int64_t row = (b * p.T + t) * p.H + kvh * it.G;
+      const auto* lse = static_cast<const acc_t*>(p.lse) + row;
+      const auto* dO = static_cast<const scalar_t*>(bp.grad_out) + b * bp.do_batch_stride + t * bp.do_row_stride;
+      for (int64_t g = 0; g < it.G; ++g) {
+        load_row(dO + (kvh * it.G + g) * bp.do_head_stride, it.dout.data() + g * p.Dv, p.Dv);
+        load_row(static_cast<const scalar_t*>(p.out) + (row + g) * p.Dv, out.data(), p.Dv);
+        // d lse / d score = prob, so a gradient on lse shifts the softmax's row term.
+        const acc_t dlse = bp.grad_lse ? static_cast<const acc_t*>(bp.grad_lse)[row + g] : acc_t(0);
+        delta[g] = dot(it.dout.data() + g * p.Dv, out.data(), p.Dv) - dlse;
       }
+      for (int64_t j = 0; j < it.n; ++j) {
+        const int64_t key_row = (b * p.S + it.pos[j]) * p.Hkv + kvh;
+        it.dkrows[j] = dKV + key_row * width;
+        it.dvrows[j] = it.dkrows[j] + p.Dqk;
+        lo = std::min(lo, key_row), hi = std::max(hi, key_row + 1);
+      }
+      // probs = exp(scores - lse); dS = probs * (dO . v - delta), written over scores.
+      gathered_dots(it.q.data(), it.Gp, p.Dqk, it.krows.data(), it.n, it.probs.data(), p.topk);
+      gathered_dots(it.dout.data(), it.Gp, p.Dv, it.vrows.data(), it.n, it.scores.data(), p.topk);
+      for (int64_t g = 0; g < it.G; ++g) {
+        acc_t* pr = it.probs.data() + g * p.topk;
+        acc_t* ds = it.scores.data() + g * p.topk;
+        if (lse[g] == neg_inf<acc_t>())
+          std::fill_n(pr, it.n, acc_t(0));
+        else
+          exp_shifted(pr, lse[g], it.n);
+        for (int64_t j = 0; j < it.n; ++j) ds[j] = pr[j] * (ds[j] - delta[g]);
+      }
+      for (int64_t g = it.G; g < it.Gp; ++g) {  // padding heads contribute nothing
+        std::fill_n(it.probs.data() + g * p.topk, it.n, acc_t(0));
+        std::fill_n(it.scores.data() + g * p.topk, it.n, acc_t(0));
+      }
+      std::fill(dq.begin(), dq.end(), acc_t(0));
+      gathered_combine(it.scores.data(), p.topk, it.Gp, it.krows.data(), it.n, p.Dqk, dq.data());
+      scale_row(dq.data(), static_cast<acc_t>(p.scale), it.G * p.Dqk);
+      store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q) + row * p.Dqk, it.G * p.Dqk);
+      // q is pre-scaled, so dS . q already carries the scale of d score / d k.
+      gathered_scatter(it.scores.data(), p.topk, it.Gp, it.q.data(), p.Dqk, it.dkrows.data(), it.n);
+      gathered_scatter(it.probs.data(), p.topk, it.Gp, it.dout.data(), p.Dv, it.dvrows.data(), it.n);
     }
+    return Reach{std::min(lo, hi) * width, hi * width};
   });
 }
 
@@ -171,13 +170,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cpu(
   auto c = prepare_sparse_attention_backward(grad_out, grad_lse, q, k, v, indices, out, lse, scale);
   const auto& p = c.p.fwd;
   DSA_DISPATCH_CPU(q.scalar_type(), "dsa.sparse_attention_backward", AT_WRAP([&] {
-    const auto acc = c10::CppTypeToScalarType<acc_type<scalar_t>>::value;
-    const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), p.B * p.T * p.Hkv));
-    auto dk_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dqk}, q.options().dtype(acc));
-    auto dv_acc = at::zeros({chunks, p.B, p.S, p.Hkv, p.Dv}, q.options().dtype(acc));
-    sparse_attention_bwd_kernel<scalar_t>(c.p, dk_acc, dv_acc);
-    c.grad_k.copy_(dk_acc.sum(0));
-    c.grad_v.copy_(dv_acc.sum(0));
+    using acc_t = acc_type<scalar_t>;
+    auto dkv = at::zeros({p.B, p.S, p.Hkv, p.Dqk + p.Dv}, q.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    sparse_attention_bwd_kernel<scalar_t>(c.p, dkv.data_ptr<acc_t>());
+    c.grad_k.copy_(dkv.narrow(3, 0, p.Dqk));
+    c.grad_v.copy_(dkv.narrow(3, p.Dqk, p.Dv));
   }));
   return {c.grad_q, c.grad_k, c.grad_v};
 }

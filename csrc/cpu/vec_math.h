@@ -125,17 +125,6 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   return s;
 }
 
-// y[0:n] += a * x[0:n]
-template <typename acc_t>
-inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(a);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
-}
-
 // y[0:n] *= a
 template <typename acc_t>
 inline void scale_row(acc_t* y, acc_t a, int64_t n) {
