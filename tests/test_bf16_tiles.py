@@ -1,0 +1,72 @@
+"""bfloat16 sparse attention on the AVX512-BF16 micro-kernels (csrc/cpu/bf16_tiles.*) against the
+float64 reference, with the widening path (the switch off) as the control: head dims that are
+not multiples of the 32-wide and 64-wide blocks, head groups that are not multiples of the
+4-head tile, odd numbers of gathered rows, duplicates and empty slots."""
+import functools
+
+import pytest
+import torch
+
+import dsa_ext
+from dsa_ext import _C, reference
+from helpers import assert_close_to_reference, random_indices
+
+pytestmark = pytest.mark.skipif(not _C.cpu_bf16_tiles_available(), reason="this CPU has no AVX512-BF16")
+
+# (B, T, S, H, Hkv, Dqk, Dv, K)
+SHAPES = [
+    (1, 5, 9, 1, 1, 7, 5, 3),        # D under one block, G = 1, odd K
+    (2, 7, 40, 6, 2, 33, 31, 17),    # D = 32 + 1 and 31, G = 3
+    (1, 9, 64, 8, 1, 72, 64, 23),    # D = 64 + 8: a second pass, G = 8: two head tiles
+    (1, 6, 300, 16, 2, 128, 128, 64),  # GQA 8 heads per kv head, D = 128
+]
+
+
+@pytest.fixture(params=[True, False], ids=["bf16_tiles", "widening"])
+def tiles(request):
+    before = _C.cpu_bf16_tiles_enabled()
+    _C.set_cpu_bf16_tiles(request.param)
+    yield request.param
+    _C.set_cpu_bf16_tiles(before)
+
+
+def run(fn, q, k, v, idx, go, gl):
+    """out, lse and the gradients of q, k, v under a random linear loss."""
+    out, lse = fn(q, k, v, idx, return_lse=True)
+    loss = (out.double() * go).sum() + (lse.masked_fill(lse.isinf(), 0).double() * gl).sum()
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_backward_against_reference(seed, tiles, shape):
+    B, T, S, H, Hkv, Dqk, Dv, K = shape
+    q = torch.randn(B, T, H, Dqk, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(B, S, Hkv, Dqk, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, S, Hkv, Dv, dtype=torch.bfloat16, requires_grad=True)
+    idx = random_indices(B, T, S, K)
+    idx[0, 0, : K // 2] = idx[0, 0, K // 2: 2 * (K // 2)]  # duplicates
+    go = torch.randn(B, T, H, Dv, dtype=torch.float64)
+    gl = torch.randn(B, T, H, dtype=torch.float64)
+    got = run(dsa_ext.sparse_attention, q, k, v, idx, go, gl)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    want64 = run(reference.sparse_attention, q64, k64, v64, idx, go, gl)
+    want_lp = run(functools.partial(reference.sparse_attention, upcast=False), q, k, v, idx, go, gl)
+    for name, g, r64, rlp in zip(("out", "lse", "dq", "dk", "dv"), got, want64, want_lp):
+        assert_close_to_reference(g, r64, rlp, what=name)
+
+
+def test_the_switch_changes_the_path(seed):
+    """On and off give different roundings (the tiles round probabilities to bfloat16), so a
+    passing test above really ran both paths."""
+    B, T, S, H, Hkv, Dqk, Dv, K = SHAPES[-1]
+    q, k, v = (torch.randn(B, n, h, d, dtype=torch.bfloat16) for n, h, d in ((T, H, Dqk), (S, Hkv, Dqk), (S, Hkv, Dv)))
+    idx = random_indices(B, T, S, K)
+    before = _C.cpu_bf16_tiles_enabled()
+    try:
+        outs = []
+        for on in (True, False):
+            _C.set_cpu_bf16_tiles(on)
+            outs.append(dsa_ext.sparse_attention(q, k, v, idx))
+    finally:
+        _C.set_cpu_bf16_tiles(before)
+    assert not torch.equal(*outs)
