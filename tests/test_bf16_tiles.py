@@ -1,7 +1,7 @@
-"""bfloat16 sparse attention on the AVX512-BF16 micro-kernels (csrc/cpu/bf16_tiles.*) against the
-float64 reference, with the widening path (the switch off) as the control: head dims that are
-not multiples of the 32-wide and 64-wide blocks, head groups that are not multiples of the
-4-head tile, odd numbers of gathered rows, duplicates and empty slots."""
+"""bfloat16 sparse attention and indexer on the AVX512-BF16 micro-kernels (csrc/cpu/bf16_tiles.*)
+against the float64 reference, with the widening path (the switch off) as the control: head dims
+that are not multiples of the 32-wide and 64-wide blocks, head groups that are not multiples of
+the 4-head tile, odd numbers of gathered rows, duplicates and empty slots."""
 import functools
 
 import pytest
@@ -55,18 +55,44 @@ def test_forward_backward_against_reference(seed, tiles, shape):
         assert_close_to_reference(g, r64, rlp, what=name)
 
 
+# (B, T, S, Hi, Di): Di under one block, 32 + 8, 64; key blocks (256) crossed
+INDEXER_SHAPES = [(2, 7, 13, 3, 24), (2, 33, 300, 2, 40), (1, 40, 70, 5, 64)]
+
+
+@pytest.mark.parametrize("shape", INDEXER_SHAPES)
+def test_indexer_against_reference(seed, tiles, shape):
+    B, T, S, Hi, Di = shape
+    q, k = (torch.randn(*s, dtype=torch.bfloat16, requires_grad=True) for s in ((B, T, Hi, Di), (B, S, Di)))
+    w = torch.randn(B, T, Hi, requires_grad=True)
+    logits = dsa_ext.indexer_logits(q, k, w)
+    q64, k64, w64 = (x.detach().double().requires_grad_() for x in (q, k, w))
+    ref64 = reference.indexer_logits(q64, k64, w64)
+    ref_lp = reference.indexer_logits(q, k, w, upcast=False)
+    assert_close_to_reference(logits, ref64, ref_lp, what="logits")
+    assert torch.equal(dsa_ext.indexer_topk(q, k, w, 16), dsa_ext.topk_indices(logits, 16))
+    grad = torch.randn_like(logits).masked_fill(logits.isinf(), 0)
+    got = torch.autograd.grad(logits, (q, k, w), grad)
+    want64 = torch.autograd.grad(ref64.nan_to_num(0, 0, 0), (q64, k64, w64), grad.double())
+    want_lp = torch.autograd.grad(ref_lp.nan_to_num(0, 0, 0), (q, k, w), grad)
+    for name, g, r64, rlp in zip(("dq_idx", "dk_idx", "dw"), got, want64, want_lp):
+        assert_close_to_reference(g, r64, rlp, what=name)
+
+
 def test_the_switch_changes_the_path(seed):
-    """On and off give different roundings (the tiles round probabilities to bfloat16), so a
-    passing test above really ran both paths."""
+    """On and off round differently (the tiles sum in another order and round probabilities to
+    bfloat16), so the tests above really ran both paths."""
     B, T, S, H, Hkv, Dqk, Dv, K = SHAPES[-1]
     q, k, v = (torch.randn(B, n, h, d, dtype=torch.bfloat16) for n, h, d in ((T, H, Dqk), (S, Hkv, Dqk), (S, Hkv, Dv)))
     idx = random_indices(B, T, S, K)
+    q_idx, k_idx, w = torch.randn(B, T, 4, 64, dtype=torch.bfloat16), torch.randn(B, S, 64, dtype=torch.bfloat16), \
+        torch.randn(B, T, 4)
     before = _C.cpu_bf16_tiles_enabled()
     try:
         outs = []
         for on in (True, False):
             _C.set_cpu_bf16_tiles(on)
-            outs.append(dsa_ext.sparse_attention(q, k, v, idx))
+            outs.append((dsa_ext.sparse_attention(q, k, v, idx), dsa_ext.indexer_logits(q_idx, k_idx, w)))
     finally:
         _C.set_cpu_bf16_tiles(before)
-    assert not torch.equal(*outs)
+    assert not torch.equal(outs[0][0], outs[1][0])
+    assert not torch.equal(outs[0][1], outs[1][1])

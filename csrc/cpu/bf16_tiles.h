@@ -13,6 +13,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define DSA_CPU_BF16_TILES 1
@@ -25,6 +26,15 @@ bool enabled();
 // Whether the CPU has the instructions, whatever the switch.
 bool available();
 void set_enabled(bool on);
+
+// Whether kernels on scalar_t take the bf16 micro-kernels now: bfloat16 inputs, enabled().
+template <typename scalar_t>
+bool use_tiles() {
+#ifdef DSA_CPU_BF16_TILES
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return enabled();
+#endif
+  return false;
+}
 
 #ifdef DSA_CPU_BF16_TILES
 using c10::BFloat16;

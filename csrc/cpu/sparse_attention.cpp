@@ -25,14 +25,6 @@
 namespace dsa::cpu {
 namespace {
 
-template <typename scalar_t>
-bool use_bf16_tiles() {
-#ifdef DSA_CPU_BF16_TILES
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return bf16::enabled();
-#endif
-  return false;
-}
-
 // One work item: (batch, query, kv head), its G query heads padded to Gp (a multiple of the
 // micro-kernels' head tile) and its valid gathered rows, with the item's tile products. q and
 // dO are held as float (q pre-multiplied by the scale) for the widening micro-kernels; on the
@@ -43,7 +35,7 @@ template <typename scalar_t>
 struct ItemScratch {
   using acc_t = acc_type<scalar_t>;
   const SparseAttentionParams& p;
-  const bool bf16 = use_bf16_tiles<scalar_t>();
+  const bool bf16 = bf16::use_tiles<scalar_t>();
   int64_t G, Gp, n = 0;
   std::vector<acc_t> q, dout, scores, probs;
   std::vector<scalar_t> q16, dout16;  // bf16 tiles only; pad rows stay zero
