@@ -30,23 +30,24 @@ def threads_used(fn):
     return bin(_C.take_cpu_threads_seen()).count("1")
 
 
-def indexer_inputs(T=64, S=64, Hi=2, Di=16, requires_grad=False):
+def indexer_inputs(T=128, S=128, Hi=2, Di=16, requires_grad=False):
     q_idx = torch.randn(1, T, Hi, Di, requires_grad=requires_grad)
     k_idx = torch.randn(1, S, Di, requires_grad=requires_grad)
     w = torch.randn(1, T, Hi, requires_grad=requires_grad)
     return q_idx, k_idx, w
 
 
-def attention_inputs(T=64, S=64, H=4, Hkv=2, D=16, dtype=torch.float32):
+def attention_inputs(T=128, S=128, H=4, Hkv=2, D=16, dtype=torch.float32):
     return [torch.randn(1, n, h, D, dtype=dtype, requires_grad=True) for n, h in ((T, H), (S, Hkv), (S, Hkv))]
 
 
 def every_operator():
-    """Each CPU kernel (forward and backward) as a call on inputs with work for several threads."""
+    """Each CPU kernel (forward and backward) as a call on inputs with work for several threads
+    (the backward sums over queries in 4 chunks: csrc/cpu/chunked_sum.h, fixed_chunks)."""
     q_idx, k_idx, w = indexer_inputs(requires_grad=True)
     q, k, v = attention_inputs()
-    idx = random_indices(1, 64, 64, 16, causal=True)
-    kl_q, kl_k = torch.randn(1, 64, 4, 16), torch.randn(1, 64, 2, 16)
+    idx = random_indices(1, 128, 128, 64, causal=True)
+    kl_q, kl_k = torch.randn(1, 128, 4, 16), torch.randn(1, 128, 2, 16)
     logits = dsa_ext.indexer_logits(q_idx, k_idx, w)
 
     def backward(out, inputs):
@@ -90,7 +91,7 @@ def test_every_kernel_runs_on_every_thread(threads, name):
 def test_one_openmp_runtime_and_it_is_torchs():
     """The extension links torch's libgomp by path: after a kernel ran, the process maps exactly
     one OpenMP runtime (two would fight over threads), the one libtorch_cpu depends on."""
-    dsa_ext.sparse_attention(*attention_inputs(), random_indices(1, 64, 64, 8))
+    dsa_ext.sparse_attention(*attention_inputs(), random_indices(1, 128, 128, 8))
     with open("/proc/self/maps") as f:
         paths = {line.split()[-1] for line in f if len(line.split()) >= 6}
     runtimes = {os.path.realpath(p) for p in paths
@@ -112,10 +113,11 @@ def backward_grads(threads, n, fn, inputs):
 def test_gradients_bit_identical_for_any_thread_count(threads, case, deterministic):
     """dk/dv (sparse attention) and dk_idx (KL loss) sum over the queries that use a key: fixed
     chunks and a fixed order make them bit-identical at 1, 2 and 3 threads, with or without
-    torch.use_deterministic_algorithms. float32 with about 48 terms per key, so a different
-    summation order shows in the last bits."""
-    T = S = 192
-    idx = random_indices(1, T, S, 48, causal=True, p_empty=0.0)
+    torch.use_deterministic_algorithms. float32 with about 128 terms per key, so a different
+    summation order shows in the last bits; the sizes make 8 (attention, top-k KL) and 16 (dense
+    KL) chunks (csrc/cpu/chunked_sum.h: fixed_chunks), so 2 and 3 threads run several waves."""
+    T = S = 512
+    idx = random_indices(1, T, S, 128, causal=True, p_empty=0.0)
     if case == "sparse_attention":
         fn, inputs = (lambda q, k, v: dsa_ext.sparse_attention(q, k, v, idx)), attention_inputs(T, S)
     else:

@@ -4,7 +4,8 @@
 // items, in item order, into a buffer that starts at zero, and
 //   out = ((c_0 + c_1) + c_2) + ...   element by element, in chunk order.
 // Chunks run in waves of P = min(threads, chunks), one buffer each (memory: P copies of out,
-// not one per chunk); after a wave its buffers are added into out in chunk order, then zeroed.
+// not one per chunk, each zeroed by the thread that first fills it); after a wave its buffers
+// are added into out in chunk order, then zeroed, over the range each chunk reached only.
 // Chunk 0 accumulates into out directly (out starts at zero and a sum that starts at +0 is
 // never -0, so 0 + c_0 == c_0 bit for bit): one chunk costs no buffer and no fold.
 #pragma once
@@ -29,7 +30,7 @@ struct Reach {
 // few enough that the folds, one streaming pass per chunk over its rows, stay a small share of
 // the random row traffic of the work (kWorkPerFold gathered rows per folded row).
 inline int64_t fixed_chunks(int64_t items, int64_t work, int64_t fold_rows) {
-  constexpr int64_t kMaxChunks = 64, kWorkPerFold = 8;
+  constexpr int64_t kMaxChunks = 64, kWorkPerFold = 16;
   const int64_t by_cost = work / std::max<int64_t>(1, kWorkPerFold * fold_rows);
   return std::clamp<int64_t>(std::min(by_cost, kMaxChunks), 1, std::max<int64_t>(1, items));
 }
@@ -41,13 +42,16 @@ template <typename acc_t, typename Compute>
 void chunked_sum(int64_t chunks, int64_t size, acc_t* out, const Compute& compute) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t P = std::clamp<int64_t>(at::get_num_threads(), 1, chunks);
-  std::vector<acc_t> buffers(chunks > 1 ? P * size : 0, acc_t(0));
+  std::vector<std::vector<acc_t>> buffers(P);
   std::vector<Reach> reach(P);
   for (int64_t first = 0; first < chunks; first += P) {
     const int64_t n = std::min(P, chunks - first);
-    auto buffer = [&](int64_t i) { return first + i == 0 ? out : buffers.data() + i * size; };
+    auto buffer = [&](int64_t i) { return first + i == 0 ? out : buffers[i].data(); };
     parallel_items(0, n, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) reach[i] = compute(first + i, buffer(i));
+      for (int64_t i = b; i < e; ++i) {
+        if (first + i > 0 && buffers[i].empty()) buffers[i].assign(size, acc_t(0));
+        reach[i] = compute(first + i, buffer(i));
+      }
     });
     // fold: each element takes the wave's chunks in order; threads split the elements
     parallel_items(0, size, 1 << 14, [&](int64_t b, int64_t e) {
