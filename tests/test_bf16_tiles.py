@@ -24,10 +24,10 @@ SHAPES = [
 
 @pytest.fixture(params=[True, False], ids=["bf16_tiles", "widening"])
 def tiles(request):
-    before = _C.cpu_bf16_tiles_enabled()
-    _C.set_cpu_bf16_tiles(request.param)
+    before = dsa_ext.cpu_bf16_tiles_enabled()
+    dsa_ext.set_cpu_bf16_tiles(request.param)
     yield request.param
-    _C.set_cpu_bf16_tiles(before)
+    dsa_ext.set_cpu_bf16_tiles(before)
 
 
 def run(fn, q, k, v, idx, go, gl):
@@ -86,13 +86,13 @@ def test_the_switch_changes_the_path(seed):
     idx = random_indices(B, T, S, K)
     q_idx, k_idx, w = torch.randn(B, T, 4, 64, dtype=torch.bfloat16), torch.randn(B, S, 64, dtype=torch.bfloat16), \
         torch.randn(B, T, 4)
-    before = _C.cpu_bf16_tiles_enabled()
+    before = dsa_ext.cpu_bf16_tiles_enabled()
     try:
         outs = []
         for on in (True, False):
-            _C.set_cpu_bf16_tiles(on)
+            dsa_ext.set_cpu_bf16_tiles(on)
             outs.append((dsa_ext.sparse_attention(q, k, v, idx), dsa_ext.indexer_logits(q_idx, k_idx, w)))
     finally:
-        _C.set_cpu_bf16_tiles(before)
+        dsa_ext.set_cpu_bf16_tiles(before)
     assert not torch.equal(outs[0][0], outs[1][0])
     assert not torch.equal(outs[0][1], outs[1][1])
