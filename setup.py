@@ -5,6 +5,8 @@ the torch the extension is compiled against.
 Environment switches:
   DSA_EXT_CUDA=0|1      force the CUDA sources off/on (default: on when nvcc + CUDA torch exist)
   DSA_EXT_CPU_ISA       avx512|avx2|default: the CPU kernels' vector width (default: this CPU's)
+  DSA_EXT_OPENMP=0      build the CPU kernels without OpenMP (they then run on one thread;
+                        the default off Linux)
   TORCH_CUDA_ARCH_LIST  GPU targets (default here "8.0;9.0"; the device check builds "9.0" only)
   MAX_JOBS              parallel compile jobs for ninja
 """
@@ -63,20 +65,46 @@ def _cpu_vector_flags():
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+def _torch_openmp_runtime():
+    """The OpenMP runtime torch's CPU library loads (torch/lib/libgomp.so.1 in the Linux wheels),
+    or None where torch brings none of its own (it then uses the system's)."""
+    import torch
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in ("libgomp.so.1", "libgomp.so"):
+        if os.path.exists(os.path.join(lib, name)):
+            return os.path.join(lib, name)
+    return None
+
+
+def _openmp_flags():
+    """(compile, link) flags. The kernels split their work with at::parallel_for, whose OpenMP
+    code is inline header code compiled into the extension: without -fopenmp it runs on one
+    thread. Link the runtime torch itself uses, by path, so that the process holds one OpenMP
+    runtime (its SONAME is the one libtorch_cpu already loaded), not the compiler's own
+    (tests/test_parallel.py checks both). GCC or a GOMP-compatible compiler on Linux; elsewhere
+    (macOS: Apple clang has no -fopenmp) the kernels build without OpenMP and run on one thread."""
+    if os.environ.get("DSA_EXT_OPENMP") == "0" or platform.system() != "Linux":
+        return [], []
+    runtime = _torch_openmp_runtime()
+    return ["-fopenmp"], [runtime] if runtime else ["-fopenmp"]
+
+
 def build_extension():
     use_cuda = _want_cuda()
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *_cpu_vector_flags()]
+    omp_compile, omp_link = _openmp_flags()
+    cxx = ["-O3", "-std=c++20", "-fvisibility=hidden", *_cpu_vector_flags(), *omp_compile]
     if not use_cuda:
         return cpp_extension.CppExtension(
-            "dsa_ext._C", sources, extra_compile_args={"cxx": cxx},
+            "dsa_ext._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=omp_link,
             include_dirs=[os.path.join(ROOT, "csrc")])
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
             "-DDSA_EXT_WITH_CUDA"]
     return cpp_extension.CUDAExtension(
         "dsa_ext._C", sources + _sources("csrc/cuda/**/*.cu"),
-        extra_compile_args={"cxx": cxx + ["-DDSA_EXT_WITH_CUDA"], "nvcc": nvcc},
+        extra_compile_args={"cxx": cxx + ["-DDSA_EXT_WITH_CUDA"], "nvcc": nvcc}, extra_link_args=omp_link,
         include_dirs=[os.path.join(ROOT, "csrc")])
 
 

@@ -26,6 +26,19 @@ def index_checks_enabled() -> bool:
     return _C.index_checks_enabled()
 
 
+def set_cpu_bf16_tiles(enabled: bool) -> None:
+    """bfloat16 CPU kernels: use the AVX512-BF16 dot-product instruction where the CPU has it
+    (default on; dot products exact, summed in float; attention probabilities rounded to
+    bfloat16 before they weight v, as a bfloat16 matmul rounds them). Off: the rows are widened
+    to float and every product is float. No effect on CPUs without AVX512-BF16."""
+    _C.set_cpu_bf16_tiles(bool(enabled))
+
+
+def cpu_bf16_tiles_enabled() -> bool:
+    """Whether bfloat16 CPU kernels use AVX512-BF16 now (the CPU has it and it is switched on)."""
+    return _C.cpu_bf16_tiles_enabled()
+
+
 __all__ = [
     "indexer_logits",
     "topk_indices",
@@ -36,5 +49,7 @@ __all__ = [
     "fp8",
     "set_index_checks",
     "index_checks_enabled",
+    "set_cpu_bf16_tiles",
+    "cpu_bf16_tiles_enabled",
     "built_with_cuda",
 ]
