@@ -32,6 +32,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import cli  # python/ (this file's folder) is on sys.path
 import dsa_ext
 from cpu_info import header, machine, threads, timeit
 from dsa_ext import reference
@@ -155,24 +156,62 @@ def print_table(rows, info):
     print("ratio = dense time / sparse time (same run, all threads); causal FLOP ratio = T/(2k); TF/s over fwd+bwd")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192, 16384])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--scaling-T", type=int, default=8192, help="T = S of the scaling table (0: skip it)")
-    parser.add_argument("--k", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="out/bench")
-    args, rest = parser.parse_known_args()
+CPU_DEFAULTS = {"sizes": [4096, 8192, 16384], "dtypes": ["bfloat16", "float32"], "k": 256, "reps": 3,
+                "scaling_T": 8192}
+
+
+def _default(name: str) -> str:
+    value = CPU_DEFAULTS[name]
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="cpu: the CPU benchmark; cuda: the GPU suites, which take the "
+                             "options of python/bench_cuda_attention.py (--shapes, --indices, ...)")
+    # the CPU benchmark's options: absent unless given, so that --device cuda can reject them
+    parser.add_argument("--sizes", type=int, nargs="+", default=argparse.SUPPRESS,
+                        help=f"sequence lengths T = S, each > --k (default: {_default('sizes')})")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float64"], default=argparse.SUPPRESS,
+                        help=f"input dtypes (default: {_default('dtypes')})")
+    parser.add_argument("--k", type=int, default=argparse.SUPPRESS, help=f"keys per query, topk (default: {_default('k')})")
+    parser.add_argument("--reps", type=int, default=argparse.SUPPRESS,
+                        help=f"timed repetitions, the median is taken (default: {_default('reps')})")
+    parser.add_argument("--scaling-T", type=int, default=argparse.SUPPRESS,
+                        help=f"T = S of the 1-thread vs all-threads table, 0 skips it (default: {_default('scaling_T')})")
+    parser.add_argument("--out", default="out/bench", help="directory of bench_cpu.json")
+    args, rest = parser.parse_known_args(argv)
+    cpu_only = [f"--{name.replace('_', '-')}" for name in CPU_DEFAULTS if name in vars(args)]
+    if args.device == "cuda":
+        if cpu_only:
+            parser.error(f"{' '.join(cpu_only)}: options of the CPU benchmark; --device cuda runs "
+                         f"python/bench_cuda_attention.py's shapes (see its --help)")
+        return args, rest
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (--shapes, --indices and the other options of "
+                     f"python/bench_cuda_attention.py apply with --device cuda only; the CPU benchmark "
+                     f"takes --sizes, --dtypes, --k, --reps, --scaling-T)")
+    for name, value in CPU_DEFAULTS.items():
+        vars(args).setdefault(name, value)
+    if args.k < 1 or args.reps < 1:
+        parser.error(f"--k and --reps: expected >= 1, got {args.k} and {args.reps}")
+    short = [T for T in args.sizes if T <= args.k]
+    if short:
+        parser.error(f"--sizes {' '.join(map(str, short))}: each T must exceed --k {args.k}; with T <= k every "
+                     f"query keeps all its keys, so sparse and dense attention do the same work and the ratio "
+                     f"measures nothing")
+    return args, rest
+
+
+def main(argv=None):
+    args, rest = parse_args(argv)
     if args.device == "cuda":
         import bench_cuda_attention  # python/ is on sys.path when this file runs
         import bench_cuda_indexer
 
         bench_cuda_attention.main(rest)
         return bench_cuda_indexer.main([])
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(0)
     info = machine()
     print(header(info), flush=True)

@@ -37,6 +37,8 @@ import subprocess
 import sys
 import time
 
+import cli  # python/ (this file's folder) is on sys.path
+
 SHAPE = dict(B=1, H=8, Hkv=8, Hi=4, Di=64, Dqk=64)
 IMPLS = ("fused", "reference")
 
@@ -162,11 +164,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(run_case(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="sequence lengths T = S")
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                        help="what is measured: the forward alone, and forward with backward")
     parser.add_argument("--ref-max-T", type=int, default=8192, help="skip the reference above this T")
-    parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--out", default="out/bench", help="directory of bench_kl_loss.json")
     args = parser.parse_args()
 
     rows, summary = [], {}
