@@ -5,19 +5,13 @@ its extra memory should grow linearly in T; the reference (dsa_ext.reference.ind
 builds the [B, H, T, S] attention probabilities and [B, T, Hi, S] indexer dots, so it grows with
 T * S. Dense warm-up form (every causal key), T = S, B=1, H=8 (MHA), Hi=4, Dqk=Di=64, float32.
 
-How peak memory is measured: every (implementation, T, pass) case runs in a fresh subprocess.
-The child builds its inputs, runs the implementation once on tiny inputs (loads the code, starts
-the thread pool), then resets the Linux kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs
-resets VmHWM) and reads VmRSS. After the measured call it reads VmHWM: peak extra memory =
-VmHWM - VmRSS before the call, i.e. every page the call (and autograd, for "fwd+bwd") touched
-above what the inputs already held, including the outputs, gradients, the autograd graph's saved
-tensors and scratch, whether allocated by torch or by the kernel's own std::vector buffers. Where
-clear_refs is unavailable the child falls back to ru_maxrss (a fresh process's high-water mark)
-minus the RSS before the call. The child runs with MALLOC_MMAP_THRESHOLD_=16384 so that
-glibc maps every block of 16 KiB or more afresh (and unmaps it on free): a call's buffers cannot
-hide in heap pages an earlier allocation left resident. Smaller blocks, page granularity and
-Linux's batched per-thread RSS counters still leave a few hundred KiB of noise, which is why the table also gives the slope between
-sizes, not only bytes per token.
+How peak memory is measured (python/peak_memory.py): every (implementation, T, pass) case runs in
+a fresh subprocess, which builds its inputs, runs the implementation once on tiny inputs (loads the
+code, starts the thread pool), resets the kernel's peak-RSS counter and measures the call: peak
+extra memory = every page the call (and autograd, for "fwd+bwd") touched above what the inputs
+held, including outputs, gradients, saved tensors and the kernels' own buffers. Page granularity
+and Linux's batched per-thread RSS counters leave a few hundred KiB of noise, which is why the
+table also gives the slope between sizes, not only bytes per token.
 
 Time: wall-clock and process CPU time (all threads) of the same single call; the CPU time is the
 steadier figure on a shared machine. The table is printed with the machine (CPU flags, threads,
@@ -31,30 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
-import subprocess
 import sys
-import time
 
 import cli  # python/ (this file's folder) is on sys.path
+import peak_memory
 
 SHAPE = dict(B=1, H=8, Hkv=8, Hi=4, Di=64, Dqk=64)
 IMPLS = ("fused", "reference")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def run_case(impl: str, T: int, passes: str) -> dict:
@@ -83,30 +60,15 @@ def run_case(impl: str, T: int, passes: str) -> dict:
 
     call(inputs(64))  # warm-up: code loaded, thread pool started
     args = inputs(T)
-    exact = _reset_peak()
-    rss_before = _status_kib("VmRSS")
-    maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    c0, t0 = time.process_time(), time.perf_counter()
-    loss = call(args)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak_kib = _status_kib("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "impl": impl, "T": T, "S": T, "pass": passes, **SHAPE, "dtype": "float32",
-        "threads": torch.get_num_threads(), "wall_s": wall, "cpu_s": cpu,
-        "peak_extra_bytes": (peak_kib - rss_before) * 1024,
-        "method": "VmHWM reset via clear_refs" if exact else "ru_maxrss delta",
-        "rss_before_bytes": rss_before * 1024, "maxrss_before_bytes": maxrss_before * 1024,
-        "loss_sum": float(loss.sum()),
-    }
+    loss = None
 
+    def measured():
+        nonlocal loss
+        loss = call(args)
 
-def spawn(impl: str, T: int, passes: str) -> dict:
-    # glibc serves blocks >= 16 KiB from fresh mmaps and unmaps them on free (a fixed threshold,
-    # not the adaptive one): a call's buffers cannot hide in heap pages freed before it.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="16384")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", impl, str(T), passes],
-                         capture_output=True, text=True, check=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    r = peak_memory.measure(measured)
+    return {"impl": impl, "T": T, "S": T, "pass": passes, **SHAPE, "dtype": "float32",
+            "threads": torch.get_num_threads(), **r, "loss_sum": float(loss.sum())}
 
 
 def slope(rows: list[dict]) -> float | None:
@@ -178,7 +140,7 @@ def main() -> None:
             for impl in IMPLS:
                 if impl == "reference" and T > args.ref_max_T:
                     continue
-                r = spawn(impl, T, passes)
+                r = peak_memory.spawn(__file__, impl, str(T), passes)
                 rows.append(r)
                 print(f"{passes:>8} T={T:>5} {impl:>9}: peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB, "
                       f"{r['wall_s']:.2f} s wall, {r['cpu_s']:.2f} s cpu", flush=True)
