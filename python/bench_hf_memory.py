@@ -31,6 +31,8 @@ import re
 import subprocess
 import sys
 
+import cli  # python/ (this file's folder) is on sys.path
+
 GIB = 2 ** 30
 
 
@@ -107,13 +109,15 @@ def row(r: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
-    p.add_argument("--impl", default="hf_eager", choices=["hf_eager", "hf_sdpa"], help="transformers' path")
-    p.add_argument("--topk", type=int, default=256)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096], help="sequence lengths T")
+    p.add_argument("--impl", default="hf_eager", choices=["hf_eager", "hf_sdpa"],
+                   help="transformers' attention path the DSA model is compared with")
+    p.add_argument("--topk", type=int, default=256, help="keys per query")
     p.add_argument("--heads", type=int, default=8, help="attention heads (V3.2: 128)")
     p.add_argument("--indexer-heads", type=int, default=8, help="indexer heads (V3.2: 64)")
-    p.add_argument("--limit-gib", type=float, default=20.0)
+    p.add_argument("--limit-gib", type=float, default=20.0,
+                   help="the memory budget the largest fitting T is extrapolated for")
     p.add_argument("--child", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:

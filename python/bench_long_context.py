@@ -18,8 +18,8 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import peak_memory  # noqa: E402
+import cli  # python/ (this file's folder) is on sys.path
+import peak_memory
 
 SHAPE = dict(B=1, H=4, Hkv=1, D=32, Hi=4, Di=32)
 CASES = ("indexer_topk", "sparse_attention", "kl_dense", "kl_sparse")
@@ -83,12 +83,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(run_case(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--T", type=int, default=131072, help="sequence length T = S (default: %(default)s)")
-    parser.add_argument("--topk", type=int, default=256, help="keys per query (default: %(default)s)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--T", type=int, default=131072, help="sequence length T = S")
+    parser.add_argument("--topk", type=int, default=256, help="keys per query")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES),
-                        help="operators to run (default: all)")
-    parser.add_argument("--out", default="out/bench", help="directory of the JSON (default: %(default)s)")
+                        help="operators to run")
+    parser.add_argument("--out", default="out/bench", help="directory of the JSON")
     args = parser.parse_args()
     import torch
 
