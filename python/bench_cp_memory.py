@@ -109,16 +109,19 @@ def design_table(ranks: int = 8) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-len", type=int, default=16384)
-    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--indexer-heads", type=int, default=4)
-    p.add_argument("--indexer-dim", type=int, default=32)
-    p.add_argument("--topk", type=int, default=256)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import cli
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--seq-len", type=int, default=16384, help="tokens of the one training sequence, T")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="context-parallel rank counts to measure")
+    p.add_argument("--d-model", type=int, default=256, help="model width")
+    p.add_argument("--heads", type=int, default=4, help="attention heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (GQA)")
+    p.add_argument("--layers", type=int, default=2, help="Transformer layers")
+    p.add_argument("--indexer-heads", type=int, default=4, help="indexer heads per layer, Hi")
+    p.add_argument("--indexer-dim", type=int, default=32, help="indexer head width, Di")
+    p.add_argument("--topk", type=int, default=256, help="keys each query keeps")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     args = p.parse_args()
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":  # glibc reads it at start: re-run with it set
@@ -126,7 +129,6 @@ def main() -> None:
         os.execv(sys.executable, [sys.executable, *sys.argv])
     import torch
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import cpu_info
 
     print(cpu_info.header(cpu_info.machine()))
