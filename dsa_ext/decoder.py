@@ -51,9 +51,16 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 
 
 class DenseCore(nn.Module):
-    """Plain causal attention: the core of an unconverted model."""
+    """Plain causal attention: the core of an unconverted model (over a context-parallel group's
+    gathered keys when :func:`dsa_ext.context_parallel.enable` set ``context_parallel``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.context_parallel = None
 
     def forward(self, q, k, v, hidden_states=None, positions=None, scale=None):
+        if self.context_parallel is not None:
+            return self.context_parallel.dense_attention(q, k, v, scale)
         return dense_causal_attention(q, k, v, scale)
 
 
@@ -114,8 +121,11 @@ class Decoder(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        """ids [B, T]; positions [T] (default arange(T); under context parallelism the global
+        positions of the rank's tokens, ``cp.positions()``)."""
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device)
         x = self.embed(ids)
         for block in self.blocks:
             x = block(x, positions)

@@ -149,7 +149,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask,
                                       dropout=dropout, scaling=scale, **kwargs)[0]
 
-    if core.mode == "dense" and core.recall is None:
+    if core.mode == "dense" and core.recall is None and core.context_parallel is None:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
     if not causal:
         raise NotImplementedError(f"DSA mode {core.mode!r} supports causal attention without padding; "

@@ -18,6 +18,7 @@ dsa_model/ (hf.save_pretrained of the converted model).
   python python/train.py --preset tiny --out /tmp/x       # every stage in seconds (a smoke test)
   python python/train.py --preset gpu --out runs/gpu      # real sizes on a GPU
   torchrun --nproc_per_node 2 python/train.py ...         # DDP (gloo on CPU, nccl on GPU)
+  torchrun --nproc_per_node 4 python/train.py --cp 2      # each sequence over 2 ranks x 2 data-parallel
   python python/train.py --data my_texts/ --tokenizer path/to/hf_tokenizer --arch llama
   python python/train.py --arch llama --init path/to/hf_checkpoint   # start from a dense model
 """
@@ -40,8 +41,11 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cli  # noqa: E402
 import train_data  # noqa: E402
+import train_parallel  # noqa: E402
 import train_report  # noqa: E402
+from train_parallel import Env  # noqa: E402
 
+from dsa_ext import context_parallel  # noqa: E402
 from dsa_ext import nn as dsa_nn  # noqa: E402
 from dsa_ext import decoder as dsa_decoder  # noqa: E402
 
@@ -125,6 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when a GPU is visible, else cpu")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context parallelism: processes that share each sequence (dsa_ext.context_parallel); "
+                        "under torchrun the processes form data-parallel groups of --cp (world = dp x cp)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="shard the model with FSDP2 (fully_shard of every layer, indexers included) over all "
+                        "processes instead of replicating it with DDP")
     for name, typ, text in PRESET_OPTIONS:
         values = ", ".join(f"{preset} {PRESETS[preset][name]}" for preset in PRESETS)
         p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=argparse.SUPPRESS,
@@ -165,47 +175,17 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--init: no such file or directory: {args.init}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Processes and devices
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Env:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            t = t.to(self.device)
-            dist.all_reduce(t)
-        return t.cpu()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def setup_env(device_arg: str) -> Env:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
-    device = torch.device(f"cuda:{local}") if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Env(rank, world, device)
+    if args.cp < 1 or world % args.cp:
+        p.error(f"--cp {args.cp}: expected a divisor of the number of processes ({world}; world = dp x cp)")
+    if args.seq_len < 2 * args.cp:
+        p.error(f"--seq-len {args.seq_len}: context parallelism over --cp {args.cp} needs >= {2 * args.cp} tokens")
+    if args.fsdp and world == 1:
+        p.error("--fsdp shards the model over processes: run under torchrun with 2 or more")
+    dp = world // args.cp
+    if args.fsdp and (args.val_windows % dp or args.recall_windows % dp):
+        p.error(f"--fsdp: --val-windows {args.val_windows} and --recall-windows {args.recall_windows} must be "
+                f"multiples of the data-parallel size {dp} (every process runs every forward of a sharded model)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,8 +200,9 @@ class HFCausalLM(nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=ids, use_cache=False).logits
+    def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kw = {} if positions is None else {"position_ids": positions[None]}
+        return self.hf(input_ids=ids, use_cache=False, **kw).logits
 
 
 def _is_hf_dir(path: Optional[str]) -> bool:
@@ -299,6 +280,24 @@ def lm_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
 
 
+def forward_tokens(net: nn.Module, ids: torch.Tensor, env: Env) -> torch.Tensor:
+    """The model's logits for ids [B, S]: all of them, or under context parallelism this rank's
+    share of the tokens (at their global positions)."""
+    if env.cp is None:
+        return net(ids)
+    return net(env.cp.shard(ids), env.cp.positions(ids.device))
+
+
+def lm_forward(net: nn.Module, batch: torch.Tensor, env: Env) -> torch.Tensor:
+    """The mean next-token loss of batch [B, S + 1]; under context parallelism this rank's share
+    of it (its tokens' losses over all B * S tokens: the shares add up to the loss)."""
+    logits = forward_tokens(net, batch[:, :-1], env)
+    if env.cp is None:
+        return lm_loss(logits, batch)
+    targets = env.cp.shard(batch[:, 1:]).flatten()
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / batch[:, 1:].numel()
+
+
 def autocast(env: Env):
     if env.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -309,13 +308,13 @@ def autocast(env: Env):
 def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for w in windows[env.rank::env.world]:
-        batch = w[None].to(env.device)
+    for w in windows[env.dp_rank::env.dp_size]:
         with autocast(env):
-            logits = model(batch[:, :-1])
-        total += torch.tensor([lm_loss(logits, batch).item(), 1.0], dtype=torch.float64)
+            loss = lm_forward(model, w[None].to(env.device), env)
+        total += torch.tensor([loss.item(), 1.0 / env.cp_size], dtype=torch.float64)
     total = env.all_sum(total)
     model.train()
+    train_parallel.reshard(model, env)
     return float(total[0] / total[1])
 
 
@@ -327,12 +326,13 @@ def recall(model: nn.Module, windows: torch.Tensor, env: Env) -> Dict[str, List[
     modes = [m.mode for m in dsa_nn.dsa_modules(model)]
     dsa_nn.set_mode(model, "dense")
     with dsa_nn.recall_stats(model) as stats:
-        for w in windows[env.rank::env.world]:
+        for w in windows[env.dp_rank::env.dp_size]:
             with autocast(env):
-                model(w[None, :-1].to(env.device))
+                forward_tokens(model, w[None, :-1].to(env.device), env)
     for m, mode in zip(dsa_nn.dsa_modules(model), modes):
         m.mode = mode
     model.train()
+    train_parallel.reshard(model, env)
     return stats.result(env.all_sum(stats.tensor()))
 
 
@@ -393,8 +393,7 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
     rec = {"step": 0, "tokens": 0, "train_time_s": 0.0, "history": [], "done": False}
     if args.resume and os.path.exists(path):
         saved = load_checkpoint(path, env.device)
-        st.model.load_state_dict(saved["model"])
-        st.optimizer.load_state_dict(saved["optimizer"])
+        train_parallel.load_checkpoint_state(st.model, st.optimizer, saved, env)
         rec = saved["record"]
     if rec["done"]:
         progress.update(st.name, rec, 0, 0.0)
@@ -402,13 +401,12 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
     if not rec["history"]:
         rec["history"].append({"step": 0, "tokens": 0, **st.evaluate()})
     trainable = [p for p in st.model.parameters() if p.requires_grad]
-    net = st.model
-    if env.world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(
-            st.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    net = train_parallel.wrap(st.model, env)
+    # DDP/FSDP average over all ranks; a context-parallel rank's losses are shares of its sequences'
+    dsa_nn.set_loss_scale(st.model, env.cp_size)
     for g in st.optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
-    per_rank = max(1, args.batch_size // env.world)
+    per_rank = max(1, args.batch_size // env.dp_size)
     bar = tqdm(total=st.steps, initial=rec["step"], desc=f"{st.name:>14}", disable=not env.main,
                dynamic_ncols=True, leave=True)
     first_step, t_stage, wall_before = rec["step"], time.perf_counter(), rec.get("wall_s", 0.0)
@@ -418,20 +416,20 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
         for g in st.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * st.schedule(step)
         batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed,
-                                       STAGE_DATA[st.name], step, env.rank).to(env.device)
+                                       STAGE_DATA[st.name], step, env.dp_rank).to(env.device)
         t0 = time.perf_counter()
         with autocast(env):
             losses = st.loss(net, st.model, batch)
         st.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        (losses["loss"] * env.cp_size).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         st.optimizer.step()
         if env.device.type == "cuda":
             torch.cuda.synchronize()
         rec["train_time_s"] += time.perf_counter() - t0
-        rec["tokens"] += per_rank * env.world * args.seq_len
+        rec["tokens"] += per_rank * env.dp_size * args.seq_len
         rec["step"] = step + 1
-        logs = {k: float(v.detach()) for k, v in losses.items()}
+        logs = {k: float(env.cp_sum(v.detach())) for k, v in losses.items()}
         rec["done"] = rec["step"] == st.steps
         evaluated = rec["step"] % args.eval_every == 0 or rec["done"]
         if evaluated:
@@ -440,8 +438,7 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
         if evaluated:
             progress.update(st.name, rec, rec["step"] - first_step, time.perf_counter() - t_stage)
         if rec["step"] % args.ckpt_every == 0 or rec["done"]:
-            save(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
-                        "record": rec}, env)
+            save(path, {**train_parallel.checkpoint_state(st.model, st.optimizer, env), "record": rec}, env)
         bar.set_postfix({**{k: f"{v:.3f}" for k, v in logs.items()},
                          "tok/s": f"{rec['tokens'] / max(rec['train_time_s'], 1e-9):.0f}"})
         bar.update(1)
@@ -496,7 +493,7 @@ def adamw(groups, lr) -> torch.optim.Optimizer:
 
 def main(argv=None) -> Dict:
     args = parse_args(argv)
-    env = setup_env(args.device)
+    env = train_parallel.setup_env(args.device, args.cp, args.fsdp)
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
     if env.main:
@@ -508,7 +505,8 @@ def main(argv=None) -> Dict:
     rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len)
     if env.main:
         print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
-              f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device}", flush=True)
+              f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device} (data parallel "
+              f"{env.dp_size} x context parallel {env.cp_size}{', FSDP2' if env.fsdp else ''})", flush=True)
     plan = {name: steps for name, steps in zip(STAGES, (args.pretrain_steps, args.warmup_steps,
                                                         args.sparse_steps, args.sparse_steps))
             if name != "pretrain" or not args.init}
@@ -519,33 +517,47 @@ def main(argv=None) -> Dict:
               f"(more when other jobs share the machine). Progress per stage: {progress.path}", flush=True)
 
     def lm_step(net, model, batch):
-        loss = lm_loss(net(batch[:, :-1]), batch)
+        loss = lm_forward(net, batch, env)
         return {"loss": loss, "lm": loss.detach()}
 
     def eval_loss(model):
         return lambda: {"val_loss": val_loss(model, val, env)}
 
+    def prepare(model, state=None, mode=None):
+        """A stage's model: loaded from state, converted to DSA in mode, context-parallel, sharded."""
+        if state is not None:
+            model.load_state_dict(state)
+        if mode is not None:
+            convert(model, args, mode)
+        if env.cp is not None:
+            context_parallel.enable(model, env.cp)
+        if env.fsdp:
+            train_parallel.shard(model, model.blocks if isinstance(model, dsa_decoder.Decoder) else
+                                 model.hf.model.layers, env)
+        return model
+
     # 1. dense model: pretrain or load
     dense = build_dense(args, corpus.vocab_size).to(env.device)
     stages: Dict[str, Dict] = {}
-    if args.init and not _is_hf_dir(args.init):
-        dense.load_state_dict(load_checkpoint(args.init, env.device)["model"])
-    elif not args.init:
+    init_state = load_checkpoint(args.init, env.device)["model"] if args.init and not _is_hf_dir(args.init) else None
+    dense = prepare(dense, init_state)
+    if not args.init:
         stages["pretrain"] = run_stage(Stage(
             "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),
             args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus, progress)
-    dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
+    dense_state = train_parallel.full_state(dense, env)
     val_pretrained = val_loss(dense, val, env)
+    del dense
 
     # 2. indexer warm-up: dense attention, main model frozen, KL only
-    dsa = convert(dense, args, "warmup")
+    dsa = prepare(build_dense(args, corpus.vocab_size).to(env.device), dense_state, "warmup")
     trainable = dsa_nn.freeze_for_warmup(dsa)
     recall_init = recall(dsa, rec_windows, env)
 
     # The indexer's KL loss rides on the attention outputs' autograd graph (dsa_ext.nn.DSAAttention):
     # backpropagating the LM loss of the frozen model trains the indexers on their KL alone.
     def warmup_step(net, model, batch):
-        lm = lm_loss(net(batch[:, :-1]), batch)
+        lm = lm_forward(net, batch, env)
         return {"loss": lm, "kl": dsa_nn.indexer_loss(model), "lm": lm.detach()}
 
     def eval_recall():
@@ -563,7 +575,7 @@ def main(argv=None) -> Dict:
     val_dsa_after_warmup = val_loss(dsa, val, env)
 
     def sparse_step(net, model, batch):
-        lm = lm_loss(net(batch[:, :-1]), batch)
+        lm = lm_forward(net, batch, env)
         return {"loss": lm, "lm": lm.detach(), "kl": dsa_nn.indexer_loss(model)}
 
     stages["sparse"] = run_stage(Stage(
@@ -573,8 +585,7 @@ def main(argv=None) -> Dict:
     recall_final = recall(dsa, rec_windows, env)
 
     # 4. dense baseline: the same checkpoint, the same batches, dense attention
-    base = build_dense(args, corpus.vocab_size).to(env.device)
-    base.load_state_dict(dense_state)
+    base = prepare(build_dense(args, corpus.vocab_size).to(env.device), dense_state)
     stages["dense_baseline"] = run_stage(Stage(
         "dense_baseline", base, adamw(dsa_nn.param_groups(base, args.continue_lr), args.continue_lr),
         args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus, progress)
@@ -605,6 +616,7 @@ def summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup, r
         "tokens_per_s": {s: r["tokens"] / r["train_time_s"] for s, r in stages.items() if r["train_time_s"] > 0},
         "tokens": {s: r["tokens"] for s, r in stages.items()},
         "wall_time_s": wall, "world_size": env.world, "device": str(env.device.type),
+        "data_parallel": env.dp_size, "context_parallel": env.cp_size, "fsdp": env.fsdp,
         "history": {s: r["history"] for s, r in stages.items()},
         "config": vars(args),
     }
@@ -616,9 +628,12 @@ def write_outputs(args, result: Dict, dsa: nn.Module, progress: Progress) -> Non
     text = train_report.table(result)
     progress.write(head=text + "\n\n")
     train_report.plot(result, os.path.join(args.out, "curves.png"))
-    if isinstance(dsa, HFCausalLM):
+    if isinstance(dsa, HFCausalLM) and args.fsdp:
+        print("dsa_model/ not written: the model is sharded (--fsdp); ckpt/sparse.pt holds its whole state dict")
+    elif isinstance(dsa, HFCausalLM):
         from dsa_ext import hf
 
+        context_parallel.disable(dsa)  # the saved model attends over whole sequences
         hf.save_pretrained(dsa.hf, os.path.join(args.out, "dsa_model"))
     print(text + "\n\n" + progress.table())
     print(f"wrote {args.out}/results.json, results.md, curves.png, ckpt/")

@@ -138,9 +138,26 @@ def test_torchrun_two_processes_gloo(tmp_path, text_dir):
     check_results(results(tmp_path), world=2)
 
 
+@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
+def test_torchrun_context_parallel_equals_one_process(tmp_path, text_dir, extra):
+    """--cp 2 on 2 processes (each sequence split over both; DDP, or FSDP2 of the model) trains
+    on the same batches as one process and reports the same results, up to float32 rounding."""
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    run(tmp_path / "cp", "--data", text_dir, "--cp", "2", *extra, launcher=launcher)
+    run(tmp_path / "one", "--data", text_dir)
+    a, b = results(tmp_path / "one"), results(tmp_path / "cp")
+    check_results(b, world=2)
+    assert b["context_parallel"] == 2 and b["data_parallel"] == 1 and b["fsdp"] == bool(extra)
+    for key in ("val_loss_pretrained", "val_loss_dsa_after_warmup", "val_loss_dense", "val_loss_dsa",
+                "recall_init", "recall_warmup", "recall_final"):
+        assert b[key] == pytest.approx(a[key], rel=1e-3), key
+
+
 def test_bad_arguments_fail_clearly(tmp_path):
     res = run(tmp_path, "--data", str(tmp_path / "missing"), check=False)
     assert res.returncode != 0 and "no such file or directory" in res.stderr
+    res = run(tmp_path, "--cp", "2", check=False)  # one process cannot hold half a sequence
+    assert res.returncode != 0 and "--cp 2: expected a divisor of the number of processes (1" in res.stderr
 
 
 class _Payload:

@@ -125,6 +125,8 @@ class DSAAttention(nn.Module):
         self.loss_scale = 1.0
         self.last_loss: Optional[Tensor] = None
         self.recall: Optional["RecallSums"] = None
+        # a dsa_ext.context_parallel.ContextParallel: q, k, v, hidden states are this rank's tokens
+        self.context_parallel = None
 
     @classmethod
     def from_config(cls, config: DSAConfig, hidden_size: int) -> "DSAAttention":
@@ -161,6 +163,8 @@ class DSAAttention(nn.Module):
             raise ValueError("DSAAttention.select: this core has no indexer (it attends over another "
                              "layer's selection)")
         q_idx, k_idx, w = self.indexer(hidden_states, positions, q_input=q_input, rope=rope)
+        if self.context_parallel is not None:
+            return self.context_parallel.select(self, q_idx, k_idx, w)
         indices = None
         if self.mode == "sparse" or self.recall is not None:
             with torch.no_grad():
@@ -176,11 +180,13 @@ class DSAAttention(nn.Module):
         if scale is None:
             scale = default_attention_scale(q.shape[-1])
         dense_fn = dense_fn or dense_causal_attention
-        if self.mode == "dense" and self.recall is None:
+        if self.mode == "dense" and self.recall is None and self.context_parallel is None:
             return dense_fn(q, k, v, scale)
         if torch.is_autocast_enabled(q.device.type):  # a host's RoPE in float32 leaves q, k in float32
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if self.context_parallel is not None:  # global causality: the host's dense_fn does not apply
+            return self.context_parallel.attend(self, q, k, v, selection, scale)
         own = selection is not None and selection.q_idx is not None
         if own and selection.k_idx.shape[1] != k.shape[1]:
             raise NotImplementedError(
@@ -198,17 +204,18 @@ class DSAAttention(nn.Module):
             if want_loss:
                 out = self._attach_loss(out, ops.indexer_kl_loss(
                     selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), indices,
-                    self.indexer.scale, scale, True, lse.detach()))
+                    self.indexer.scale, scale, True, lse.detach()).mean())
             return out
         out = dense_fn(q, k, v, scale)
         if want_loss:
             out = self._attach_loss(out, ops.indexer_kl_loss(
                 selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), None,
-                self.indexer.scale, scale, True, None))
+                self.indexer.scale, scale, True, None).mean())
         return out
 
-    def _attach_loss(self, out: Tensor, per_token: Tensor) -> Tensor:
-        loss = per_token.mean()
+    def _attach_loss(self, out: Tensor, loss: Tensor) -> Tensor:
+        """Attach this layer's indexer loss (a scalar: the mean over tokens, or under context
+        parallelism this rank's share of it) to the attention output."""
         self.last_loss = loss.detach()
         return AttachIndexerLoss.apply(out, loss, self.loss_coeff * self.loss_scale)
 

@@ -1,0 +1,302 @@
+"""Context parallelism for DSA: one sequence split over the ranks of a ``torch.distributed`` group.
+
+Layout (:class:`ZigzagLayout`): the T tokens are cut into 2N chunks of floor/ceil(T / 2N) tokens
+and rank r holds chunks r and 2N-1-r (in that order), so every rank gets one early and one late
+chunk and the causal work (keys per query) is the same on every rank; any T >= 2N works.
+
+Per attention layer each rank (:class:`ContextParallel`):
+- runs its indexer on its own tokens at their global positions, then all-gathers the indexer keys
+  (one Di-vector per token) and selects its queries' top-k over the global prefix each chunk may
+  see (global key positions, so indices are global);
+- all-gathers the layer's K and V (every row, not only the selected ones: see
+  docs/context_parallel.md for the bytes) and runs sparse (or, in modes dense/warmup, dense)
+  attention and the indexer KL loss for its own queries;
+- in backward, the gradients of the gathered keys and values go back to their owners by a
+  reduce-scatter (summed over the ranks whose queries used them).
+
+Every operator call sees a chunk of queries whose keys are the prefix [0, chunk end) of the
+sequence, which is the operators' bottom-right causal alignment: no mask is built and no
+operator changes. Losses are shares: each rank's indexer loss is the sum of its tokens' KL over
+the B * T tokens of the whole batch, so the shares add up over the group to the loss one process
+would compute; the training loop sums parameter gradients over the group (or averages them over
+a data-parallel group that includes it, with the loss scaled by the group size).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import fp8, ops
+
+if TYPE_CHECKING:
+    from .nn.attention import DSAAttention, Selection
+
+__all__ = ["ZigzagLayout", "ContextParallel", "enable", "disable"]
+
+
+# torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); both
+# concatenate the ranks' blocks along dim 0 and run on gloo and nccl
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class ZigzagLayout:
+    """Which tokens of a T-token sequence rank ``rank`` of ``size`` holds: chunks ``rank`` and
+    ``2*size-1-rank`` of 2*size contiguous chunks, in that order. Rank r holds T // size tokens
+    (one more for the first T % size ranks), split evenly over its two chunks, so chunk sizes
+    differ by at most one token and the ranks' lengths by at most one."""
+
+    def __init__(self, seq_len: int, size: int, rank: int):
+        if seq_len < 2 * size:
+            raise ValueError(f"context parallelism over {size} ranks needs a sequence of at least "
+                             f"{2 * size} tokens (two chunks per rank), got {seq_len}")
+        self.seq_len, self.size, self.rank = seq_len, size, rank
+        # rank r holds T // N tokens (one more for the first T % N ranks), half in each chunk
+        self.lengths = [seq_len // size + (r < seq_len % size) for r in range(size)]
+        sizes = [0] * (2 * size)
+        for r, n in enumerate(self.lengths):
+            sizes[r], sizes[2 * size - 1 - r] = n // 2, n - n // 2
+        bounds = [sum(sizes[:i]) for i in range(2 * size + 1)]
+        self.ranges: List[List[Tuple[int, int]]] = [
+            [(bounds[r], bounds[r + 1]), (bounds[2 * size - 1 - r], bounds[2 * size - r])] for r in range(size)]
+        self.max_len = max(self.lengths)
+        self._rows = {}  # gather_index per device
+
+    @property
+    def local_len(self) -> int:
+        return self.lengths[self.rank]
+
+    def chunks(self) -> List[Tuple[int, int, int]]:
+        """This rank's chunks as (first local row, end local row, end global position): the
+        queries of rows [a, b) see the keys [0, end) of the gathered sequence."""
+        out, row = [], 0
+        for s, e in self.ranges[self.rank]:
+            out.append((row, row + e - s, e))
+            row += e - s
+        return out
+
+    def positions(self, device=None) -> Tensor:
+        """The global positions of this rank's tokens, int64 [local_len]."""
+        return torch.cat([torch.arange(s, e, device=device) for s, e in self.ranges[self.rank]])
+
+    def take(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's tokens of the full-sequence tensor ``x`` (length seq_len along ``dim``)."""
+        if x.shape[dim] != self.seq_len:
+            raise ValueError(f"ZigzagLayout.take: expected {self.seq_len} tokens along dim {dim}, "
+                             f"got shape {tuple(x.shape)}")
+        return torch.cat([x.narrow(dim, s, e - s) for s, e in self.ranges[self.rank]], dim)
+
+    def gather_index(self, device=None) -> Tensor:
+        """For each global position, its row in the all-gathered buffer of size*max_len rows
+        (rank r's rows start at r*max_len; ranks shorter than max_len are padded at the end)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device not in self._rows:
+            rows = torch.empty(self.seq_len, dtype=torch.long)
+            for r, rr in enumerate(self.ranges):
+                row = r * self.max_len
+                for s, e in rr:
+                    rows[s:e] = torch.arange(row, row + e - s)
+                    row += e - s
+            self._rows[device] = rows.to(device)
+        return self._rows[device]
+
+
+class _GatherSequence(torch.autograd.Function):
+    """[B, L, *F] local rows -> [B, T, *F] the whole sequence in global order; backward sums each
+    row's gradient over the ranks and hands it to the row's owner (reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, cp: "ContextParallel", lay: ZigzagLayout) -> Tensor:
+        ctx.cp, ctx.lay = cp, lay
+        return cp._gather(x, lay)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return ctx.cp._scatter_sum(grad, ctx.lay), None, None
+
+
+class ContextParallel:
+    """A context-parallel group for DSA (see the module docstring).
+
+    ``cp = ContextParallel(group)``; per sequence ``x_local = cp.shard(x)`` (sets the layout of the
+    sequence length of x; shard every per-token tensor, inputs and targets alike, with it) and
+    ``cp.positions()`` the global positions of the local tokens, which the model must use for its
+    RoPE and hand to its DSA cores. :func:`enable` attaches the group to a model's attention cores.
+
+    ``bytes_moved`` counts, per rank, the bytes each collective receives from the other ranks
+    (all-gather: (N-1) * max_len rows; reduce-scatter: the same): the communication of a step.
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group if group is not None else dist.group.WORLD
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.layout: Optional[ZigzagLayout] = None
+        self.bytes_moved = 0
+
+    # -- the sequence --------------------------------------------------------------------------
+
+    def shard(self, x: Tensor, dim: int = 1) -> Tensor:
+        """This rank's tokens of ``x``; makes x's sequence length the current layout."""
+        if self.layout is None or self.layout.seq_len != x.shape[dim]:
+            self.layout = ZigzagLayout(x.shape[dim], self.size, self.rank)
+        return self.layout.take(x, dim)
+
+    def positions(self, device=None) -> Tensor:
+        return self._current().positions(device)
+
+    def _current(self, local_len: Optional[int] = None) -> ZigzagLayout:
+        if self.layout is None:
+            raise RuntimeError("ContextParallel: no sequence sharded yet (call cp.shard(tokens) first)")
+        if local_len is not None and local_len != self.layout.local_len:
+            raise RuntimeError(f"ContextParallel: this rank holds {self.layout.local_len} tokens of the "
+                               f"current {self.layout.seq_len}-token sequence, got a tensor of {local_len}")
+        return self.layout
+
+    # -- collectives ---------------------------------------------------------------------------
+
+    def gather(self, x: Tensor) -> Tensor:
+        """The whole sequence [B, T, *F] from every rank's rows x [B, L, *F] (autograd: the
+        gradient goes back to the owners)."""
+        return _GatherSequence.apply(x, self, self._current(x.shape[1]))
+
+    def _gather(self, x: Tensor, lay: ZigzagLayout) -> Tensor:
+        B, L, feat = x.shape[0], x.shape[1], x.shape[2:]
+        pad = x.new_zeros(B, lay.max_len, *feat)
+        pad[:, :L] = x
+        buf = x.new_empty(lay.size * B, lay.max_len, *feat)  # rank r's rows: buf[r*B:(r+1)*B]
+        _all_gather(buf, pad, group=self.group)
+        self.bytes_moved += (lay.size - 1) * pad.numel() * pad.element_size()
+        rows = buf.view(lay.size, B, lay.max_len, *feat).movedim(0, 1).reshape(B, lay.size * lay.max_len, *feat)
+        return rows.index_select(1, lay.gather_index(x.device))
+
+    def _scatter_sum(self, grad: Tensor, lay: ZigzagLayout) -> Tensor:
+        B, feat = grad.shape[0], grad.shape[2:]
+        rows = grad.new_zeros(B, lay.size * lay.max_len, *feat)
+        rows.index_copy_(1, lay.gather_index(grad.device), grad)
+        blocks = rows.view(B, lay.size, lay.max_len, *feat).movedim(1, 0).reshape(lay.size * B, lay.max_len, *feat)
+        out = grad.new_empty(B, lay.max_len, *feat)
+        _reduce_scatter(out, blocks, op=dist.ReduceOp.SUM, group=self.group)
+        self.bytes_moved += (lay.size - 1) * out.numel() * out.element_size()
+        return out[:, :lay.local_len]
+
+    def gather_kv(self, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+        """Gathered k [B,T,Hkv,Dqk] and v [B,T,Hkv,Dv]: one collective for both; when v is a
+        column prefix of k's storage (MLA's latent: v = k[..., :Dv]) only k travels."""
+        if (v.data_ptr() == k.data_ptr() and v.shape[:-1] == k.shape[:-1] and v.stride() == k.stride()
+                and v.shape[-1] <= k.shape[-1]):
+            k_full = self.gather(k)
+            return k_full, k_full[..., :v.shape[-1]]
+        dk = k.shape[-1]
+        kv = self.gather(torch.cat((k, v), dim=-1))
+        return kv[..., :dk], kv[..., dk:]
+
+    # -- the attention core under context parallelism -----------------------------------------
+
+    def select(self, core: "DSAAttention", q_idx: Tensor, k_idx: Tensor, w: Tensor) -> "Selection":
+        """DSAAttention.select for local indexer outputs (at global positions): the gathered
+        indexer keys and, where the mode needs it, each local query's top-k over its global prefix."""
+        from .nn.attention import Selection
+
+        lay = self._current(q_idx.shape[1])
+        k_full = self.gather(k_idx)
+        indices = None
+        if core.mode == "sparse" or core.recall is not None:
+            pick = fp8.indexer_topk if core.fp8_topk else ops.indexer_topk
+            with torch.no_grad():
+                qd, kd, wd = q_idx.detach(), k_full.detach(), w.detach()
+                indices = torch.cat([pick(qd[:, a:b], kd[:, :end], wd[:, a:b], core.topk, core.indexer.scale)
+                                     for a, b, end in lay.chunks()], dim=1)
+        return Selection(q_idx, k_full, w, indices)
+
+    def dense_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+        """Causal dense attention of the local queries over the gathered sequence."""
+        from .nn.attention import dense_causal_attention
+
+        lay = self._current(q.shape[1])
+        k_full, v_full = self.gather_kv(k, v)
+        return self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
+            q[:, a:b], k_full[:, :end], v_full[:, :end], scale))
+
+    def attend(self, core: "DSAAttention", q: Tensor, k: Tensor, v: Tensor,
+               selection: Optional["Selection"], scale: float) -> Tensor:
+        """DSAAttention.attend for local q, k, v [B, L, ...]: modes as the core's, attention over
+        the gathered keys and values, the KL loss share of the local queries attached."""
+        from .nn.attention import dense_causal_attention
+
+        lay = self._current(q.shape[1])
+        k_full, v_full = self.gather_kv(k, v)
+        own = selection is not None and selection.q_idx is not None
+        indices = None if selection is None else selection.indices
+        if indices is None and (core.mode == "sparse" or core.recall is not None):
+            raise ValueError(f"DSAAttention in mode {core.mode!r}: no top-k selection to attend over")
+        want_loss = own and core.training and core.mode != "dense" and torch.is_grad_enabled()
+        if core.recall is not None:
+            for a, b, end in lay.chunks():
+                core.recall.add(q[:, a:b], k_full[:, :end], scale, indices[:, a:b], core.topk)
+        if core.mode == "sparse":
+            out, lse = ops.sparse_attention(q, k_full, v_full, indices, scale, return_lse=True)
+            if want_loss:
+                per_token = ops.indexer_kl_loss(selection.q_idx, selection.k_idx, selection.w, q.detach(),
+                                                k_full.detach(), indices, core.indexer.scale, scale, True,
+                                                lse.detach())
+        else:
+            out = self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
+                q[:, a:b], k_full[:, :end], v_full[:, :end], scale))
+            if want_loss:
+                kd = k_full.detach()
+                per_token = self._per_chunk(lay, lambda a, b, end: ops.indexer_kl_loss(
+                    selection.q_idx[:, a:b], selection.k_idx[:, :end], selection.w[:, a:b], q[:, a:b].detach(),
+                    kd[:, :end], None, core.indexer.scale, scale, True, None))
+        if want_loss:  # this rank's share of the mean over the B * T tokens of the batch
+            out = core._attach_loss(out, per_token.sum() / (per_token.shape[0] * lay.seq_len))
+        return out
+
+    @staticmethod
+    def _per_chunk(lay: ZigzagLayout, fn) -> Tensor:
+        return torch.cat([fn(a, b, end) for a, b, end in lay.chunks()], dim=1)
+
+
+def _cores(model: torch.nn.Module):
+    from .decoder import DenseCore
+    from .nn.attention import DSAAttention
+
+    return [m for m in model.modules() if isinstance(m, (DSAAttention, DenseCore))]
+
+
+def _hf_model(model: torch.nn.Module):
+    """The outermost transformers model in ``model`` (itself, or one it wraps), or None."""
+    return next((m for m in model.modules() if hasattr(m, "config") and hasattr(m, "set_attn_implementation")),
+                None)
+
+
+def enable(model: torch.nn.Module, cp: ContextParallel) -> ContextParallel:
+    """Run ``model``'s attention context-parallel over ``cp``: its DSA cores (and a plain
+    :class:`dsa_ext.decoder.Decoder`'s dense cores), or a transformers model, converted or not
+    (:mod:`dsa_ext.hf_context_parallel`). The model must then be called on ``cp.shard``-ed tokens
+    with ``cp.positions()``. Returns cp."""
+    hf_model = _hf_model(model)
+    if hf_model is not None:
+        from . import hf_context_parallel
+
+        hf_context_parallel.enable(hf_model, cp)
+    cores = _cores(model)
+    if not cores and hf_model is None:
+        raise ValueError("context_parallel.enable: found no DSAAttention, DenseCore or transformers model")
+    for m in cores:
+        m.context_parallel = cp
+    return cp
+
+
+def disable(model: torch.nn.Module) -> None:
+    """Undo :func:`enable` (the model runs on whole sequences again)."""
+    hf_model = _hf_model(model)
+    if hf_model is not None:
+        from . import hf_context_parallel
+
+        hf_context_parallel.disable(hf_model)
+    for m in _cores(model):
+        m.context_parallel = None

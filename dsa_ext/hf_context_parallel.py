@@ -1,0 +1,113 @@
+"""Context-parallel attention for transformers models (:func:`dsa_ext.context_parallel.enable`).
+
+A model under context parallelism is called on its rank's tokens (``cp.shard(input_ids)``) with
+their global ``position_ids`` (``cp.positions()[None]``): the model's RoPE and the DSA indexer
+then see global positions. Its attention implementation is switched to ``"dsa_cp"`` (``"dsa_mla_cp"``
+for DeepSeek-V3.2 and GLM-5), whose attention function runs every layer through the
+:class:`~dsa_ext.context_parallel.ContextParallel` group: converted layers through their DSA core
+in any mode, unconverted ones (a dense model) as dense attention over the gathered keys and
+values. Their mask builders build no mask: with zigzag positions transformers would otherwise
+detect "packed sequences" and build an [L, L] block mask for the local tokens, which means
+nothing here (causality is by global position, inside the group's attention). Padding masks are
+refused.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import hf_mla
+from .nn import DSAAttention
+
+__all__ = ["ATTN_NAME", "MLA_ATTN_NAME", "register", "enable", "disable", "attention"]
+
+ATTN_NAME = "dsa_cp"
+MLA_ATTN_NAME = "dsa_mla_cp"
+
+
+def _refuse_padding(kwargs) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):
+        raise NotImplementedError("context parallelism supports causal sequences without padding; "
+                                  "got a padding mask")
+
+
+def _no_mask(**kwargs):
+    _refuse_padding(kwargs)
+    return None
+
+
+def _mla_causal_stand_in(**kwargs):
+    """hf_mla's zero-byte causal stand-in, whatever mask function transformers asks for."""
+    _refuse_padding(kwargs)
+    shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
+    mask = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu")).expand(shape)
+    setattr(mask, hf_mla._CAUSAL, True)
+    return mask
+
+
+def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
+              scaling: Optional[float] = None, **kwargs):
+    """The attention function ``"dsa_cp"``: query [B,H,L,D], key/value [B,Hkv,L,D] of the local
+    tokens -> ([B,L,H,Dv], None)."""
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("context parallelism does not support sliding-window layers")
+    if dropout:
+        raise NotImplementedError("context parallelism has no attention dropout (attention_dropout must be 0)")
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    core = getattr(module, "dsa", None)
+    if isinstance(core, DSAAttention):
+        hidden, positions = module._dsa_inputs
+        module._dsa_inputs = (None, None)
+        return core(q, k, v, hidden, positions, scaling), None
+    return module.context_parallel.dense_attention(q, k, v, scaling), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, attention)
+    AttentionMaskInterface.register(ATTN_NAME, _no_mask)
+    AttentionInterface.register(MLA_ATTN_NAME, hf_mla.attention)
+    AttentionMaskInterface.register(MLA_ATTN_NAME, _mla_causal_stand_in)
+
+
+def _require_positions(model: nn.Module, args, kwargs) -> None:
+    if kwargs.get("position_ids") is None:
+        raise ValueError("a model under context parallelism needs the global position_ids of its tokens: "
+                         "call it with position_ids=cp.positions()[None]")
+
+
+def _attention_modules(model: nn.Module):
+    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+
+
+def enable(model: nn.Module, cp) -> None:
+    """Switch a transformers model to context-parallel attention over ``cp`` (see the module
+    docstring); :func:`disable` switches back."""
+    if getattr(model, "_dsa_cp_previous", None) is not None:
+        raise ValueError("context_parallel.enable: the model already runs context-parallel")
+    mla = model.config.model_type in hf_mla.MODEL_TYPES
+    if mla and not any(isinstance(getattr(m, "dsa", None), DSAAttention) for m in _attention_modules(model)):
+        raise NotImplementedError("context parallelism of DeepSeek-V3.2 / GLM-5 needs the converted model "
+                                  "(dsa_ext.hf.convert)")
+    register()
+    for m in _attention_modules(model):
+        m.context_parallel = cp
+    model._dsa_cp_previous = model.config._attn_implementation
+    model._dsa_cp_hook = model.register_forward_pre_hook(_require_positions, with_kwargs=True)
+    model.set_attn_implementation(MLA_ATTN_NAME if mla else ATTN_NAME)
+
+
+def disable(model: nn.Module) -> None:
+    previous = getattr(model, "_dsa_cp_previous", None)
+    if previous is None:
+        return
+    model.set_attn_implementation(previous)
+    model._dsa_cp_hook.remove()
+    model._dsa_cp_previous = model._dsa_cp_hook = None
+    for m in _attention_modules(model):
+        m.context_parallel = None
