@@ -8,7 +8,7 @@ import torch  # noqa: F401  (first: _C links against libtorch/libc10, which impo
 
 from . import _C  # noqa: F401  (loads the shared library: registers torch.ops.dsa.*)
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd)
-from . import fp8, reference
+from . import fp8, ranges, reference
 from .ops import indexer_kl_loss, indexer_logits, indexer_topk, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
@@ -33,6 +33,7 @@ __all__ = [
     "sparse_attention",
     "indexer_kl_loss",
     "reference",
+    "ranges",
     "fp8",
     "set_index_checks",
     "index_checks_enabled",
