@@ -1,5 +1,6 @@
-"""DSA for Hugging Face ``transformers`` causal LMs (Llama, Qwen2, Qwen3, Mistral families),
-without editing their source.
+"""DSA for Hugging Face ``transformers`` causal LMs (Llama, Qwen2, Qwen3, Mistral families, and
+the DSA models DeepSeek-V3.2 and GLM-5 with their own indexers: :mod:`dsa_ext.hf_mla`), without
+editing their source.
 
 How it hooks in (public transformers APIs only):
 - an attention function ``"dsa"`` registered in ``AttentionInterface`` (with ``sdpa``'s mask
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import hf_mla
 from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
 from .conventions import causal_mask
 
@@ -36,7 +38,7 @@ __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretr
            "from_pretrained", "INDEXER_FILE", "CONFIG_FILE"]
 
 ATTN_NAME = "dsa"
-TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral") + hf_mla.MODEL_TYPES
 INDEXER_FILE = "dsa_indexer.safetensors"
 CONFIG_FILE = "dsa_config.json"
 
@@ -85,13 +87,15 @@ def _stash_inputs(module: nn.Module, args, kwargs):
 
 
 def register() -> None:
-    """Register the ``"dsa"`` attention function and its mask builder with transformers
-    (idempotent; :func:`convert` calls it)."""
+    """Register the attention functions ``"dsa"`` and ``"dsa_mla"`` (:mod:`dsa_ext.hf_mla`) and
+    their mask builders with transformers (idempotent; :func:`convert` calls it)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, _dsa_attention)
     AttentionMaskInterface.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    AttentionInterface.register(hf_mla.ATTN_NAME, hf_mla.attention)
+    AttentionMaskInterface.register(hf_mla.ATTN_NAME, hf_mla.causal_mask_builder)
 
 
 def _attention_modules(model: nn.Module):
@@ -99,16 +103,23 @@ def _attention_modules(model: nn.Module):
             if name.endswith("self_attn") and all(hasattr(m, a) for a in ("q_proj", "k_proj", "o_proj"))]
 
 
-def convert(model: nn.Module, config: DSAConfig, allow_untested: bool = False) -> nn.Module:
+def convert(model: nn.Module, config: Optional[DSAConfig] = None, allow_untested: bool = False) -> nn.Module:
     """Swap DSA into a transformers causal LM in place: one fresh indexer per attention layer
     (reading that layer's input hidden states), attention implementation set to ``"dsa"``.
-    Pretrained weights are untouched. Returns the model (``model.dsa_config`` holds config)."""
+    DeepSeek-V3.2 and GLM-5 keep their own indexers instead (:func:`dsa_ext.hf_mla.convert`; the
+    indexer geometry is theirs, ``config`` default: their ``index_topk``, mode sparse).
+    Pretrained weights are untouched. Returns the model (``model.dsa_config`` holds the config;
+    default ``DSAConfig()``)."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in TESTED_MODEL_TYPES and not allow_untested:
         raise ValueError(f"convert: model_type {model_type!r} is not one of the tested families "
                          f"{TESTED_MODEL_TYPES}; pass allow_untested=True to try anyway")
     if dsa_modules(model):
         raise ValueError("convert: the model already has DSA attention")
+    if model_type in hf_mla.MODEL_TYPES:
+        register()
+        return hf_mla.convert(model, config)
+    config = config or DSAConfig()
     attn = _attention_modules(model)
     if not attn:
         raise ValueError("convert: found no '*self_attn' module with q_proj/k_proj/o_proj")
@@ -131,19 +142,24 @@ def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
     """Save a converted model: the host model's own checkpoint (``model.save_pretrained``,
     without the indexers, so plain ``from_pretrained`` loads it as the dense model), plus
     ``dsa_config.json`` (with the layers' current mode and top-k) and the indexer weights in
-    ``dsa_indexer.safetensors``."""
+    ``dsa_indexer.safetensors``. DeepSeek-V3.2 and GLM-5 keep their indexer weights in their own
+    checkpoint, under transformers' names, with ``index_topk`` set to the layers' top-k: plain
+    ``from_pretrained`` loads the trained indexers (and selects as many keys)."""
     from safetensors.torch import save_file
 
-    state = model.state_dict()
-    indexer = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".dsa." in k}
-    host = {k: v for k, v in state.items() if ".dsa." not in k}
-    model.save_pretrained(path, state_dict=host, **kwargs)
-    save_file(indexer, os.path.join(path, INDEXER_FILE))
     cores = dsa_modules(model)
-    state = {(c.mode, c.topk) for c in cores}
-    if len(state) != 1:
-        raise ValueError(f"save_pretrained: the layers differ in (mode, topk): {sorted(state)}")
-    mode, topk = state.pop()  # the current ones, which set_mode may have changed since convert
+    modes = {(c.mode, c.topk) for c in cores}
+    if len(modes) != 1:
+        raise ValueError(f"save_pretrained: the layers differ in (mode, topk): {sorted(modes)}")
+    mode, topk = modes.pop()  # the current ones, which set_mode may have changed since convert
+    state = model.state_dict()
+    if model.config.model_type in hf_mla.MODEL_TYPES:
+        model.config.index_topk = topk
+        model.save_pretrained(path, state_dict=hf_mla.checkpoint_state_dict(state), **kwargs)
+    else:
+        indexer = {k: v.detach().contiguous().cpu() for k, v in state.items() if ".dsa." in k}
+        model.save_pretrained(path, state_dict={k: v for k, v in state.items() if ".dsa." not in k}, **kwargs)
+        save_file(indexer, os.path.join(path, INDEXER_FILE))
     saved = {**replace(model.dsa_config, mode=mode, topk=topk).to_dict(), "indexer_version": LightningIndexer._version}
     with open(os.path.join(path, CONFIG_FILE), "w") as f:
         json.dump(saved, f, indent=2)
@@ -151,8 +167,9 @@ def save_pretrained(model: nn.Module, path: str, **kwargs) -> None:
 
 def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> nn.Module:
     """Load a causal LM from a local directory and convert it. ``config`` default: the saved
-    ``dsa_config.json``, else ``DSAConfig()``. Saved indexer weights are loaded when present (a
-    dense checkpoint gets fresh indexers). kwargs go to ``AutoModelForCausalLM.from_pretrained``."""
+    ``dsa_config.json``, else :func:`convert`'s default. Saved indexer weights are loaded when
+    present (a dense checkpoint gets fresh indexers; DeepSeek-V3.2 and GLM-5 load their own from
+    their checkpoint). kwargs go to ``AutoModelForCausalLM.from_pretrained``."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -162,8 +179,8 @@ def from_pretrained(path: str, config: Optional[DSAConfig] = None, **kwargs) -> 
     if os.path.exists(cfg_file):
         with open(cfg_file) as f:
             saved = json.load(f)
-    if config is None:
-        config = DSAConfig.from_dict(saved) if saved else DSAConfig()
+    if config is None and saved:
+        config = DSAConfig.from_dict(saved)
     convert(model, config)
     weights = os.path.join(path, INDEXER_FILE)
     if os.path.exists(weights):

@@ -54,3 +54,32 @@ def tiny_hf(family, tie=False):
         for p in m.parameters():
             p.mul_(2.0)
     return m
+
+
+def hf_dsa_families():
+    import transformers
+
+    return {
+        "deepseek_v32": (transformers.DeepseekV32Config, transformers.DeepseekV32ForCausalLM),
+        "glm_moe_dsa": (transformers.GlmMoeDsaConfig, transformers.GlmMoeDsaForCausalLM),
+    }
+
+
+def tiny_hf_dsa(family, index_topk=8, attn="sdpa", dtype=torch.float64):
+    """A tiny DeepSeek-V3.2 or GLM-5: MLA with a query latent, its own indexer (8 heads of 16,
+    RoPE on 8 dims), a dense MLP then a MoE layer; GLM-5's second layer shares the first one's
+    top-k ("shared"). transformers' eager experts (its grouped_mm has no float64)."""
+    config_cls, model_cls = hf_dsa_families()[family]
+    extra = {"indexer_types": ["full", "shared"]} if family == "glm_moe_dsa" else {}
+    cfg = config_cls(vocab_size=HF_VOCAB, hidden_size=48, intermediate_size=64, moe_intermediate_size=16,
+                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=24,
+                     kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
+                     n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                     first_k_dense_replace=1, index_topk=index_topk, index_head_dim=16, index_n_heads=8,
+                     max_position_embeddings=256, attn_implementation=attn, experts_implementation="eager",
+                     **extra)
+    m = model_cls._from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)
+    return m

@@ -1,7 +1,6 @@
 """dsa_ext.nn.LightningIndexer: the score exactly as DeepSeek computes it (against an independent
 transcription), shapes and dtypes, the non-interleaved RoPE on the first dims, the Hadamard
 rotation, the detached input, checkpoints of the earlier convention; DSAConfig validation."""
-import math
 import warnings
 
 import pytest
@@ -11,37 +10,8 @@ import torch.nn.functional as F
 import dsa_ext
 from dsa_ext import nn as dnn
 from dsa_ext import reference
+from indexer_formulas import deepseek_rope, deepseek_scores, rope_tables
 from models import dsa_cfg
-
-
-def deepseek_rope(x, pos, rope_dim, theta):
-    """DeepSeek's fixed indexer RoPE, written out: on the first rope_dim dims, dim i paired with
-    dim i + rope_dim / 2 (rotate-half), angle pos * theta ** (-2i / rope_dim)."""
-    half = rope_dim // 2
-    ang = pos.double()[:, None] * theta ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
-    cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-    if x.dim() == 3:
-        cos, sin = cos[:, :, 0], sin[:, :, 0]
-    a, b = x[..., :half], x[..., half:rope_dim]
-    return torch.cat((a * cos - b * sin, b * cos + a * sin, x[..., rope_dim:]), -1)
-
-
-def deepseek_scores(idx, x, q_input=None, positions=None):
-    """I[t, s] = sum_j (Ww(x_t)_j * Hi**-0.5) * Di**-0.5 * relu(q_j . k_s), transcribed from
-    DeepSeek-V3.2's inference code (2025-11) on the module's weights, independent of its forward:
-    q = Wq(q_input), k = LayerNorm(Wk(x), eps 1e-6), weights from the hidden states x of the query
-    tokens, causal (bottom-right)."""
-    B, S, _ = x.shape
-    T = S if q_input is None else q_input.shape[1]
-    Hi, Di, rope = idx.n_heads, idx.head_dim, idx.rope_dim
-    pos = torch.arange(S) if positions is None else positions
-    q = ((x[:, S - T:] if q_input is None else q_input) @ idx.wq.weight.T).view(B, T, Hi, Di)
-    k = F.layer_norm(x @ idx.wk.weight.T, (Di,), idx.k_norm.weight, idx.k_norm.bias, eps=1e-6)
-    q, k = deepseek_rope(q, pos[S - T:], rope, idx.rope_theta), deepseek_rope(k, pos, rope, idx.rope_theta)
-    weights = (x[:, S - T:] @ idx.weights_proj.weight.T) * Hi ** -0.5 * Di ** -0.5
-    scores = torch.einsum("bth,bths->bts", weights, torch.einsum("bthd,bsd->bths", q, k).relu())
-    visible = torch.arange(S)[None, :] <= torch.arange(T)[:, None] + (S - T)
-    return scores.masked_fill(~visible, -math.inf)
 
 
 @pytest.mark.parametrize("B,S,T,hidden,q_width,Hi,Di,rope", [
@@ -80,7 +50,7 @@ def test_checkpoints_of_the_earlier_convention_score_as_they_did(tmp_path):
     q_idx, k_idx, w = old(x)
     # the old formula: LayerNorm eps 1e-5, w = Ww(x) Hi**-0.5, scale (Hi Di)**-0.5
     k_old = deepseek_rope(F.layer_norm(x @ idx.wk.weight.T, (16,), idx.k_norm.weight, idx.k_norm.bias, eps=1e-5),
-                          torch.arange(10), 8, idx.rope_theta)
+                          *rope_tables(torch.arange(10), 8, idx.rope_theta), 8)
     w_old = (x @ idx.weights_proj.weight.T) * 4 ** -0.5
     want = reference.indexer_logits(q_idx, k_old, w_old, (4 * 16) ** -0.5)
     torch.testing.assert_close(reference.indexer_logits(q_idx, k_idx, w, old.scale), want, rtol=1e-12, atol=1e-12)
@@ -111,16 +81,6 @@ def test_indexer_shapes_and_dtypes(dtype, B, S, Hi, Di, rope):
     torch.testing.assert_close(w, (x @ idx.weights_proj.weight.T).to(w.dtype) * Hi ** -0.5)
 
 
-def _interleaved_rope(x, pos, rope_dim, theta):
-    """The layout DeepSeek fixed: pairs (2i, 2i+1). Used to show the test tells them apart."""
-    half = rope_dim // 2
-    inv = theta ** (-torch.arange(half, dtype=torch.float64) / half)
-    ang = pos.double()[:, None] * inv
-    xr = x[..., :rope_dim].double().unflatten(-1, (half, 2))
-    c = torch.complex(xr[..., 0], xr[..., 1]) * torch.polar(torch.ones_like(ang), ang)[:, None]
-    return torch.cat((torch.view_as_real(c).flatten(-2), x[..., rope_dim:].double()), -1)
-
-
 @pytest.mark.parametrize("rope_dim,D", [(8, 16), (16, 16), (4, 12)])
 def test_rope_non_interleaved_on_first_dims(rope_dim, D):
     T, H, theta = 11, 2, 10000.0
@@ -139,7 +99,40 @@ def test_rope_non_interleaved_on_first_dims(rope_dim, D):
     a = dnn.apply_partial_rope(x, pos + 17, rope_dim, theta)
     torch.testing.assert_close(torch.einsum("bthd,bshd->bhts", y, y), torch.einsum("bthd,bshd->bhts", a, a))
     # and it is not the interleaved layout
-    assert not torch.allclose(y, _interleaved_rope(x, pos, rope_dim, theta))
+    assert not torch.allclose(y, deepseek_rope(x, *rope_tables(pos, rope_dim, theta), rope_dim, interleaved=True))
+
+
+@pytest.mark.parametrize("rope_dim,D", [(8, 16), (4, 12)])
+def test_rope_interleaved_is_deepseeks_earlier_layout_deinterleaved(rope_dim, D):
+    """interleaved=True (GLM-5's indexer): pairs (2i, 2i+1) as DeepSeek's code before its fix
+    rotated them, written out de-interleaved as transformers does (first members, then second):
+    a permutation of the dims, so every dot product is the in-place layout's."""
+    x = torch.randn(2, 9, 3, D, dtype=torch.float64)
+    pos = torch.arange(9) + 5
+    y = dnn.apply_partial_rope(x, pos, rope_dim, 500.0, interleaved=True)
+    z = deepseek_rope(x, *rope_tables(pos, rope_dim, 500.0), rope_dim, interleaved=True)
+    torch.testing.assert_close(y, torch.cat((z[..., 0:rope_dim:2], z[..., 1:rope_dim:2], z[..., rope_dim:]), -1),
+                               rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(torch.einsum("bthd,bshd->bhts", y, y), torch.einsum("bthd,bshd->bhts", z, z))
+    assert not torch.allclose(y, dnn.apply_partial_rope(x, pos, rope_dim, 500.0))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_scores_with_the_hosts_rope_tables(interleaved):
+    """rope=(cos, sin) as transformers' rotary embeddings build them ([B, S, rope_dim], pair i's
+    angle in columns i and i + rope_dim/2, here at per-row positions): the score is DeepSeek's
+    with those angles, 1e-12."""
+    B, S, T, rope = 2, 12, 5, 8
+    idx = dnn.LightningIndexer(20, 4, 16, rope, q_input_size=28, interleaved_rope=interleaved).double()
+    pos = torch.stack([torch.arange(S) + 3, torch.arange(S) * 2])
+    cos, sin = rope_tables(pos.flatten(), rope, 777.0)
+    cos, sin = cos.view(B, S, -1), sin.view(B, S, -1)
+    x, q_input = torch.randn(B, S, 20, dtype=torch.float64), torch.randn(B, T, 28, dtype=torch.float64)
+    q_idx, k_idx, w = idx(x, q_input=q_input, rope=(torch.cat((cos, cos), -1), torch.cat((sin, sin), -1)))
+    want = deepseek_scores(idx, x, q_input, tables=(cos, sin), interleaved=interleaved)
+    torch.testing.assert_close(reference.indexer_logits(q_idx, k_idx, w, idx.scale), want, rtol=1e-12, atol=1e-12)
+    other = deepseek_scores(idx, x, q_input, tables=(cos, sin), interleaved=not interleaved)
+    assert not torch.allclose(other, want)
 
 
 def test_rope_batched_positions():

@@ -77,6 +77,8 @@ def test_default_data_run_writes_everything(tmp_path):
         assert (tmp_path / "ckpt" / f"{stage}.pt").exists()
     table = (tmp_path / "results.md").read_text()
     assert "recall" in table and "DSA vs dense" in table
+    for stage in STAGES:  # the progress table the run kept up to date, complete
+        assert f"| {stage} | 3 / 3 | " in table and table.count("| done |") == len(STAGES), table
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):
@@ -90,6 +92,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    progress = (out / "results.md").read_text()  # written as the run went: stage 1 done, stage 2 begun
+    assert "| pretrain | 6 / 6 | " in progress and "| warmup | " in progress and "| running |" in progress, progress
     run(out, *args, "--resume")
     a, b = results(tmp_path / "whole"), results(out)
     for key in ("val_loss_dense", "val_loss_dsa", "recall_init", "recall_warmup", "recall_final"):
@@ -113,6 +117,19 @@ def test_transformers_llama_run(tmp_path, text_dir):
     check_results(results(tmp_path))
     assert (tmp_path / "dsa_model" / "dsa_indexer.safetensors").exists()
     assert (tmp_path / "dsa_model" / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v32", "glm_moe_dsa"])
+def test_transformers_dsa_model_run(tmp_path, text_dir, arch):
+    """A tiny DeepSeek-V3.2 / GLM-5 built from a config: its own indexers are warmed up and saved
+    in its own checkpoint (no separate indexer file)."""
+    pytest.importorskip("transformers")
+    run(tmp_path, "--data", text_dir, "--arch", arch)
+    check_results(results(tmp_path))
+    with open(tmp_path / "dsa_model" / "config.json") as f:
+        config = json.load(f)
+    assert config["model_type"] == arch and config["index_topk"] == 16
+    assert not (tmp_path / "dsa_model" / "dsa_indexer.safetensors").exists()
 
 
 def test_torchrun_two_processes_gloo(tmp_path, text_dir):

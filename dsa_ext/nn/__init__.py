@@ -12,17 +12,17 @@ needs around them.
 
 Layouts are batch-first like the operators: q ``[B, T, H, D]``, k/v ``[B, S, Hkv, D]``.
 """
-from .attention import (AttachIndexerLoss, DSAAttention, dense_causal_attention, dsa_modules,
-                        head_mean_attention)
+from .attention import (AttachIndexerLoss, DSAAttention, Selection, dense_causal_attention,
+                        dsa_modules, head_mean_attention)
 from .config import MODES, DSAConfig
-from .indexer import LightningIndexer, apply_partial_rope, hadamard_matrix
+from .indexer import LightningIndexer, apply_partial_rope, hadamard_matrix, rotate_partial
 from .recall import RecallSums, recall_stats
 from .training import (freeze_for_warmup, indexer_loss, indexer_parameters, param_groups,
                        set_loss_scale, set_mode, unfreeze)
 
 __all__ = [
-    "DSAConfig", "MODES", "LightningIndexer", "DSAAttention", "AttachIndexerLoss",
-    "dense_causal_attention", "head_mean_attention", "apply_partial_rope", "hadamard_matrix",
+    "DSAConfig", "MODES", "LightningIndexer", "DSAAttention", "AttachIndexerLoss", "Selection",
+    "dense_causal_attention", "head_mean_attention", "apply_partial_rope", "rotate_partial", "hadamard_matrix",
     "dsa_modules", "set_mode", "indexer_loss", "set_loss_scale", "freeze_for_warmup", "unfreeze",
     "indexer_parameters", "param_groups", "RecallSums", "recall_stats",
 ]

@@ -17,7 +17,7 @@ layer (``last_loss``) is kept for logging.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, List, Optional
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,10 +31,20 @@ from .indexer import LightningIndexer
 if TYPE_CHECKING:
     from .recall import RecallSums
 
-__all__ = ["DSAAttention", "AttachIndexerLoss", "dense_causal_attention", "head_mean_attention",
-           "dsa_modules", "DenseFn"]
+__all__ = ["DSAAttention", "AttachIndexerLoss", "Selection", "dense_causal_attention",
+           "head_mean_attention", "dsa_modules", "DenseFn"]
 
 DenseFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
+
+
+class Selection(NamedTuple):
+    """What an indexer made for one attention call: its outputs ``q_idx`` [B,T,Hi,Di], ``k_idx``
+    [B,S,Di], ``w`` [B,T,Hi] (None when the selection is borrowed from another layer) and the
+    top-k ``indices`` [B,T,topk] (None where the mode needs none)."""
+    q_idx: Optional[Tensor]
+    k_idx: Optional[Tensor]
+    w: Optional[Tensor]
+    indices: Optional[Tensor]
 
 
 def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
@@ -92,6 +102,11 @@ class DSAAttention(nn.Module):
       for the indexer RoPE; scale the host's softmax scale (default D**-0.5); dense_fn(q,k,v,scale)
       the host's dense attention (default :func:`dense_causal_attention`).
 
+    ``forward`` is :meth:`select` (the indexer and its top-k) followed by :meth:`attend`; a host
+    that computes its indexer's input elsewhere than its attention (transformers' DeepSeek-V3.2,
+    GLM-5) calls the two halves itself. ``indexer=None``: a core that attends over a selection
+    made by another layer's indexer (GLM-5's shared layers) and has no loss of its own.
+
     Indexer loss (training, modes warmup/sparse): the mean over tokens of the per-token KL,
     attached to the output with weight ``loss_coeff * loss_scale`` (see
     :func:`dsa_ext.nn.set_loss_scale` for gradient accumulation and loss scaling); its detached
@@ -99,7 +114,7 @@ class DSAAttention(nn.Module):
     forward also adds its recall statistics to it (see :class:`~dsa_ext.nn.recall_stats`).
     """
 
-    def __init__(self, indexer: LightningIndexer, topk: int, mode: str = "sparse", fp8_topk: bool = False,
+    def __init__(self, indexer: Optional[LightningIndexer], topk: int, mode: str = "sparse", fp8_topk: bool = False,
                  loss_coeff: float = 1.0):
         super().__init__()
         self.indexer = indexer
@@ -133,36 +148,63 @@ class DSAAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden_states: Tensor,
                 positions: Optional[Tensor] = None, scale: Optional[float] = None,
                 dense_fn: Optional[DenseFn] = None) -> Tensor:
-        if scale is None:
-            scale = default_attention_scale(q.shape[-1])
-        dense_fn = dense_fn or dense_causal_attention
-        want_loss = self.training and self.mode != "dense" and torch.is_grad_enabled()
+        return self.attend(q, k, v, self.select(hidden_states, positions), scale, dense_fn)
+
+    def select(self, hidden_states: Tensor, positions: Optional[Tensor] = None,
+               q_input: Optional[Tensor] = None, rope=None) -> Optional[Selection]:
+        """The indexer's half of :meth:`forward`: its outputs and (sparse mode, or while recall is
+        measured) its top-k, or None in dense mode, where the indexer is not run. The arguments
+        are the indexer's (:meth:`LightningIndexer.forward`)."""
         if self.mode == "dense" and self.recall is None:
-            return dense_fn(q, k, v, scale)
-        if hidden_states.shape[1] != k.shape[1]:
-            raise NotImplementedError(
-                f"DSA modes warmup/sparse need the hidden states of every key (got "
-                f"{hidden_states.shape[1]} hidden states for {k.shape[1]} keys): a KV cache is "
-                "not supported; use mode 'dense' for cached generation")
-        q_idx, k_idx, w = self.indexer(hidden_states, positions)
-        idx_scale = self.indexer.scale
+            return None
+        if self.indexer is None:
+            raise ValueError("DSAAttention.select: this core has no indexer (it attends over another "
+                             "layer's selection)")
+        q_idx, k_idx, w = self.indexer(hidden_states, positions, q_input=q_input, rope=rope)
         indices = None
         if self.mode == "sparse" or self.recall is not None:
             with torch.no_grad():
-                select = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
-                indices = select(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, idx_scale)
+                pick = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
+                indices = pick(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, self.indexer.scale)
+        return Selection(q_idx, k_idx, w, indices)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, selection: Optional[Selection],
+               scale: Optional[float] = None, dense_fn: Optional[DenseFn] = None) -> Tensor:
+        """The attention half of :meth:`forward`, on ``selection`` from :meth:`select` (this
+        core's, or with ``q_idx`` None one made by another layer's indexer, which then trains
+        nothing here)."""
+        if scale is None:
+            scale = default_attention_scale(q.shape[-1])
+        dense_fn = dense_fn or dense_causal_attention
+        if self.mode == "dense" and self.recall is None:
+            return dense_fn(q, k, v, scale)
+        if torch.is_autocast_enabled(q.device.type):  # a host's RoPE in float32 leaves q, k in float32
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        own = selection is not None and selection.q_idx is not None
+        if own and selection.k_idx.shape[1] != k.shape[1]:
+            raise NotImplementedError(
+                f"DSA modes warmup/sparse need the hidden states of every key (got "
+                f"{selection.k_idx.shape[1]} hidden states for {k.shape[1]} keys): a KV cache is "
+                "not supported; use mode 'dense' for cached generation")
+        indices = None if selection is None else selection.indices
+        if indices is None and (self.mode == "sparse" or self.recall is not None):
+            raise ValueError(f"DSAAttention in mode {self.mode!r}: no top-k selection to attend over")
+        want_loss = own and self.training and self.mode != "dense" and torch.is_grad_enabled()
         if self.recall is not None:
             self.recall.add(q, k, scale, indices, self.topk)
         if self.mode == "sparse":
             out, lse = ops.sparse_attention(q, k, v, indices, scale, return_lse=True)
             if want_loss:
                 out = self._attach_loss(out, ops.indexer_kl_loss(
-                    q_idx, k_idx, w, q.detach(), k.detach(), indices, idx_scale, scale, True, lse.detach()))
+                    selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), indices,
+                    self.indexer.scale, scale, True, lse.detach()))
             return out
         out = dense_fn(q, k, v, scale)
         if want_loss:
             out = self._attach_loss(out, ops.indexer_kl_loss(
-                q_idx, k_idx, w, q.detach(), k.detach(), None, idx_scale, scale, True, None))
+                selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), None,
+                self.indexer.scale, scale, True, None))
         return out
 
     def _attach_loss(self, out: Tensor, per_token: Tensor) -> Tensor:

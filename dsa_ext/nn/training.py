@@ -45,7 +45,8 @@ def set_loss_scale(model: nn.Module, scale: float) -> None:
 
 def indexer_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     for m in dsa_modules(model):
-        yield from m.indexer.parameters()
+        if m.indexer is not None:
+            yield from m.indexer.parameters()
 
 
 def freeze_for_warmup(model: nn.Module) -> List[nn.Parameter]:
