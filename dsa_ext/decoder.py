@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ranges
 from .nn import DSAAttention, DSAConfig, dense_causal_attention
 
 __all__ = ["DecoderConfig", "Decoder", "DenseCore", "convert"]
@@ -41,10 +42,10 @@ class DecoderConfig:
 
 
 def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Full-width rotate-half RoPE on x [B, T, H, D] (the Llama layout)."""
+    """Full-width rotate-half RoPE on x [B, T, H, D] (the Llama layout) at positions [T] or [B, T]."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    ang = (positions.float()[:, None] * inv_freq)[None, :, None, :]
+    ang = (positions.float()[..., None] * inv_freq).expand(x.shape[0], x.shape[1], half)[:, :, None, :]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
@@ -53,8 +54,8 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 class DenseCore(nn.Module):
     """Plain causal attention: the core of an unconverted model."""
 
-    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None):
-        return dense_causal_attention(q, k, v, scale)
+    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, key_ranges=None):
+        return dense_causal_attention(q, k, v, scale, key_ranges)
 
 
 class Attention(nn.Module):
@@ -68,13 +69,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.core: nn.Module = DenseCore()
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = _rope(self.q_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         v = self.v_proj(x).view(B, T, -1, hd)
-        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5)
+        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5, key_ranges=key_ranges)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -89,14 +90,21 @@ class Block(nn.Module):
         self.up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, key_ranges)
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
 class Decoder(nn.Module):
-    """Decoder-only LM: ``forward(ids [B, T]) -> logits [B, T, vocab]``."""
+    """Decoder-only LM: ``forward(ids [B, T]) -> logits [B, T, vocab]``.
+
+    Packed documents: ``forward(ids, position_ids)`` with position ids [B, T] that restart per
+    document, as transformers takes them: a document begins wherever the position does not
+    continue the previous one (:func:`dsa_ext.ranges.from_position_ids`), RoPE (the host's and
+    the indexers') uses these positions and every attention stays inside its document, so each
+    document gives exactly the logits it gives alone. ``key_ranges`` ``(key_start, key_end)``
+    [B, T] int32 overrides the documents (e.g. padding: ``dsa_ext.ranges.from_padding_mask``)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -114,11 +122,13 @@ class Decoder(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: Tensor, position_ids: Optional[Tensor] = None, key_ranges=None) -> Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device) if position_ids is None else position_ids
+        if key_ranges is None and position_ids is not None:
+            key_ranges = ranges.from_position_ids(position_ids.expand(ids.shape))
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, key_ranges)
         return self.lm_head(self.norm(x))
 
 
