@@ -20,6 +20,7 @@ dsa_model/ (hf.save_pretrained of the converted model).
   torchrun --nproc_per_node 2 python/train.py ...         # DDP (gloo on CPU, nccl on GPU)
   python python/train.py --data my_texts/ --tokenizer path/to/hf_tokenizer --arch llama
   python python/train.py --arch llama --init path/to/hf_checkpoint   # start from a dense model
+  python python/train.py --pack                           # packed documents: attention stays in each file
 """
 from __future__ import annotations
 
@@ -133,6 +134,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rate of the indexers in sparse training; default: --warmup-lr")
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="weight of each layer's indexer KL loss (DSAConfig.loss_coeff)")
+    p.add_argument("--pack", action="store_true",
+                   help="packed documents: every file of the data is a document, a window may hold several, "
+                        "and attention (dense, indexer, sparse, the KL target) stays inside each one, with "
+                        "positions restarting per document and no loss on a document's first token; "
+                        "default: windows are plain token streams that attend across files")
     args = p.parse_args(argv)
     for k, v in dict(PRESETS[args.preset], data=None, tokenizer=None, init=None).items():
         if not hasattr(args, k):
@@ -214,14 +220,15 @@ def setup_env(device_arg: str) -> Env:
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM as ``ids -> logits``."""
+    """A transformers causal LM as ``(ids, position_ids=None) -> logits``; position ids that restart
+    per document make transformers keep attention inside the documents (and dsa_ext.hf the DSA modes)."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=ids, use_cache=False).logits
+    def forward(self, ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.hf(input_ids=ids, position_ids=position_ids, use_cache=False).logits
 
 
 def _is_hf_dir(path: Optional[str]) -> bool:
@@ -295,8 +302,22 @@ def convert(model: nn.Module, args, mode: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def lm_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+def logits_of(net: nn.Module, batch: train_data.Batch) -> torch.Tensor:
+    """The model's logits for the batch's inputs (the windows but their last token); packed
+    documents: with their positions, which restart per document (both model kinds then keep
+    attention inside each document)."""
+    if batch.positions is None:
+        return net(batch.ids[:, :-1])
+    return net(batch.ids[:, :-1], batch.positions[:, :-1])
+
+
+def lm_loss(logits: torch.Tensor, batch: train_data.Batch) -> torch.Tensor:
+    """Next-token cross entropy; packed documents: a document's first token is no target (the
+    previous document cannot predict it)."""
+    targets = batch.ids[:, 1:]
+    if batch.positions is not None:
+        targets = targets.masked_fill(batch.positions[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def autocast(env: Env):
@@ -306,13 +327,13 @@ def autocast(env: Env):
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
+def val_loss(model: nn.Module, windows: train_data.Batch, env: Env) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for w in windows[env.rank::env.world]:
-        batch = w[None].to(env.device)
+    for w in windows.rows(env.rank, env.world):
+        batch = w.to(env.device)
         with autocast(env):
-            logits = model(batch[:, :-1])
+            logits = logits_of(model, batch)
         total += torch.tensor([lm_loss(logits, batch).item(), 1.0], dtype=torch.float64)
     total = env.all_sum(total)
     model.train()
@@ -320,16 +341,16 @@ def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
 
 
 @torch.no_grad()
-def recall(model: nn.Module, windows: torch.Tensor, env: Env) -> Dict[str, List[float]]:
+def recall(model: nn.Module, windows: train_data.Batch, env: Env) -> Dict[str, List[float]]:
     """Per-layer indexer recall against the dense model's attention (modes set to dense for the
     measurement, restored after)."""
     model.eval()
     modes = [m.mode for m in dsa_nn.dsa_modules(model)]
     dsa_nn.set_mode(model, "dense")
     with dsa_nn.recall_stats(model) as stats:
-        for w in windows[env.rank::env.world]:
+        for w in windows.rows(env.rank, env.world):
             with autocast(env):
-                model(w[None, :-1].to(env.device))
+                logits_of(model, w.to(env.device))
     for m, mode in zip(dsa_nn.dsa_modules(model), modes):
         m.mode = mode
     model.train()
@@ -417,8 +438,8 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
         step = rec["step"]
         for g in st.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * st.schedule(step)
-        batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed,
-                                       STAGE_DATA[st.name], step, env.rank).to(env.device)
+        batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed, STAGE_DATA[st.name],
+                                       step, env.rank, corpus.train_docs if args.pack else None).to(env.device)
         t0 = time.perf_counter()
         with autocast(env):
             losses = st.loss(net, st.model, batch)
@@ -504,8 +525,9 @@ def main(argv=None) -> Dict:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     corpus = train_data.load_corpus(args.data, args.tokenizer)
-    val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len)
-    rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len)
+    val_docs = corpus.val_docs if args.pack else None
+    val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len, val_docs)
+    rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len, val_docs)
     if env.main:
         print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
               f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device}", flush=True)
@@ -519,7 +541,7 @@ def main(argv=None) -> Dict:
               f"(more when other jobs share the machine). Progress per stage: {progress.path}", flush=True)
 
     def lm_step(net, model, batch):
-        loss = lm_loss(net(batch[:, :-1]), batch)
+        loss = lm_loss(logits_of(net, batch), batch)
         return {"loss": loss, "lm": loss.detach()}
 
     def eval_loss(model):
@@ -545,7 +567,7 @@ def main(argv=None) -> Dict:
     # The indexer's KL loss rides on the attention outputs' autograd graph (dsa_ext.nn.DSAAttention):
     # backpropagating the LM loss of the frozen model trains the indexers on their KL alone.
     def warmup_step(net, model, batch):
-        lm = lm_loss(net(batch[:, :-1]), batch)
+        lm = lm_loss(logits_of(net, batch), batch)
         return {"loss": lm, "kl": dsa_nn.indexer_loss(model), "lm": lm.detach()}
 
     def eval_recall():
@@ -563,7 +585,7 @@ def main(argv=None) -> Dict:
     val_dsa_after_warmup = val_loss(dsa, val, env)
 
     def sparse_step(net, model, batch):
-        lm = lm_loss(net(batch[:, :-1]), batch)
+        lm = lm_loss(logits_of(net, batch), batch)
         return {"loss": lm, "lm": lm.detach(), "kl": dsa_nn.indexer_loss(model)}
 
     stages["sparse"] = run_stage(Stage(
@@ -580,7 +602,7 @@ def main(argv=None) -> Dict:
         args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus, progress)
 
     result = summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup,
-                       recall_init, recall_warmup, recall_final, time.perf_counter() - t_start)
+                       recall_init, recall_warmup, recall_final, time.perf_counter() - t_start, layout(val))
     if env.main:
         write_outputs(args, result, dsa, progress)
     env.barrier()
@@ -589,14 +611,22 @@ def main(argv=None) -> Dict:
     return result
 
 
+def layout(windows: train_data.Batch) -> Dict:
+    """How the windows hold the data: packed documents (with the mean number of documents, whole
+    or cut, per validation window) or a plain token stream."""
+    if windows.positions is None:
+        return {"packed": False}
+    return {"packed": True, "documents_per_window": float((windows.positions == 0).sum(1).double().mean())}
+
+
 def summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup, recall_init,
-              recall_warmup, recall_final, wall) -> Dict:
+              recall_warmup, recall_final, wall, data_layout: Dict) -> Dict:
     last = lambda name: stages[name]["history"][-1]["val_loss"]
     vd, vs = last("dense_baseline"), last("sparse")
     return {
         "seq_len": args.seq_len, "k": args.topk, "k_over_S": args.topk / args.seq_len,
         "n_layers": args.n_layers, "arch": args.arch if not args.init else f"init:{args.init}",
-        "data": corpus.source, "vocab_size": corpus.vocab_size,
+        "data": corpus.source, "vocab_size": corpus.vocab_size, "data_layout": data_layout,
         "val_loss_pretrained": val_pretrained, "val_loss_dsa_after_warmup": val_dsa_after_warmup,
         "val_loss_dense": vd, "val_loss_dsa": vs, "val_loss_gap_rel": (vs - vd) / vd,
         "recall_init": mean(recall_init["all"]), "recall_warmup": mean(recall_warmup["all"]),
