@@ -5,8 +5,9 @@ Conventions (docs/DESIGN.md): batch-first tensors whose last dimension is contig
 alignment is bottom-right (query t sees keys s <= t + S - T); the indexer operators take optional
 per-query key ranges ``key_start``, ``key_end`` (int32 ``[B, T]``, built by :mod:`dsa_ext.ranges`
 from cu_seqlens, padding masks, position ids or a window): query t then sees key s only if
-``key_start[b,t] <= s < key_end[b,t]`` as well; index tensors are int32 with -1 for an empty slot; scores, lse and losses are float32 (float64 for float64 inputs); ``topk`` is the
-number of selected keys per query. Defaults (``scale=None`` and the like) live in the operator
+``key_start[b,t] <= s < key_end[b,t]`` as well; index tensors are int32 with -1 for an empty
+slot; scores, lse and losses are float32 (float64 for float64 inputs); ``topk`` is the number of
+selected keys per query. Defaults (``scale=None`` and the like) live in the operator
 schemas and are resolved in C++, so these wrappers pass them through unchanged.
 """
 from __future__ import annotations

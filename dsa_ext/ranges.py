@@ -16,6 +16,21 @@ Ranges say nothing about causality: ranges of documents span whole documents and
 function returns ``(key_start, key_end)`` as int32 tensors on its input's device; an empty range
 is ``[0, 0)``. :func:`intersect` combines two sets of ranges (documents and a window);
 :func:`visible_mask` is the dense ``[B, T, S]`` boolean mask the ranges stand for.
+
+Worked example: two documents of 3 and 2 tokens packed into one sequence select, per query,
+exactly what each document selects alone (shifted by its offset), at about the cost of the two
+documents apart::
+
+    >>> import dsa_ext
+    >>> q_idx, k_idx, w = torch.randn(1, 5, 4, 16), torch.randn(1, 5, 16), torch.randn(1, 5, 4)
+    >>> key_start, key_end = from_cu_seqlens(torch.tensor([0, 3, 5]))
+    >>> key_start, key_end
+    (tensor([[0, 0, 0, 3, 3]], dtype=torch.int32), tensor([[3, 3, 3, 5, 5]], dtype=torch.int32))
+    >>> dsa_ext.indexer_topk(q_idx, k_idx, w, 2, key_start=key_start, key_end=key_end)
+    tensor([[[ 0, -1], [ 0,  1], [ ...], [ 3, -1], [ 3,  4]]], dtype=torch.int32)
+
+The first query of each document sees only itself (causal), the second sees two keys; the
+third query of document 0 keeps the better two of its three keys.
 """
 from __future__ import annotations
 

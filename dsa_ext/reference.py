@@ -161,10 +161,11 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
     I = indexer_logits(q_idx, k_idx, w, idx_scale). U_t: every key the query sees (indices None:
     causal keys, all S keys when causal is False, inside [key_start, key_end) when given) or the
     valid entries of indices[b,t] inside [key_start, key_end) (no causal mask on top), a key
-    listed m times counting m times in both distributions (log m added to both logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
-    replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
-    empty row gives 0 with zero gradients. upcast=False rounds the attention and indexer products
-    to the input dtype, softmax and KL in float32 (a low-precision baseline).
+    listed m times counting m times in both distributions (log m added to both logits). q, k and
+    attn_lse are constants (no gradient). attn_lse [B,T,H], when given, replaces the per-head lse
+    over U_t. Returns [B,T] float32 (float64 for float64 input); an empty row gives 0 with zero
+    gradients. upcast=False rounds the attention and indexer products to the input dtype, softmax
+    and KL in float32 (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S, H, Hkv, Dqk = k_idx.shape[1], q.shape[2], k.shape[2], q.shape[3]

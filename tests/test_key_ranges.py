@@ -44,6 +44,14 @@ def docs(lengths):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
+def assert_same_grads(got, want, inputs, grad=None):
+    """got and want (tensors of one shape) have the same gradients in inputs, to TOL, under the
+    incoming gradient grad (default: ones)."""
+    grad = torch.ones_like(got) if grad is None else grad
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(want, inputs, grad)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # packed documents == each document alone
 # ---------------------------------------------------------------------------------------------
@@ -101,6 +109,52 @@ def test_packed_kl_loss_equals_documents_alone(seed, lengths, form):
             torch.testing.assert_close(got, want, **TOL)
     starts = [a for a, _ in docs(lengths)]
     assert loss[:, starts].abs().max() < 1e-15  # a document's first query sees one key (or none selected)
+
+
+LOW_PRECISION = ["float32", "bfloat16", "bfloat16-widening", "e4m3"]
+
+
+@pytest.mark.parametrize("kind", LOW_PRECISION)
+def test_packed_low_precision_equals_documents_alone(seed, kind):
+    """The float32, bfloat16 (AVX512-BF16 tiles where the CPU has them, and the widening path) and
+    FP8 kernels honour the ranges too: a packed sequence selects what its documents select alone
+    and scores them as they are scored alone; the KL loss and its gradients agree (not FP8:
+    forward-only selection)."""
+    T = sum(LONG_DOCS)
+    ks, ke = ranges.from_cu_seqlens(cu(LONG_DOCS))
+    q_idx, k_idx, w, q, k = kl_inputs(1, T, T)
+    extra = {}
+    if kind == "e4m3":  # per-row scales: slicing the quantised rows is quantising the slice
+        q_idx, k_idx, w, extra["k_scale"] = dsa_ext.fp8.indexer_inputs(q_idx, k_idx, w)
+    else:
+        dtype = torch.float32 if kind == "float32" else torch.bfloat16
+        q_idx, k_idx, q, k = (x.to(dtype) for x in (q_idx, k_idx, q, k))
+        w = w.float()
+    tiles_before = dsa_ext.cpu_bf16_tiles_enabled()
+    dsa_ext.set_cpu_bf16_tiles(kind != "bfloat16-widening")
+    try:
+        idx = dsa_ext.indexer_topk(q_idx, k_idx, w, TOPK, key_start=ks, key_end=ke, **extra)
+        logits = dsa_ext.indexer_logits(q_idx, k_idx, w, key_start=ks, key_end=ke, **extra)
+        if kind != "e4m3":
+            xs = leaves(q_idx, k_idx, w)
+            loss = dsa_ext.indexer_kl_loss(*xs, q, k, key_start=ks, key_end=ke)
+            grads = torch.autograd.grad(loss.sum(), xs)
+        for a, b in docs(LONG_DOCS):
+            part = dict(k_scale=extra["k_scale"][:, a:b]) if extra else {}
+            alone = dsa_ext.indexer_topk(q_idx[:, a:b], k_idx[:, a:b], w[:, a:b], TOPK, **part)
+            assert torch.equal(idx[:, a:b], torch.where(alone >= 0, alone + a, alone))
+            torch.testing.assert_close(logits[:, a:b, a:b],
+                                       dsa_ext.indexer_logits(q_idx[:, a:b], k_idx[:, a:b], w[:, a:b], **part))
+            assert logits[:, a:b, :a].eq(float("-inf")).all() and logits[:, a:b, b:].eq(float("-inf")).all()
+            if kind == "e4m3":
+                continue
+            xa = leaves(q_idx[:, a:b], k_idx[:, a:b], w[:, a:b])
+            alone = dsa_ext.indexer_kl_loss(*xa, q[:, a:b], k[:, a:b])
+            torch.testing.assert_close(loss[:, a:b], alone)
+            for got, want in zip((x[:, a:b] for x in grads), torch.autograd.grad(alone.sum(), xa)):
+                torch.testing.assert_close(got, want)
+    finally:
+        dsa_ext.set_cpu_bf16_tiles(tiles_before)
 
 
 def test_empty_ranges(seed):
@@ -182,17 +236,13 @@ def test_sliding_window_equals_reference_with_window_mask(seed, T, S, window):
     logits = dsa_ext.indexer_logits(q_idx, k_idx, w, key_start=ks, key_end=ke)
     want = reference.indexer_logits(q_idx, k_idx, w).masked_fill(~window_mask, float("-inf"))
     torch.testing.assert_close(logits, want, **TOL)
-    g = torch.randn_like(logits).masked_fill(~window_mask, 0)
-    for a, b in zip(torch.autograd.grad(logits, (q_idx, k_idx, w), g), torch.autograd.grad(want, (q_idx, k_idx, w), g)):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_grads(logits, want, (q_idx, k_idx, w), torch.randn_like(logits).masked_fill(~window_mask, 0))
     idx = dsa_ext.indexer_topk(q_idx, k_idx, w, TOPK, key_start=ks, key_end=ke)
     assert torch.equal(idx, reference.topk_indices(want, TOPK))
     loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, key_start=ks, key_end=ke)
     ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, key_start=ks, key_end=ke)
     torch.testing.assert_close(loss, ref, **TOL)
-    gl = torch.randn_like(loss)
-    for a, b in zip(torch.autograd.grad(loss, (q_idx, k_idx, w), gl), torch.autograd.grad(ref, (q_idx, k_idx, w), gl)):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_grads(loss, ref, (q_idx, k_idx, w), torch.randn_like(loss))
     # the reference's mask is the written-out window mask
     assert torch.equal(ranges.visible_mask(ks, ke, S), window_mask.expand(2, T, S))
 
@@ -219,8 +269,7 @@ def test_one_bound_alone(seed, which, causal):
     loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, causal=causal, **r)
     ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, causal=causal, **full)
     torch.testing.assert_close(loss, ref, **TOL)
-    for a, b in zip(torch.autograd.grad(loss.sum(), (q_idx, k_idx, w)), torch.autograd.grad(ref.sum(), (q_idx, k_idx, w))):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_grads(loss, ref, (q_idx, k_idx, w))
 
 
 def test_random_ranges_with_kv_prefix_against_reference(seed):
@@ -233,12 +282,12 @@ def test_random_ranges_with_kv_prefix_against_reference(seed):
     args = dict(key_start=ks, key_end=ke)
     logits = dsa_ext.indexer_logits(q_idx, k_idx, w, **args)
     torch.testing.assert_close(logits, reference.indexer_logits(q_idx, k_idx, w, **args), **TOL)
-    assert torch.equal(dsa_ext.indexer_topk(q_idx, k_idx, w, 5, **args), reference.indexer_topk(q_idx, k_idx, w, 5, **args))
+    assert torch.equal(dsa_ext.indexer_topk(q_idx, k_idx, w, 5, **args),
+                       reference.indexer_topk(q_idx, k_idx, w, 5, **args))
     loss = dsa_ext.indexer_kl_loss(q_idx, k_idx, w, q, k, **args)
     ref = reference.indexer_kl_loss(q_idx, k_idx, w, q, k, **args)
     torch.testing.assert_close(loss, ref, **TOL)
-    for a, b in zip(torch.autograd.grad(loss.sum(), (q_idx, k_idx, w)), torch.autograd.grad(ref.sum(), (q_idx, k_idx, w))):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_grads(loss, ref, (q_idx, k_idx, w))
 
 
 def test_sparse_kl_support_is_indices_inside_the_range(seed):
@@ -256,8 +305,7 @@ def test_sparse_kl_support_is_indices_inside_the_range(seed):
     torch.testing.assert_close(loss, want, **TOL)
     torch.testing.assert_close(loss, reference.indexer_kl_loss(q_idx, k_idx, w, q, k, indices, key_start=ks,
                                                                key_end=ke), **TOL)
-    for a, b in zip(torch.autograd.grad(loss.sum(), (q_idx, k_idx, w)), torch.autograd.grad(want.sum(), (q_idx, k_idx, w))):
-        torch.testing.assert_close(a, b, **TOL)
+    assert_same_grads(loss, want, (q_idx, k_idx, w))
 
 
 def test_backward_ignores_gradients_outside_the_ranges(seed):
@@ -364,8 +412,9 @@ def _call_every_op(r):
     yield lambda: torch.ops.dsa.indexer_logits_backward(torch.zeros(1, 4, 7, dtype=torch.float64), q_idx, k_idx, w,
                                                         None, True, r["key_start"], r["key_end"])
     z = torch.zeros(1, 4, dtype=torch.float64)
-    yield lambda: torch.ops.dsa.indexer_kl_loss_backward(z, q_idx, k_idx, w, q, k, None, z, torch.zeros(1, 4, 4).double(),
-                                                         None, None, True, r["key_start"], r["key_end"])
+    yield lambda: torch.ops.dsa.indexer_kl_loss_backward(z, q_idx, k_idx, w, q, k, None, z,
+                                                         torch.zeros(1, 4, 4, dtype=torch.float64), None, None, True,
+                                                         r["key_start"], r["key_end"])
 
 
 @pytest.mark.parametrize("mutate,pattern", BAD_RANGES)
@@ -381,7 +430,8 @@ def test_range_values_outside_0_S_raise(name, bad):
     r = dict(key_start=torch.zeros(1, 4, dtype=torch.int32), key_end=torch.full((1, 4), 7, dtype=torch.int32))
     r[name][0, 2] = bad
     for call in _call_every_op(r):
-        with pytest.raises(IndexError, match=rf"expected every {name} to be in \[0, S=7\], got {bad} at {name}\[0, 2\]"):
+        message = rf"expected every {name} to be in \[0, S=7\], got {bad} at {name}\[0, 2\]"
+        with pytest.raises(IndexError, match=message):
             call()
     with pytest.raises(IndexError, match=rf"expected every {name} to be in \[0, S=7\]"):
         reference.indexer_logits(*indexer_inputs(1, 4, 7), **r)
@@ -390,6 +440,14 @@ def test_range_values_outside_0_S_raise(name, bad):
 # ---------------------------------------------------------------------------------------------
 # dsa_ext.ranges: the worked examples of the docstrings, round trips and errors
 # ---------------------------------------------------------------------------------------------
+
+
+def test_docstring_examples_hold():
+    """Every worked example of dsa_ext.ranges (module and functions) runs and prints what it shows."""
+    import doctest
+
+    result = doctest.testmod(ranges, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
+    assert result.attempted >= 12 and result.failed == 0, result
 
 
 def i32(rows):
@@ -449,4 +507,5 @@ def test_visible_mask():
     assert torch.equal(mask.int(), torch.tensor([[[1, 0, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.int32))
     bidirectional = ranges.visible_mask(*ranges.from_cu_seqlens(torch.tensor([0, 2, 3])), S=3, causal=False)
     assert torch.equal(bidirectional.int(), torch.tensor([[[1, 1, 0], [1, 1, 0], [0, 0, 1]]], dtype=torch.int32))
-    assert torch.equal(ranges.visible_mask(None, i32([[1, 2]]), S=2, causal=False), torch.tensor([[[1, 0], [1, 1]]]).bool())
+    assert torch.equal(ranges.visible_mask(None, i32([[1, 2]]), S=2, causal=False),
+                       torch.tensor([[[1, 0], [1, 1]]]).bool())
