@@ -6,6 +6,8 @@
 #include <atomic>
 #include <cstdlib>
 #include <sstream>
+#include <string>
+#include <utility>
 
 namespace dsa {
 
@@ -232,20 +234,54 @@ void check_row_length(const char* op, const char* name, int64_t n) {
               " positions per row (int32 indices), got ", n);
 }
 
-void check_index_range(const char* op, const at::Tensor& indices, int64_t S) {
-  if (indices.numel() == 0 || (indices.is_cuda() && !index_checks_enabled())) return;
-  const auto bad = at::logical_or(indices.lt(-1), indices.ge(S));
+namespace {
+
+// Whether the values of an int32 tensor are to be checked: always on CPU, on CUDA only when index
+// checking is switched on (the check synchronises the stream).
+bool values_checked(const at::Tensor& t) { return t.numel() > 0 && (!t.is_cuda() || index_checks_enabled()); }
+
+// Raises IndexError naming the first entry of `values` where `bad` is true, if any:
+// "<op>: expected every <what>, got <value> at <name>[i, j, ..]".
+void raise_first_bad(const char* op, const char* name, const char* what, const at::Tensor& values,
+                     const at::Tensor& bad) {
   if (!bad.any().item<bool>()) return;
   const auto first = bad.nonzero()[0].cpu();  // coordinates of the first bad entry
-  auto elem = indices;
+  auto elem = values;
   std::ostringstream where;
   for (int64_t i = 0; i < first.size(0); ++i) {
     const int64_t c = first[i].item<int64_t>();
     where << (i ? ", " : "") << c;
     elem = elem.select(0, c);
   }
-  TORCH_CHECK_INDEX(false, op, ": expected every index to be -1 or in [0, S=", S, "), got ",
-                    elem.item<int64_t>(), " at indices[", where.str(), "]");
+  TORCH_CHECK_INDEX(false, op, ": expected every ", what, ", got ", elem.item<int64_t>(), " at ", name, "[",
+                    where.str(), "]");
+}
+
+}  // namespace
+
+void check_index_range(const char* op, const at::Tensor& indices, int64_t S) {
+  if (!values_checked(indices)) return;
+  const std::string what = "index to be -1 or in [0, S=" + std::to_string(S) + ")";
+  raise_first_bad(op, "indices", what.c_str(), indices, at::logical_or(indices.lt(-1), indices.ge(S)));
+}
+
+void check_key_ranges(const char* op, const std::optional<at::Tensor>& key_start,
+                      const std::optional<at::Tensor>& key_end, const at::Tensor& q_idx, const IndexerDims& d) {
+  for (const auto& [name, t] : {std::pair{"key_start", &key_start}, std::pair{"key_end", &key_end}}) {
+    if (!t->has_value() || !(*t)->defined()) continue;
+    const at::Tensor& r = **t;
+    TORCH_CHECK(r.scalar_type() == at::kInt, op, ": expected ", name, " to be int32, got ", r.scalar_type());
+    check_rank(op, name, r, 2, "[B, T]");
+    check_same_device(op, name, r, "q_idx", q_idx);
+    check_dim(op, name, r, 0, d.B, "batch B of q_idx");
+    check_dim(op, name, r, 1, d.T, "length T of q_idx");
+  }
+}
+
+void check_key_range_values(const char* op, const char* name, const at::Tensor& t, int64_t S) {
+  if (!values_checked(t)) return;
+  const std::string what = std::string(name) + " to be in [0, S=" + std::to_string(S) + "]";
+  raise_first_bad(op, name, what.c_str(), t, at::logical_or(t.lt(0), t.gt(S)));
 }
 
 namespace {

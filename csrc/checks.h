@@ -59,6 +59,17 @@ IndexerDims check_indexer_forward_inputs(const char* op, const at::Tensor& q_idx
                                          const at::Tensor& w, bool causal,
                                          const std::optional<at::Tensor>& k_scale);
 
+// The optional per-query key ranges key_start, key_end of the indexer ops: each, when given, an
+// int32 [B, T] tensor on q_idx's device (either may come alone; the other defaults to 0 or S).
+void check_key_ranges(const char* op, const std::optional<at::Tensor>& key_start,
+                      const std::optional<at::Tensor>& key_end, const at::Tensor& q_idx, const IndexerDims& d);
+
+// The one place key-range values are checked, called by the host preparation of every indexer op
+// that takes ranges: every entry of key_start and key_end in [0, S] (start >= end is a legal empty
+// row). Always on CPU; on CUDA only when index checking is switched on (the kernels clamp the
+// values to [0, S]), as check_index_range.
+void check_key_range_values(const char* op, const char* name, const at::Tensor& t, int64_t S);
+
 // 1 <= topk < 2^31 (index entries are int32).
 void check_topk(const char* op, int64_t topk);
 void check_topk_inputs(const char* op, const at::Tensor& logits, int64_t topk);

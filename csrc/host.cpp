@@ -22,6 +22,8 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
   p.k = k.data_ptr();
   p.w = w.data_ptr();
   p.k_scale = nullptr;
+  p.key_start = nullptr;
+  p.key_end = nullptr;
   p.B = d.B, p.T = d.T, p.S = d.S, p.Hi = d.Hi, p.Di = d.Di;
   p.q_batch_stride = q.stride(0), p.q_row_stride = q.stride(1), p.q_head_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_row_stride = k.stride(1);
@@ -38,14 +40,34 @@ at::Tensor with_key_scale(IndexerParams& p, const std::optional<at::Tensor>& k_s
   return ks;
 }
 
+KeyRanges with_key_ranges(const char* op, IndexerParams& p, const std::optional<at::Tensor>& key_start,
+                          const std::optional<at::Tensor>& key_end) {
+  KeyRanges r;
+  if (key_start.has_value() && key_start->defined()) {
+    r.start = key_start->contiguous();
+    check_key_range_values(op, "key_start", r.start, p.S);
+    p.key_start = r.start.data_ptr<int32_t>();
+  }
+  if (key_end.has_value() && key_end->defined()) {
+    r.end = key_end->contiguous();
+    check_key_range_values(op, "key_end", r.end, p.S);
+    p.key_end = r.end.data_ptr<int32_t>();
+  }
+  return r;
+}
+
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
   return w.to(score_dtype(q_idx.scalar_type())).contiguous();
 }
 
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          std::optional<double> scale, bool causal,
-                                         const std::optional<at::Tensor>& k_scale) {
-  const auto d = check_indexer_forward_inputs("dsa.indexer_logits", q_idx, k_idx, w, causal, k_scale);
+                                         const std::optional<at::Tensor>& k_scale,
+                                         const std::optional<at::Tensor>& key_start,
+                                         const std::optional<at::Tensor>& key_end) {
+  const char* op = "dsa.indexer_logits";
+  const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
+  check_key_ranges(op, key_start, key_end, q_idx, d);
   IndexerLogitsCall c;
   c.q = last_dim_contiguous(q_idx);
   c.k = last_dim_contiguous(k_idx);
@@ -53,14 +75,18 @@ IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tens
   c.logits = at::empty({d.B, d.T, d.S}, q_idx.options().dtype(score_dtype(q_idx.scalar_type())));
   c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
   c.k_scale = with_key_scale(c.p, k_scale);
+  c.ranges = with_key_ranges(op, c.p, key_start, key_end);
   return c;
 }
 
 IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logits, const at::Tensor& q_idx,
                                                      const at::Tensor& k_idx, const at::Tensor& w,
-                                                     std::optional<double> scale, bool causal) {
+                                                     std::optional<double> scale, bool causal,
+                                                     const std::optional<at::Tensor>& key_start,
+                                                     const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_logits_backward";
   const auto d = check_indexer_inputs(op, q_idx, k_idx, w, causal);
+  check_key_ranges(op, key_start, key_end, q_idx, d);
   check_same_shape(op, "grad_logits", grad_logits, {d.B, d.T, d.S}, score_dtype(q_idx.scalar_type()), q_idx);
   IndexerLogitsBwdCall c;
   c.q = last_dim_contiguous(q_idx);
@@ -71,6 +97,7 @@ IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logi
   c.grad_k = at::empty({d.B, d.S, d.Di}, k_idx.options());
   c.grad_w = at::empty({d.B, d.T, d.Hi}, c.w.options());
   c.p.fwd = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
+  c.ranges = with_key_ranges(op, c.p.fwd, key_start, key_end);
   c.p.grad_logits = c.grad_logits.data_ptr();
   c.p.grad_batch_stride = c.grad_logits.stride(0), c.p.grad_row_stride = c.grad_logits.stride(1);
   c.p.grad_q = c.grad_q.data_ptr();
@@ -95,9 +122,12 @@ TopkCall prepare_topk(const at::Tensor& logits, int64_t topk) {
 
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                      int64_t topk, std::optional<double> scale, bool causal,
-                                     const std::optional<at::Tensor>& k_scale) {
+                                     const std::optional<at::Tensor>& k_scale,
+                                     const std::optional<at::Tensor>& key_start,
+                                     const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_topk";
   const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
+  check_key_ranges(op, key_start, key_end, q_idx, d);
   check_topk(op, topk);
   check_row_length(op, "k_idx", d.S);
   IndexerTopkCall c;
@@ -107,6 +137,7 @@ IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& 
   c.out = at::empty({d.B, d.T, topk}, q_idx.options().dtype(at::kInt));
   c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
   c.k_scale = with_key_scale(c.p, k_scale);
+  c.ranges = with_key_ranges(op, c.p, key_start, key_end);
   c.topk = topk;
   return c;
 }

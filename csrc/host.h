@@ -28,24 +28,39 @@ IndexerParams indexer_params(const IndexerDims& d, const at::Tensor& q, const at
 // (the returned tensor keeps it alive); an undefined tensor otherwise.
 at::Tensor with_key_scale(IndexerParams& p, const std::optional<at::Tensor>& k_scale);
 
+// key_start / key_end (already checked by check_key_ranges), when given, as contiguous [B, T] int32
+// tensors whose pointers go into p.key_start / p.key_end (the returned tensors keep them alive;
+// undefined where absent), after the value check (check_key_range_values).
+struct KeyRanges {
+  at::Tensor start, end;
+};
+KeyRanges with_key_ranges(const char* op, IndexerParams& p, const std::optional<at::Tensor>& key_start,
+                          const std::optional<at::Tensor>& key_end);
+
 // w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx);
 
 struct IndexerLogitsCall {
   at::Tensor q, k, w, k_scale, logits;
+  KeyRanges ranges;
   IndexerParams p;
 };
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          std::optional<double> scale, bool causal,
-                                         const std::optional<at::Tensor>& k_scale);
+                                         const std::optional<at::Tensor>& k_scale,
+                                         const std::optional<at::Tensor>& key_start,
+                                         const std::optional<at::Tensor>& key_end);
 
 struct IndexerLogitsBwdCall {
   at::Tensor q, k, w, grad_logits, grad_q, grad_k, grad_w;
+  KeyRanges ranges;
   IndexerBwdParams p;
 };
 IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logits, const at::Tensor& q_idx,
                                                      const at::Tensor& k_idx, const at::Tensor& w,
-                                                     std::optional<double> scale, bool causal);
+                                                     std::optional<double> scale, bool causal,
+                                                     const std::optional<at::Tensor>& key_start,
+                                                     const std::optional<at::Tensor>& key_end);
 
 struct TopkCall {
   at::Tensor logits, out;
@@ -55,12 +70,15 @@ TopkCall prepare_topk(const at::Tensor& logits, int64_t topk);
 
 struct IndexerTopkCall {
   at::Tensor q, k, w, k_scale, out;
+  KeyRanges ranges;
   IndexerParams p;
   int64_t topk;
 };
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                      int64_t topk, std::optional<double> scale, bool causal,
-                                     const std::optional<at::Tensor>& k_scale);
+                                     const std::optional<at::Tensor>& k_scale,
+                                     const std::optional<at::Tensor>& key_start,
+                                     const std::optional<at::Tensor>& key_end);
 
 struct SparseAttentionCall {
   at::Tensor q, k, v, indices, out, lse;
@@ -83,6 +101,7 @@ SparseAttentionBwdCall prepare_sparse_attention_backward(const at::Tensor& grad_
 
 struct IndexerKlLossCall {
   at::Tensor q_idx, k_idx, w, q, k, indices;  // inputs as the kernel reads them
+  KeyRanges ranges;
   at::Tensor loss, idx_lse, attn_lse;         // outputs
   IndexerKlLossParams p;
 };
@@ -90,7 +109,9 @@ IndexerKlLossCall prepare_indexer_kl_loss(const at::Tensor& q_idx, const at::Ten
                                           const at::Tensor& q, const at::Tensor& k,
                                           const std::optional<at::Tensor>& indices, std::optional<double> idx_scale,
                                           std::optional<double> attn_scale, bool causal,
-                                          const std::optional<at::Tensor>& attn_lse);
+                                          const std::optional<at::Tensor>& attn_lse,
+                                          const std::optional<at::Tensor>& key_start,
+                                          const std::optional<at::Tensor>& key_end);
 
 struct IndexerKlLossBwdCall {
   IndexerKlLossCall fwd;
@@ -103,7 +124,9 @@ IndexerKlLossBwdCall prepare_indexer_kl_loss_backward(const at::Tensor& grad_los
                                                       const std::optional<at::Tensor>& indices,
                                                       const at::Tensor& idx_lse, const at::Tensor& attn_lse,
                                                       std::optional<double> idx_scale,
-                                                      std::optional<double> attn_scale, bool causal);
+                                                      std::optional<double> attn_scale, bool causal,
+                                                      const std::optional<at::Tensor>& key_start,
+                                                      const std::optional<at::Tensor>& key_end);
 
 // grad_w in the dtype w came in (the kernels write the score dtype).
 at::Tensor finish_grad_w(const at::Tensor& grad_w, const at::Tensor& w);

@@ -12,7 +12,8 @@ namespace {
 IndexerKlLossCall kl_loss_call(const char* op, const KlLossDims& d, const at::Tensor& q_idx,
                                const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q,
                                const at::Tensor& k, const std::optional<at::Tensor>& indices,
-                               std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal) {
+                               std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal,
+                               const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   IndexerKlLossCall c;
   c.q_idx = last_dim_contiguous(q_idx);
   c.k_idx = last_dim_contiguous(k_idx);
@@ -26,6 +27,7 @@ IndexerKlLossCall kl_loss_call(const char* op, const KlLossDims& d, const at::Te
   auto& p = c.p;
   p = IndexerKlLossParams{};
   p.idx = indexer_params(d.idx, c.q_idx, c.k_idx, c.w, indexer_scale(d.idx, idx_scale), causal);
+  c.ranges = with_key_ranges(op, p.idx, key_start, key_end);
   p.q = c.q.data_ptr();
   p.k = c.k.data_ptr();
   p.indices = c.indices.defined() ? c.indices.data_ptr<int32_t>() : nullptr;
@@ -48,12 +50,15 @@ IndexerKlLossCall prepare_indexer_kl_loss(const at::Tensor& q_idx, const at::Ten
                                           const at::Tensor& q, const at::Tensor& k,
                                           const std::optional<at::Tensor>& indices, std::optional<double> idx_scale,
                                           std::optional<double> attn_scale, bool causal,
-                                          const std::optional<at::Tensor>& attn_lse) {
+                                          const std::optional<at::Tensor>& attn_lse,
+                                          const std::optional<at::Tensor>& key_start,
+                                          const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_kl_loss";
   const auto d = check_indexer_kl_loss_inputs(op, q_idx, k_idx, w, q, k, indices, causal);
+  check_key_ranges(op, key_start, key_end, q_idx, d.idx);
   const auto sdt = score_dtype(q_idx.scalar_type());
   const auto stats = q_idx.options().dtype(sdt);
-  auto c = kl_loss_call(op, d, q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal);
+  auto c = kl_loss_call(op, d, q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, key_start, key_end);
   c.loss = at::empty({d.idx.B, d.idx.T}, stats);
   c.idx_lse = at::empty({d.idx.B, d.idx.T}, stats);
   if (attn_lse.has_value()) {
@@ -75,15 +80,18 @@ IndexerKlLossBwdCall prepare_indexer_kl_loss_backward(const at::Tensor& grad_los
                                                       const std::optional<at::Tensor>& indices,
                                                       const at::Tensor& idx_lse, const at::Tensor& attn_lse,
                                                       std::optional<double> idx_scale,
-                                                      std::optional<double> attn_scale, bool causal) {
+                                                      std::optional<double> attn_scale, bool causal,
+                                                      const std::optional<at::Tensor>& key_start,
+                                                      const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_kl_loss_backward";
   const auto d = check_indexer_kl_loss_inputs(op, q_idx, k_idx, w, q, k, indices, causal);
+  check_key_ranges(op, key_start, key_end, q_idx, d.idx);
   const auto sdt = score_dtype(q_idx.scalar_type());
   check_same_shape(op, "grad_loss", grad_loss, {d.idx.B, d.idx.T}, sdt, q_idx);
   check_same_shape(op, "idx_lse", idx_lse, {d.idx.B, d.idx.T}, sdt, q_idx);
   check_same_shape(op, "attn_lse", attn_lse, {d.idx.B, d.idx.T, d.H}, sdt, q_idx);
   IndexerKlLossBwdCall c;
-  c.fwd = kl_loss_call(op, d, q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal);
+  c.fwd = kl_loss_call(op, d, q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, key_start, key_end);
   c.fwd.idx_lse = idx_lse.contiguous();
   c.fwd.attn_lse = attn_lse.contiguous();
   c.grad_loss = grad_loss.contiguous();  // often an expanded scalar (stride 0) from loss.sum()

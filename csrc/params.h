@@ -21,6 +21,11 @@ struct IndexerParams {
   const void* k;  // [B, S, Di]
   const void* w;  // [B, T, Hi], dtype: float32 (float64 for float64 inputs), contiguous
   const float* k_scale;  // [B, S] contiguous: multiplies every score of key s (FP8 inputs), or nullptr
+  // Per-query key ranges [key_start, key_end) ([B, T] contiguous, or nullptr for 0 and S): query
+  // (b, t) sees key s only if key_start[b,t] <= s < key_end[b,t]. Kernels clamp the values to
+  // [0, S] (key_range), so unchecked values never address memory out of bounds.
+  const int32_t* key_start;
+  const int32_t* key_end;
   int64_t B, T, S, Hi, Di;
   int64_t q_batch_stride, q_row_stride, q_head_stride;
   int64_t k_batch_stride, k_row_stride;
@@ -29,9 +34,49 @@ struct IndexerParams {
   int64_t causal_offset;  // S - T: query t sees keys s <= t + causal_offset
 };
 
-// Number of keys visible to query t (all S when not causal).
+// Number of keys the causal mask leaves to query t (all S when not causal).
 DSA_HOST_DEVICE inline int64_t visible_keys(const IndexerParams& p, int64_t t) {
   return p.causal ? t + p.causal_offset + 1 : p.S;
+}
+
+// Keys [begin, end); empty when begin >= end.
+struct KeyRange {
+  int64_t begin, end;
+  DSA_HOST_DEVICE bool empty() const { return begin >= end; }
+  DSA_HOST_DEVICE int64_t size() const { return begin < end ? end - begin : 0; }
+};
+
+DSA_HOST_DEVICE inline int64_t clamp_key(int64_t s, int64_t S) { return s < 0 ? 0 : (s > S ? S : s); }
+
+// The key range given for query (b, t), clamped to [0, S]; [0, S) where none is given.
+DSA_HOST_DEVICE inline KeyRange given_key_range(const IndexerParams& p, int64_t b, int64_t t) {
+  return KeyRange{p.key_start != nullptr ? clamp_key(p.key_start[b * p.T + t], p.S) : 0,
+                  p.key_end != nullptr ? clamp_key(p.key_end[b * p.T + t], p.S) : p.S};
+}
+
+// The keys query (b, t) sees: its given key range cut by the causal mask.
+DSA_HOST_DEVICE inline KeyRange key_range(const IndexerParams& p, int64_t b, int64_t t) {
+  KeyRange r = given_key_range(p, b, t);
+  const int64_t causal_end = visible_keys(p, t);
+  r.end = causal_end < r.end ? causal_end : r.end;
+  return r;
+}
+
+// The smallest range holding the keys of queries [t0, t0 + n) of batch b (empty rows add
+// nothing): the key tiles a block of these queries visits.
+DSA_HOST_DEVICE inline KeyRange key_range_hull(const IndexerParams& p, int64_t b, int64_t t0, int64_t n) {
+  KeyRange hull{0, 0};
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    const KeyRange r = key_range(p, b, t);
+    if (r.empty()) continue;
+    if (hull.empty()) {
+      hull = r;
+    } else {
+      hull.begin = r.begin < hull.begin ? r.begin : hull.begin;
+      hull.end = r.end > hull.end ? r.end : hull.end;
+    }
+  }
+  return hull;
 }
 
 struct IndexerBwdParams {
@@ -76,16 +121,16 @@ struct SparseAttentionBwdParams {
   void* grad_v;               // [B, S, Hkv, Dv] contiguous, input dtype
 };
 
-// indexer_kl_loss. For each query row (b, t) with support U_t (every causal key when indices is
-// nullptr, else the valid entries of indices[b, t], one support element per occurrence, no causal
-// mask on top):
+// indexer_kl_loss. For each query row (b, t) with support U_t (every key the row sees, key_range,
+// when indices is nullptr; else the valid entries of indices[b, t] inside the row's key range
+// [key_start, key_end), one support element per occurrence, no causal mask on top):
 //   I(s)   = idx_scale * sum_j w[t,j] * relu(q_idx[t,j] . k_idx[s])               (indexer logits)
 //   a_h(s) = attn_scale * q[t,h] . k[s, h / (H / Hkv)]                           (attention logits)
 //   p(s)   = mean_h exp(a_h(s) - attn_lse[t,h]),  attn_lse[t,h] = lse_{s in U_t} a_h(s)
 //   loss[t] = KL(p || softmax_{U_t} I) = sum_s p(s) * (log p(s) - I(s)) + idx_lse[t]
 // An empty row has loss 0 and both lse -inf. q_idx, k_idx, q and k share one dtype.
 struct IndexerKlLossParams {
-  IndexerParams idx;        // q_idx, k_idx, w (score dtype), idx_scale, and the dense form's causal mask
+  IndexerParams idx;        // q_idx, k_idx, w (score dtype), idx_scale, the key ranges and the dense form's causal mask
   const void* q;            // [B, T, H, Dqk]
   const void* k;            // [B, S, Hkv, Dqk]
   const int32_t* indices;   // [B, T, topk], entries -1 or in [0, S); nullptr: dense (every visible key)

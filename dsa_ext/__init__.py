@@ -17,7 +17,7 @@ except ImportError as e:  # say what to do: a fresh checkout has no compiled lib
                       f"{os.path.dirname(__path__[0])}: "
                       f"`make build`, or `pip install --no-build-isolation -e .`") from e
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd)
-from . import fp8, nn, reference  # nn: the modules (dsa_ext.nn.DSAConfig, ...) without a second import
+from . import fp8, nn, ranges, reference  # nn: the modules (dsa_ext.nn.DSAConfig, ...) without a second import
 from .ops import indexer_kl_loss, indexer_logits, indexer_topk, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
@@ -55,6 +55,7 @@ __all__ = [
     "sparse_attention",
     "indexer_kl_loss",
     "reference",
+    "ranges",
     "fp8",
     "nn",
     "set_index_checks",

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ranges
 from .nn import DSAAttention, DSAConfig, dense_causal_attention
 
 __all__ = ["DecoderConfig", "Decoder", "DenseCore", "convert"]
@@ -41,10 +42,10 @@ class DecoderConfig:
 
 
 def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Full-width rotate-half RoPE on x [B, T, H, D] (the Llama layout)."""
+    """Full-width rotate-half RoPE on x [B, T, H, D] (the Llama layout) at positions [T] or [B, T]."""
     half = x.shape[-1] // 2
     inv_freq = theta ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    ang = (positions.float()[:, None] * inv_freq)[None, :, None, :]
+    ang = (positions.float()[..., None] * inv_freq).expand(x.shape[0], x.shape[1], half)[:, :, None, :]
     cos, sin = ang.cos(), ang.sin()
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1).to(x.dtype)
@@ -58,10 +59,12 @@ class DenseCore(nn.Module):
         super().__init__()
         self.context_parallel = None
 
-    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None):
+    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, key_ranges=None):
         if self.context_parallel is not None:
+            if key_ranges is not None:
+                raise NotImplementedError("DenseCore: key ranges under context parallelism are not supported yet")
             return self.context_parallel.dense_attention(q, k, v, scale)
-        return dense_causal_attention(q, k, v, scale)
+        return dense_causal_attention(q, k, v, scale, key_ranges)
 
 
 class Attention(nn.Module):
@@ -75,13 +78,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.core: nn.Module = DenseCore()
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = _rope(self.q_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         v = self.v_proj(x).view(B, T, -1, hd)
-        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5)
+        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5, key_ranges=key_ranges)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -96,14 +99,21 @@ class Block(nn.Module):
         self.up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, key_ranges)
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
 class Decoder(nn.Module):
-    """Decoder-only LM: ``forward(ids [B, T]) -> logits [B, T, vocab]``."""
+    """Decoder-only LM: ``forward(ids [B, T]) -> logits [B, T, vocab]``.
+
+    Packed documents: ``forward(ids, position_ids)`` with position ids [B, T] that restart per
+    document, as transformers takes them: a document begins wherever the position does not
+    continue the previous one (:func:`dsa_ext.ranges.from_position_ids`), RoPE (the host's and
+    the indexers') uses these positions and every attention stays inside its document, so each
+    document gives exactly the logits it gives alone. ``key_ranges`` ``(key_start, key_end)``
+    [B, T] int32 overrides the documents (e.g. padding: ``dsa_ext.ranges.from_padding_mask``)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -121,14 +131,17 @@ class Decoder(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        """ids [B, T]; positions [T] (default arange(T); under context parallelism the global
-        positions of the rank's tokens, ``cp.positions()``)."""
-        if positions is None:
-            positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: Tensor, position_ids: Optional[Tensor] = None, key_ranges=None) -> Tensor:
+        """ids [B, T]; position_ids [T] or [B, T] (default arange(T)): ids that restart mark packed
+        documents (each attends within itself, as ``key_ranges`` would say); under context
+        parallelism the global positions of the rank's tokens, ``cp.positions()``, which do not."""
+        positions = torch.arange(ids.shape[1], device=ids.device) if position_ids is None else position_ids
+        context_parallel = any(getattr(b.attn.core, "context_parallel", None) is not None for b in self.blocks)
+        if key_ranges is None and position_ids is not None and not context_parallel:
+            key_ranges = ranges.from_position_ids(position_ids.expand(ids.shape))
         x = self.embed(ids)
         for block in self.blocks:
-            x = block(x, positions)
+            x = block(x, positions, key_ranges)
         return self.lm_head(self.norm(x))
 
 

@@ -63,15 +63,17 @@ def indexer_inputs(q_idx: Tensor, k_idx: Tensor, w: Tensor) -> Tuple[Tensor, Ten
 
 
 def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
-                   causal: bool = True) -> Tensor:
+                   causal: bool = True, key_start: Optional[Tensor] = None,
+                   key_end: Optional[Tensor] = None) -> Tensor:
     """``dsa_ext.indexer_logits`` on e4m3-quantised q_idx and k_idx (same arguments and output;
     the scale default ``(Hi * Di) ** -0.5`` is unchanged). Not differentiable."""
     q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
-    return ops.indexer_logits(q8, k8, ws, scale, causal, k_scale=ks)
+    return ops.indexer_logits(q8, k8, ws, scale, causal, k_scale=ks, key_start=key_start, key_end=key_end)
 
 
 def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Optional[float] = None,
-                 causal: bool = True) -> Tensor:
+                 causal: bool = True, key_start: Optional[Tensor] = None,
+                 key_end: Optional[Tensor] = None) -> Tensor:
     """``dsa_ext.indexer_topk`` on e4m3-quantised q_idx and k_idx: ``[B, T, topk]`` int32."""
     q8, k8, ws, ks = indexer_inputs(q_idx, k_idx, w)
-    return ops.indexer_topk(q8, k8, ws, topk, scale, causal, k_scale=ks)
+    return ops.indexer_topk(q8, k8, ws, topk, scale, causal, k_scale=ks, key_start=key_start, key_end=key_end)

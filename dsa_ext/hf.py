@@ -17,8 +17,17 @@ How it hooks in (public transformers APIs only):
 :func:`save_pretrained` writes an ordinary checkpoint of the host model (loadable by plain
 ``from_pretrained``) plus ``dsa_config.json`` and ``dsa_indexer.safetensors``;
 :func:`from_pretrained` loads it back converted (or converts a dense checkpoint with fresh
-indexers). Limits: modes warmup/sparse need the whole sequence in one forward (no KV cache) and
-no padding mask; sliding-window layers are only supported in dense mode.
+indexers).
+
+Padded and packed batches work in every mode (:mod:`dsa_ext.hf_ranges`): each query's key range
+comes from the mask transformers builds (2-D padding masks, left or right; position ids that
+restart per document) or from the ``cu_seq_lens_q/k`` arguments of packed batches, and bounds the
+indexer's top-k, the sparse attention and the indexer loss; the dense attention uses the same
+mask. Padding queries: left-padding ones see no key (output 0 in every mode); right-padding ones
+see the real tokens as transformers' mask makes them (dense/warmup: sdpa's output; sparse: their
+top-k of those tokens). Neither counts in the indexer loss nor in recall, and none gives NaN.
+Limits: modes warmup/sparse need the whole sequence in one forward (no KV cache); sliding-window
+layers are only supported in dense mode.
 """
 from __future__ import annotations
 
@@ -27,12 +36,10 @@ import os
 from dataclasses import replace
 from typing import Optional
 
-import torch
 from torch import nn
 
-from . import hf_mla
+from . import hf_mla, hf_ranges
 from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
-from .conventions import causal_mask
 
 __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
            "from_pretrained", "INDEXER_FILE", "CONFIG_FILE"]
@@ -41,17 +48,6 @@ ATTN_NAME = "dsa"
 TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral") + hf_mla.MODEL_TYPES
 INDEXER_FILE = "dsa_indexer.safetensors"
 CONFIG_FILE = "dsa_config.json"
-
-
-def _check_mask(mask, T: int, S: int, mode: str) -> None:
-    """Warmup/sparse attend by causal position only: a mask that says more (padding) is refused."""
-    if mask is None:
-        return
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
-        if torch.equal(mask, causal_mask(T, S, mask.device).expand_as(mask)):
-            return
-    raise NotImplementedError(f"DSA mode {mode!r} supports causal attention without padding; "
-                              "got an attention mask that is not purely causal")
 
 
 def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -65,19 +61,22 @@ def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
 
+    hidden, positions = module._dsa_inputs
+    module._dsa_inputs = (None, None)  # hold the activations no longer than the call
+    key_ranges = None
+    if core.mode != "dense" or core.recall is not None or hf_ranges.is_packed(kwargs):
+        if kwargs.get("sliding_window") is not None:
+            raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
+        key_ranges, attention_mask = hf_ranges.for_attention(attention_mask, kwargs, query.shape[0],
+                                                             query.shape[2], key.shape[2])
+
     def dense(q, k, v, scale):
         return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2),
                                       v.transpose(1, 2), attention_mask, dropout=dropout,
                                       scaling=scale, **kwargs)[0]
 
-    hidden, positions = module._dsa_inputs
-    module._dsa_inputs = (None, None)  # hold the activations no longer than the call
-    if core.mode != "dense" or core.recall is not None:
-        _check_mask(attention_mask, query.shape[2], key.shape[2], core.mode)
-        if kwargs.get("sliding_window") is not None:
-            raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    return core(q, k, v, hidden, positions, scaling, dense), None
+    return core(q, k, v, hidden, positions, scaling, dense, key_ranges), None
 
 
 def _stash_inputs(module: nn.Module, args, kwargs):

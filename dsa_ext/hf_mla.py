@@ -16,7 +16,9 @@ as for the other families. Public transformers APIs only:
   layers get the previous full layer's): ``"dsa_mla"`` in ``AttentionInterface`` runs the core;
 - the mask builder registered under that name returns a zero-byte stand-in wherever the mask is
   purely causal (where sdpa itself would use ``is_causal``), instead of the [B, 1, T, S] mask
-  these models always ask for; other masks (padding) are sdpa's;
+  these models always ask for; other masks (padding, packed documents from position ids that
+  restart) are sdpa's, and the key ranges read off them (:mod:`dsa_ext.hf_ranges`) bound the
+  indexer's top-k, the sparse attention and the indexer loss in every mode;
 - a forward hook on ``kv_a_layernorm`` hands the attention function the layer's kv latent.
 
 **Sparse attention runs in MLA's absorbed (MQA) form**: one key per token, the 576-wide latent
@@ -49,6 +51,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import hf_ranges
 from .nn import DSAAttention, DSAConfig, LightningIndexer, Selection
 
 __all__ = ["MODEL_TYPES", "ATTN_NAME", "IndexerCall", "convert", "attention", "causal_mask_builder", "absorbed_qkv",
@@ -72,9 +75,18 @@ def causal_mask_builder(**kwargs):
     if mask is not None:
         return mask
     shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
-    mask = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu")).expand(shape)
-    setattr(mask, _CAUSAL, True)
-    return mask
+    one = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    setattr(one, _CAUSAL, True)  # views of the stand-in (the model hands its indexer mask[:, 0]) share it
+    return one.expand(shape)
+
+
+def _is_causal_stand_in(mask: Optional[Tensor]) -> bool:
+    return mask is not None and getattr(mask if mask._base is None else mask._base, _CAUSAL, False)
+
+
+def _key_ranges(mask: Optional[Tensor], batch: int):
+    """The key ranges of the mask the model passes (None when purely causal)."""
+    return None if mask is None or _is_causal_stand_in(mask) else hf_ranges.from_mask(mask, batch)
 
 
 def model_dsa_config(model_config, config: Optional[DSAConfig] = None) -> DSAConfig:
@@ -102,7 +114,11 @@ class IndexerCall(nn.Module):
 
     def forward(self, hidden_states: Tensor, q_resid: Tensor, position_embeddings, attention_mask=None,
                 position_ids=None, cache=None) -> Tensor:
-        self.selection = self.core.select(hidden_states, q_input=q_resid, rope=position_embeddings)
+        key_ranges = None
+        if self.core.mode != "dense" or self.core.recall is not None:
+            key_ranges = _key_ranges(attention_mask, hidden_states.shape[0])
+        self.selection = self.core.select(hidden_states, q_input=q_resid, rope=position_embeddings,
+                                          key_ranges=key_ranges)
         if self.selection is None or self.selection.indices is None:
             return torch.empty(*hidden_states.shape[:2], 0, dtype=torch.int32, device=hidden_states.device)
         return self.selection.indices
@@ -142,7 +158,7 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     core: DSAAttention = module.dsa
     selection = module.indexer.take() if module.indexer is not None else None
     latent, module._dsa_latent = module._dsa_latent, None
-    causal = getattr(attention_mask, _CAUSAL, False)
+    causal = _is_causal_stand_in(attention_mask)
     mask = None if causal else attention_mask  # sdpa then applies is_causal (valid where the stand-in is made)
 
     def dense(q, k, v, scale):
@@ -151,9 +167,13 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
 
     if core.mode == "dense" and core.recall is None and core.context_parallel is None:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    if not causal:
-        raise NotImplementedError(f"DSA mode {core.mode!r} supports causal attention without padding; "
-                                  "got an attention mask that is not purely causal")
+    key_ranges = _key_ranges(attention_mask, query.shape[0])
+    if hf_ranges.is_packed(kwargs):
+        if mask is None:  # the indexer has selected without the documents
+            raise NotImplementedError("DSA: packed inputs of this model need position ids that restart per "
+                                      "document (as DataCollatorWithFlattening gives) besides cu_seq_lens_q/k: "
+                                      "the model builds its indexer's mask from the position ids")
+        hf_ranges.for_attention(mask, kwargs, query.shape[0], query.shape[2], key.shape[2])  # raises if they differ
     if query.shape[2] != key.shape[2]:
         raise NotImplementedError(f"DSA mode {core.mode!r} needs the whole sequence in one forward "
                                   f"({query.shape[2]} queries, {key.shape[2]} keys): a KV cache is not "
@@ -162,11 +182,11 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         selection = Selection(None, None, None, indices if indices is not None and indices.shape[-1] else None)
     if core.mode != "sparse":
         return core.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), selection,
-                           scaling, dense), None
+                           scaling, dense, key_ranges), None
     if dropout:
         raise NotImplementedError("DSA sparse mode has no attention dropout (attention_dropout must be 0)")
     q, k, v, w_uv = absorbed_qkv(module, query, key, latent)
-    out = core.attend(q, k, v, selection, scaling)
+    out = core.attend(q, k, v, selection, scaling, key_ranges=key_ranges)
     return torch.einsum("bthr,hvr->bthv", out, w_uv.to(out.dtype)), None
 
 

@@ -2,9 +2,12 @@
 only, for torch.compile and meta tensors) and their autograd formulas.
 
 Conventions (docs/DESIGN.md): batch-first tensors whose last dimension is contiguous; causal
-alignment is bottom-right (query t sees keys s <= t + S - T); index tensors are int32 with -1 for
-an empty slot; scores, lse and losses are float32 (float64 for float64 inputs); ``topk`` is the
-number of selected keys per query. Defaults (``scale=None`` and the like) live in the operator
+alignment is bottom-right (query t sees keys s <= t + S - T); the indexer operators take optional
+per-query key ranges ``key_start``, ``key_end`` (int32 ``[B, T]``, built by :mod:`dsa_ext.ranges`
+from cu_seqlens, padding masks, position ids or a window): query t then sees key s only if
+``key_start[b,t] <= s < key_end[b,t]`` as well; index tensors are int32 with -1 for an empty
+slot; scores, lse and losses are float32 (float64 for float64 inputs); ``topk`` is the number of
+selected keys per query. Defaults (``scale=None`` and the like) live in the operator
 schemas and are resolved in C++, so these wrappers pass them through unchanged.
 """
 from __future__ import annotations
@@ -29,12 +32,14 @@ def _score_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
-                   causal: bool = True, k_scale: Optional[Tensor] = None) -> Tensor:
+                   causal: bool = True, k_scale: Optional[Tensor] = None, key_start: Optional[Tensor] = None,
+                   key_end: Optional[Tensor] = None) -> Tensor:
     """Lightning-indexer scores of every (query, key) pair.
 
     ``logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j,:] . k_idx[b,s,:])``, ``-inf``
-    where key s is masked (causal: ``s > t + S - T``). With ``k_scale``, each score of key s is
-    also multiplied by ``k_scale[b,s]``.
+    where key s is masked (causal: ``s > t + S - T``; outside the key range: ``s < key_start[b,t]``
+    or ``s >= key_end[b,t]``). With ``k_scale``, each score of key s is also multiplied by
+    ``k_scale[b,s]``. Only key tiles inside some query's range are computed.
 
     Args:
         q_idx: ``[B, T, Hi, Di]`` float64, float32, bfloat16 or float16: indexer queries; or
@@ -45,12 +50,15 @@ def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[floa
         scale: multiplies every score; default ``(Hi * Di) ** -0.5``.
         causal: mask keys after each query (bottom-right aligned; needs S >= T).
         k_scale: ``[B, S]`` float32 per-key scales of float8_e4m3fn keys, or None.
+        key_start, key_end: ``[B, T]`` int32 per-query key ranges ``[key_start, key_end)`` with
+            values in ``[0, S]``, or None (0, resp. S); either may come alone. ``key_start >=
+            key_end`` is an empty row (all ``-inf``).
 
     Returns:
         ``[B, T, S]`` float32 (float64 for float64 inputs). Differentiable in q_idx, k_idx, w
         (not for FP8 inputs).
     """
-    return _ops.indexer_logits(q_idx, k_idx, w, scale, bool(causal), k_scale)
+    return _ops.indexer_logits(q_idx, k_idx, w, scale, bool(causal), k_scale, key_start, key_end)
 
 
 def topk_indices(logits: Tensor, topk: int) -> Tensor:
@@ -71,10 +79,12 @@ def topk_indices(logits: Tensor, topk: int) -> Tensor:
 
 
 def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Optional[float] = None,
-                 causal: bool = True, k_scale: Optional[Tensor] = None) -> Tensor:
-    """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal), topk)`` without ever
-    materialising the ``[B, T, S]`` logits: scores stream through a running selection, memory is
-    O(B*T*topk).
+                 causal: bool = True, k_scale: Optional[Tensor] = None, key_start: Optional[Tensor] = None,
+                 key_end: Optional[Tensor] = None) -> Tensor:
+    """``topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end),
+    topk)`` without ever materialising the ``[B, T, S]`` logits: scores stream through a running
+    selection, memory is O(B*T*topk). Key tiles outside every query's range are never scored, so
+    a packed sequence costs what its documents cost.
 
     Args:
         q_idx: ``[B, T, Hi, Di]``; k_idx: ``[B, S, Di]``; w: ``[B, T, Hi]``, as in
@@ -83,11 +93,13 @@ def indexer_topk(q_idx: Tensor, k_idx: Tensor, w: Tensor, topk: int, scale: Opti
         scale: default ``(Hi * Di) ** -0.5``.
         causal: bottom-right causal mask (needs S >= T).
         k_scale: ``[B, S]`` float32 key scales of float8_e4m3fn inputs, as in :func:`indexer_logits`.
+        key_start, key_end: ``[B, T]`` int32 per-query key ranges, as in :func:`indexer_logits`;
+            a query with an empty range gets an all ``-1`` row.
 
     Returns:
         ``[B, T, topk]`` int32, ascending positions then -1 padding. Not differentiable.
     """
-    return _ops.indexer_topk(q_idx, k_idx, w, int(topk), scale, bool(causal), k_scale)
+    return _ops.indexer_topk(q_idx, k_idx, w, int(topk), scale, bool(causal), k_scale, key_start, key_end)
 
 
 def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Optional[float] = None,
@@ -118,7 +130,8 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, indices: Tensor, scale: Op
 def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tensor,
                     indices: Optional[Tensor] = None, idx_scale: Optional[float] = None,
                     attn_scale: Optional[float] = None, causal: bool = True,
-                    attn_lse: Optional[Tensor] = None) -> Tensor:
+                    attn_lse: Optional[Tensor] = None, key_start: Optional[Tensor] = None,
+                    key_end: Optional[Tensor] = None) -> Tensor:
     """The indexer's training loss: per query token, the KL divergence from the main attention's
     distribution to the indexer's, streamed over keys (no ``[B, T, S]`` or ``[B, H, T, S]``
     tensor is ever built: extra memory is O(B*T*(H+Hi))).
@@ -133,10 +146,12 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
     mean). The support ``U_t`` is
 
     - ``indices=None`` (dense warm-up): every key the query sees, ``s <= t + S - T`` when causal
-      (bottom-right aligned), all S keys otherwise;
-    - ``indices`` given (sparse stage): the valid (``!= -1``) entries of ``indices[b, t]``, both
-      distributions renormalised over them. No causal mask is applied on top (the indices say
-      what is attended, as in :func:`sparse_attention`). A position listed twice is two support
+      (bottom-right aligned), all S keys otherwise, and inside ``[key_start, key_end)`` when
+      ranges are given (tiles outside them are skipped);
+    - ``indices`` given (sparse stage): the valid (``!= -1``) entries of ``indices[b, t]`` that
+      lie in ``[key_start[b,t], key_end[b,t])`` when ranges are given, both distributions
+      renormalised over them. No causal mask is applied on top (the indices say what is
+      attended, as in :func:`sparse_attention`). A position listed twice is two support
       elements (duplicates count once per occurrence, as in :func:`sparse_attention`), which
       amounts to weighting that key by its multiplicity in both distributions.
 
@@ -160,6 +175,8 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
             return_lse=True)`` returns it), used instead of recomputing it, which saves one pass
             over the keys. Read detached. The result does not depend on whether it is given
             (up to the rounding of the lse itself).
+        key_start, key_end: ``[B, T]`` int32 per-query key ranges (values in ``[0, S]``; either
+            may come alone), or None: see the support above. An empty range gives loss 0.
 
     Returns:
         ``[B, T]`` per-token loss, float32 (float64 for float64 inputs); reduce it as the
@@ -168,7 +185,7 @@ def indexer_kl_loss(q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, k: Tenso
     """
     loss, _, _ = _ops.indexer_kl_loss(
         q_idx, k_idx, w, q.detach(), k.detach(), indices, idx_scale, attn_scale, bool(causal),
-        None if attn_lse is None else attn_lse.detach())
+        None if attn_lse is None else attn_lse.detach(), key_start, key_end)
     return loss
 
 
@@ -201,6 +218,17 @@ def _check_indexer(op: str, q_idx: Tensor, k_idx: Tensor, w: Tensor, causal: boo
     if causal:
         torch._check(k_idx.shape[1] >= T, lambda: f"{op}: causal attention needs S >= T, got T={T} "
                                                   f"from q_idx and S={k_idx.shape[1]} from k_idx")
+
+
+def _check_key_ranges(op: str, q_idx: Tensor, key_start: Optional[Tensor], key_end: Optional[Tensor]) -> None:
+    B, T = q_idx.shape[:2]
+    for name, r in (("key_start", key_start), ("key_end", key_end)):
+        if r is None:
+            continue
+        torch._check(r.dtype == torch.int32, lambda: f"{op}: expected {name} to be int32, got {r.dtype}")
+        _check_rank(op, name, r, 2, "[B, T]")
+        _check_dim(op, name, r, 0, B, "batch B of q_idx")
+        _check_dim(op, name, r, 1, T, "length T of q_idx")
 
 
 def _check_topk(op: str, topk: int) -> None:
@@ -247,15 +275,18 @@ def _check_kl_loss(op: str, q_idx: Tensor, k_idx: Tensor, w: Tensor, q: Tensor, 
 
 
 @torch.library.register_fake("dsa::indexer_logits")
-def _indexer_logits_fake(q_idx, k_idx, w, scale=None, causal=True, k_scale=None):
+def _indexer_logits_fake(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, key_start=None, key_end=None):
     _check_indexer("dsa.indexer_logits", q_idx, k_idx, w, causal)
+    _check_key_ranges("dsa.indexer_logits", q_idx, key_start, key_end)
     return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], k_idx.shape[1]),
                            dtype=_score_dtype(q_idx.dtype))
 
 
 @torch.library.register_fake("dsa::indexer_logits_backward")
-def _indexer_logits_backward_fake(grad_logits, q_idx, k_idx, w, scale=None, causal=True):
+def _indexer_logits_backward_fake(grad_logits, q_idx, k_idx, w, scale=None, causal=True, key_start=None,
+                                  key_end=None):
     _check_indexer("dsa.indexer_logits_backward", q_idx, k_idx, w, causal)
+    _check_key_ranges("dsa.indexer_logits_backward", q_idx, key_start, key_end)
     return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
 
 
@@ -267,8 +298,9 @@ def _topk_indices_fake(logits, topk):
 
 
 @torch.library.register_fake("dsa::indexer_topk")
-def _indexer_topk_fake(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None):
+def _indexer_topk_fake(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None, key_start=None, key_end=None):
     _check_indexer("dsa.indexer_topk", q_idx, k_idx, w, causal)
+    _check_key_ranges("dsa.indexer_topk", q_idx, key_start, key_end)
     _check_topk("dsa.indexer_topk", topk)
     return q_idx.new_empty((q_idx.shape[0], q_idx.shape[1], topk), dtype=torch.int32)
 
@@ -290,8 +322,9 @@ def _sparse_attention_backward_fake(grad_out, grad_lse, q, k, v, indices, out, l
 
 @torch.library.register_fake("dsa::indexer_kl_loss")
 def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None,
-                          causal=True, attn_lse=None):
+                          causal=True, attn_lse=None, key_start=None, key_end=None):
     _check_kl_loss("dsa.indexer_kl_loss", q_idx, k_idx, w, q, k, indices, causal)
+    _check_key_ranges("dsa.indexer_kl_loss", q_idx, key_start, key_end)
     B, T = q_idx.shape[:2]
     dtype = _score_dtype(q_idx.dtype)
     return (q_idx.new_empty((B, T), dtype=dtype), q_idx.new_empty((B, T), dtype=dtype),
@@ -300,8 +333,9 @@ def _indexer_kl_loss_fake(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, a
 
 @torch.library.register_fake("dsa::indexer_kl_loss_backward")
 def _indexer_kl_loss_backward_fake(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse,
-                                   idx_scale=None, attn_scale=None, causal=True):
+                                   idx_scale=None, attn_scale=None, causal=True, key_start=None, key_end=None):
     _check_kl_loss("dsa.indexer_kl_loss_backward", q_idx, k_idx, w, q, k, indices, causal)
+    _check_key_ranges("dsa.indexer_kl_loss_backward", q_idx, key_start, key_end)
     return q_idx.new_empty(q_idx.shape), k_idx.new_empty(k_idx.shape), w.new_empty(w.shape)
 
 
@@ -311,16 +345,17 @@ def _indexer_kl_loss_backward_fake(grad_loss, q_idx, k_idx, w, q, k, indices, id
 
 
 def _indexer_logits_setup(ctx, inputs, output):
-    q_idx, k_idx, w, scale, causal, k_scale = inputs
-    ctx.save_for_backward(q_idx, k_idx, w)
+    q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end = inputs
+    ctx.save_for_backward(q_idx, k_idx, w, key_start, key_end)
     ctx.scale, ctx.causal = scale, causal
 
 
 def _indexer_logits_backward(ctx, grad_logits):
-    q_idx, k_idx, w = ctx.saved_tensors
+    q_idx, k_idx, w, key_start, key_end = ctx.saved_tensors
     # FP8 inputs (the only ones with k_scale) raise in the backward op: they are forward-only
-    gq, gk, gw = _ops.indexer_logits_backward(grad_logits, q_idx, k_idx, w, ctx.scale, ctx.causal)
-    return gq, gk, gw, None, None, None
+    gq, gk, gw = _ops.indexer_logits_backward(grad_logits, q_idx, k_idx, w, ctx.scale, ctx.causal, key_start,
+                                              key_end)
+    return gq, gk, gw, None, None, None, None, None
 
 
 torch.library.register_autograd("dsa::indexer_logits", _indexer_logits_backward,
@@ -345,20 +380,21 @@ torch.library.register_autograd("dsa::sparse_attention", _sparse_attention_backw
 
 
 def _indexer_kl_loss_setup(ctx, inputs, output):
-    q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, _attn_lse = inputs
+    q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, _attn_lse, key_start, key_end = inputs
     _loss, idx_lse, attn_lse_out = output
     # The lse outputs are statistics saved for the backward, not differentiable results.
     ctx.mark_non_differentiable(idx_lse, attn_lse_out)
-    ctx.save_for_backward(q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse_out)
+    ctx.save_for_backward(q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse_out, key_start, key_end)
     ctx.idx_scale, ctx.attn_scale, ctx.causal = idx_scale, attn_scale, causal
 
 
 def _indexer_kl_loss_backward(ctx, grad_loss, _grad_idx_lse, _grad_attn_lse):
-    q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse = ctx.saved_tensors
+    q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, key_start, key_end = ctx.saved_tensors
     gq, gk, gw = _ops.indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse,
-                                               attn_lse, ctx.idx_scale, ctx.attn_scale, ctx.causal)
-    # q, k (the main attention) and the given attn_lse are constants of this loss.
-    return gq, gk, gw, None, None, None, None, None, None, None
+                                               attn_lse, ctx.idx_scale, ctx.attn_scale, ctx.causal,
+                                               key_start, key_end)
+    # q, k (the main attention), the given attn_lse and the key ranges are constants of this loss.
+    return gq, gk, gw, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("dsa::indexer_kl_loss", _indexer_kl_loss_backward,

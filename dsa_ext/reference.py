@@ -3,15 +3,17 @@
 Written for clarity, not speed: each function materialises what the fused operators stream
 (full [B, T, S] logits, gathered [.., k, D] keys). Every function accepts float64 and then
 computes in float64; other dtypes compute in float32. The signatures match ``dsa_ext.*``.
-All edge cases of docs/DESIGN.md are pinned here: bottom-right causal alignment, -1 padding,
-duplicate indices, rows with no valid key (output 0, lse -inf, finite gradients), deterministic
-top-k (ties to the lower position, ascending rows).
+All edge cases of docs/DESIGN.md are pinned here: bottom-right causal alignment, per-query key
+ranges (dsa_ext.ranges.visible_mask), -1 padding, duplicate indices, rows with no valid key
+(output 0, lse -inf, finite gradients), deterministic top-k (ties to the lower position,
+ascending rows).
 """
 from __future__ import annotations
 
 import torch
 
 from .conventions import causal_mask, default_attention_scale, default_indexer_scale
+from .ranges import visible_mask
 
 __all__ = ["indexer_logits", "topk_indices", "indexer_topk", "sparse_attention", "indexer_kl_loss"]
 
@@ -32,9 +34,28 @@ def _stats(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, upcast=True):
+def _check_key_ranges(key_start, key_end, S):
+    """Key-range values must lie in [0, S] (start >= end: an empty row)."""
+    for name, r in (("key_start", key_start), ("key_end", key_end)):
+        if r is not None and ((r < 0) | (r > S)).any():
+            raise IndexError(f"expected every {name} to be in [0, S={S}]")
+
+
+def _visible(T, S, causal, key_start, key_end, device):
+    """[B or 1, T, S] bool: what each query sees (causal mask and key ranges)."""
+    if causal and S < T:
+        raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
+    if key_start is None and key_end is None:
+        mask = causal_mask(T, S, device) if causal else torch.ones(T, S, dtype=torch.bool, device=device)
+        return mask[None]
+    _check_key_ranges(key_start, key_end, S)
+    return visible_mask(key_start, key_end, S, causal)
+
+
+def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, key_start=None, key_end=None,
+                   upcast=True):
     """logits[b,t,s] = scale * sum_j w[b,t,j] * relu(q_idx[b,t,j] . k_idx[b,s]) (* k_scale[b,s]
-    when given); -inf if masked.
+    when given); -inf if masked: causal (s > t + S - T) or outside [key_start[b,t], key_end[b,t]).
 
     q_idx [B,T,Hi,Di], k_idx [B,S,Di], w [B,T,Hi] -> [B,T,S] float32 (float64 for float64 input).
     float8_e4m3fn inputs compute in float32 (pass them .double() for a float64 oracle).
@@ -50,11 +71,7 @@ def indexer_logits(q_idx, k_idx, w, scale=None, causal=True, k_scale=None, upcas
     logits = (scale * torch.einsum("bth,bths->bts", w.to(acc), dots.relu())).to(_stats(q_idx.dtype))
     if k_scale is not None:
         logits = logits * k_scale.to(logits.dtype)[:, None, :]
-    if causal:
-        if S < T:
-            raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
-        logits = logits.masked_fill(~causal_mask(T, S, logits.device), float("-inf"))
-    return logits
+    return logits.masked_fill(~_visible(T, S, causal, key_start, key_end, logits.device), float("-inf"))
 
 
 def topk_indices(logits, topk):
@@ -79,9 +96,9 @@ def topk_indices(logits, topk):
     return out
 
 
-def indexer_topk(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None):
+def indexer_topk(q_idx, k_idx, w, topk, scale=None, causal=True, k_scale=None, key_start=None, key_end=None):
     """topk_indices(indexer_logits(...), topk): [B,T,topk] int32."""
-    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale), topk)
+    return topk_indices(indexer_logits(q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end), topk)
 
 
 def sparse_attention(q, k, v, indices, scale=None, return_lse=False, upcast=True):
@@ -137,17 +154,18 @@ def _lse(x, dim=-1):
 
 
 def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_scale=None, causal=True,
-                    attn_lse=None, upcast=True):
+                    attn_lse=None, key_start=None, key_end=None, upcast=True):
     """Per-token KL(p_t || softmax_{U_t}(I[t])) with full [B, H, T, S] probabilities.
 
     p_t = mean over heads h of softmax_{U_t}(attn_scale * q[t,h] . k[s, h // (H // Hkv)]),
-    I = indexer_logits(q_idx, k_idx, w, idx_scale). U_t: every causal key (indices None; all S
-    keys when causal is False) or the valid entries of indices[b,t] (no causal mask on top), a
-    key listed m times counting m times in both distributions (log m added to both
-    logits). q, k and attn_lse are constants (no gradient). attn_lse [B,T,H], when given,
-    replaces the per-head lse over U_t. Returns [B,T] float32 (float64 for float64 input); an
-    empty row gives 0 with zero gradients. upcast=False rounds the attention and indexer products
-    to the input dtype, softmax and KL in float32 (a low-precision baseline).
+    I = indexer_logits(q_idx, k_idx, w, idx_scale). U_t: every key the query sees (indices None:
+    causal keys, all S keys when causal is False, inside [key_start, key_end) when given) or the
+    valid entries of indices[b,t] inside [key_start, key_end) (no causal mask on top), a key
+    listed m times counting m times in both distributions (log m added to both logits). q, k and
+    attn_lse are constants (no gradient). attn_lse [B,T,H], when given, replaces the per-head lse
+    over U_t. Returns [B,T] float32 (float64 for float64 input); an empty row gives 0 with zero
+    gradients. upcast=False rounds the attention and indexer products to the input dtype, softmax
+    and KL in float32 (a low-precision baseline).
     """
     B, T, Hi, Di = q_idx.shape
     S, H, Hkv, Dqk = k_idx.shape[1], q.shape[2], k.shape[2], q.shape[3]
@@ -156,14 +174,14 @@ def indexer_kl_loss(q_idx, k_idx, w, q, k, indices=None, idx_scale=None, attn_sc
     acc = _acc(q_idx.dtype, upcast)
     sdt = _stats(q_idx.dtype)
     if indices is None:
-        if causal and S < T:
-            raise RuntimeError(f"causal attention needs S >= T, got T={T}, S={S}")
-        visible = causal_mask(T, S, q_idx.device) if causal else torch.ones(T, S, dtype=torch.bool, device=q_idx.device)
-        count = visible.to(sdt).expand(B, T, S)
+        count = _visible(T, S, causal, key_start, key_end, q_idx.device).to(sdt).expand(B, T, S)
     else:
         if ((indices < -1) | (indices >= S)).any():
             raise IndexError(f"expected every index to be -1 or in [0, {S})")
         valid = indices >= 0
+        if key_start is not None or key_end is not None:
+            in_range = _visible(T, S, False, key_start, key_end, q_idx.device).expand(B, T, S)
+            valid &= in_range.gather(-1, indices.clamp(min=0).long())
         count = torch.zeros(B, T, S, dtype=sdt, device=q_idx.device)
         count.scatter_add_(-1, indices.clamp(min=0).long(), valid.to(sdt))
     support = count > 0

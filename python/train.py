@@ -21,6 +21,7 @@ dsa_model/ (hf.save_pretrained of the converted model).
   torchrun --nproc_per_node 4 python/train.py --cp 2      # each sequence over 2 ranks x 2 data-parallel
   python python/train.py --data my_texts/ --tokenizer path/to/hf_tokenizer --arch llama
   python python/train.py --arch llama --init path/to/hf_checkpoint   # start from a dense model
+  python python/train.py --pack                           # packed documents: attention stays in each file
 """
 from __future__ import annotations
 
@@ -143,6 +144,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="learning rate of the indexers in sparse training; default: --warmup-lr")
     p.add_argument("--kl-weight", type=float, default=1.0,
                    help="weight of each layer's indexer KL loss (DSAConfig.loss_coeff)")
+    p.add_argument("--pack", action="store_true",
+                   help="packed documents: every file of the data is a document, a window may hold several, "
+                        "and attention (dense, indexer, sparse, the KL target) stays inside each one, with "
+                        "positions restarting per document and no loss on a document's first token; "
+                        "default: windows are plain token streams that attend across files")
     args = p.parse_args(argv)
     for k, v in dict(PRESETS[args.preset], data=None, tokenizer=None, init=None).items():
         if not hasattr(args, k):
@@ -178,6 +184,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.cp < 1 or world % args.cp:
         p.error(f"--cp {args.cp}: expected a divisor of the number of processes ({world}; world = dp x cp)")
+    if args.pack and args.cp > 1:
+        p.error(f"--pack with --cp {args.cp}: packed documents (key ranges) under context parallelism are "
+                "not supported yet")
     if args.seq_len < 2 * args.cp:
         p.error(f"--seq-len {args.seq_len}: context parallelism over --cp {args.cp} needs >= {2 * args.cp} tokens")
     if args.fsdp and world == 1:
@@ -194,15 +203,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 class HFCausalLM(nn.Module):
-    """A transformers causal LM as ``ids -> logits``."""
+    """A transformers causal LM as ``(ids, position_ids=None) -> logits``; position ids that restart
+    per document make transformers keep attention inside the documents (and dsa_ext.hf the DSA modes)."""
 
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.hf = hf_model
 
-    def forward(self, ids: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        kw = {} if positions is None else {"position_ids": positions[None]}
-        return self.hf(input_ids=ids, use_cache=False, **kw).logits
+    def forward(self, ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """position_ids [T] or [B, T]: restarting ones mark packed documents; under context
+        parallelism the global positions of this rank's tokens."""
+        if position_ids is not None and position_ids.dim() == 1:
+            position_ids = position_ids[None]
+        return self.hf(input_ids=ids, position_ids=position_ids, use_cache=False).logits
 
 
 def _is_hf_dir(path: Optional[str]) -> bool:
@@ -276,26 +289,36 @@ def convert(model: nn.Module, args, mode: str) -> nn.Module:
 # ---------------------------------------------------------------------------------------------
 
 
-def lm_loss(logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-
-
-def forward_tokens(net: nn.Module, ids: torch.Tensor, env: Env) -> torch.Tensor:
-    """The model's logits for ids [B, S]: all of them, or under context parallelism this rank's
-    share of the tokens (at their global positions)."""
-    if env.cp is None:
+def logits_of(net: nn.Module, batch: train_data.Batch, env: Env) -> torch.Tensor:
+    """The model's logits for the batch's inputs (the windows but their last token): all of them,
+    or under context parallelism this rank's share (at their global positions); packed
+    documents: with their positions, which restart per document (both model kinds then keep
+    attention inside each document)."""
+    ids = batch.ids[:, :-1]
+    if env.cp is not None:
+        return net(env.cp.shard(ids), env.cp.positions(ids.device))
+    if batch.positions is None:
         return net(ids)
-    return net(env.cp.shard(ids), env.cp.positions(ids.device))
+    return net(ids, batch.positions[:, :-1])
 
 
-def lm_forward(net: nn.Module, batch: torch.Tensor, env: Env) -> torch.Tensor:
-    """The mean next-token loss of batch [B, S + 1]; under context parallelism this rank's share
-    of it (its tokens' losses over all B * S tokens: the shares add up to the loss)."""
-    logits = forward_tokens(net, batch[:, :-1], env)
+def lm_loss(logits: torch.Tensor, batch: train_data.Batch) -> torch.Tensor:
+    """Next-token cross entropy; packed documents: a document's first token is no target (the
+    previous document cannot predict it)."""
+    targets = batch.ids[:, 1:]
+    if batch.positions is not None:
+        targets = targets.masked_fill(batch.positions[:, 1:] == 0, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def lm_forward(net: nn.Module, batch: train_data.Batch, env: Env) -> torch.Tensor:
+    """The mean next-token loss of the batch; under context parallelism this rank's share of it
+    (its tokens' losses over all B * S tokens: the shares add up to the loss)."""
+    logits = logits_of(net, batch, env)
     if env.cp is None:
         return lm_loss(logits, batch)
-    targets = env.cp.shard(batch[:, 1:]).flatten()
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / batch[:, 1:].numel()
+    targets = env.cp.shard(batch.ids[:, 1:]).flatten()
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / batch.ids[:, 1:].numel()
 
 
 def autocast(env: Env):
@@ -305,12 +328,12 @@ def autocast(env: Env):
 
 
 @torch.no_grad()
-def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
+def val_loss(model: nn.Module, windows: train_data.Batch, env: Env) -> float:
     model.eval()
     total = torch.zeros(2, dtype=torch.float64)
-    for w in windows[env.dp_rank::env.dp_size]:
+    for w in windows.rows(env.dp_rank, env.dp_size):
         with autocast(env):
-            loss = lm_forward(model, w[None].to(env.device), env)
+            loss = lm_forward(model, w.to(env.device), env)
         total += torch.tensor([loss.item(), 1.0 / env.cp_size], dtype=torch.float64)
     total = env.all_sum(total)
     model.train()
@@ -319,16 +342,16 @@ def val_loss(model: nn.Module, windows: torch.Tensor, env: Env) -> float:
 
 
 @torch.no_grad()
-def recall(model: nn.Module, windows: torch.Tensor, env: Env) -> Dict[str, List[float]]:
+def recall(model: nn.Module, windows: train_data.Batch, env: Env) -> Dict[str, List[float]]:
     """Per-layer indexer recall against the dense model's attention (modes set to dense for the
     measurement, restored after)."""
     model.eval()
     modes = [m.mode for m in dsa_nn.dsa_modules(model)]
     dsa_nn.set_mode(model, "dense")
     with dsa_nn.recall_stats(model) as stats:
-        for w in windows[env.dp_rank::env.dp_size]:
+        for w in windows.rows(env.dp_rank, env.dp_size):
             with autocast(env):
-                forward_tokens(model, w[None, :-1].to(env.device), env)
+                logits_of(model, w.to(env.device), env)
     for m, mode in zip(dsa_nn.dsa_modules(model), modes):
         m.mode = mode
     model.train()
@@ -415,8 +438,8 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
         step = rec["step"]
         for g in st.optimizer.param_groups:
             g["lr"] = g["initial_lr"] * st.schedule(step)
-        batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed,
-                                       STAGE_DATA[st.name], step, env.dp_rank).to(env.device)
+        batch = train_data.train_batch(corpus.train, per_rank, args.seq_len, args.seed, STAGE_DATA[st.name],
+                                       step, env.dp_rank, corpus.train_docs if args.pack else None).to(env.device)
         t0 = time.perf_counter()
         with autocast(env):
             losses = st.loss(net, st.model, batch)
@@ -501,8 +524,9 @@ def main(argv=None) -> Dict:
         with open(os.path.join(args.out, "config.json"), "w") as f:
             json.dump(vars(args), f, indent=2)
     corpus = train_data.load_corpus(args.data, args.tokenizer)
-    val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len)
-    rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len)
+    val_docs = corpus.val_docs if args.pack else None
+    val = train_data.val_windows(corpus.val, args.val_windows, args.seq_len, val_docs)
+    rec_windows = train_data.val_windows(corpus.val, args.recall_windows, args.seq_len, val_docs)
     if env.main:
         print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
               f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device} (data parallel "
@@ -591,7 +615,7 @@ def main(argv=None) -> Dict:
         args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus, progress)
 
     result = summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup,
-                       recall_init, recall_warmup, recall_final, time.perf_counter() - t_start)
+                       recall_init, recall_warmup, recall_final, time.perf_counter() - t_start, layout(val))
     if env.main:
         write_outputs(args, result, dsa, progress)
     env.barrier()
@@ -600,14 +624,22 @@ def main(argv=None) -> Dict:
     return result
 
 
+def layout(windows: train_data.Batch) -> Dict:
+    """How the windows hold the data: packed documents (with the mean number of documents, whole
+    or cut, per validation window) or a plain token stream."""
+    if windows.positions is None:
+        return {"packed": False}
+    return {"packed": True, "documents_per_window": float((windows.positions == 0).sum(1).double().mean())}
+
+
 def summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup, recall_init,
-              recall_warmup, recall_final, wall) -> Dict:
+              recall_warmup, recall_final, wall, data_layout: Dict) -> Dict:
     last = lambda name: stages[name]["history"][-1]["val_loss"]
     vd, vs = last("dense_baseline"), last("sparse")
     return {
         "seq_len": args.seq_len, "k": args.topk, "k_over_S": args.topk / args.seq_len,
         "n_layers": args.n_layers, "arch": args.arch if not args.init else f"init:{args.init}",
-        "data": corpus.source, "vocab_size": corpus.vocab_size,
+        "data": corpus.source, "vocab_size": corpus.vocab_size, "data_layout": data_layout,
         "val_loss_pretrained": val_pretrained, "val_loss_dsa_after_warmup": val_dsa_after_warmup,
         "val_loss_dense": vd, "val_loss_dsa": vs, "val_loss_gap_rel": (vs - vd) / vd,
         "recall_init": mean(recall_init["all"]), "recall_warmup": mean(recall_warmup["all"]),

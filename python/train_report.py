@@ -8,6 +8,7 @@ def table(r: Dict) -> str:
     tps = r["tokens_per_s"]
     rows = [
         ("sequence length S / top-k k", f"{r['seq_len']} / {r['k']} (k/S = 1/{r['seq_len'] // r['k']})"),
+        ("data layout", layout_text(r.get("data_layout", {"packed": False}))),
         ("indexer recall, untrained (mean over layers)", f"{r['recall_init']:.3f}"),
         ("indexer recall, after warm-up", f"{r['recall_warmup']:.3f}"),
         ("indexer recall, after sparse training", f"{r['recall_final']:.3f}"),
@@ -26,6 +27,12 @@ def table(r: Dict) -> str:
     lines = [f"| {'':{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {a:{width}} | {b} |" for a, b in rows]
     return "\n".join(lines)
+
+
+def layout_text(layout: Dict) -> str:
+    if not layout["packed"]:
+        return "token stream (attention crosses documents)"
+    return f"packed documents, attention inside each ({layout['documents_per_window']:.2f} per val window)"
 
 
 def progress_table(rows: Dict[str, Dict]) -> str:

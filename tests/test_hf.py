@@ -106,15 +106,7 @@ def test_hf_from_dense_checkpoint_gets_fresh_indexers(tmp_path):
 
 
 def test_hf_refusals():
-    m = hf.convert(tiny_hf("llama"), dsa_cfg(topk=4, mode="sparse"))
-    ids = torch.randint(0, 97, (2, 8))
-    padding = torch.ones_like(ids)
-    padding[0, :3] = 0
-    with torch.no_grad(), pytest.raises(NotImplementedError, match="padding"):
-        m(ids, attention_mask=padding)
-    dnn.set_mode(m, "dense")  # dense mode is transformers' own sdpa path: padding works
-    with torch.no_grad():
-        m(ids, attention_mask=padding)
+    m = hf.convert(tiny_hf("llama"), dsa_cfg(topk=4, mode="sparse"))  # padding: tests/test_packed_hf.py
     with pytest.raises(ValueError, match="already"):
         hf.convert(m, dsa_cfg())
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2))

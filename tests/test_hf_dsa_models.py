@@ -226,16 +226,14 @@ def test_dense_mode_generates_with_a_cache_and_sparse_mode_refuses_one(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_padding_refused_in_dsa_modes_and_served_in_dense_mode(family):
+def test_dense_mode_with_padding_is_the_unconverted_model(family):
+    """(Padding in every mode: tests/test_packed_hf.py.)"""
     ref = tiny_hf_dsa(family, index_topk=64)
-    m = hf.convert(copy.deepcopy(ref), dnn.DSAConfig(topk=4))
+    m = hf.convert(copy.deepcopy(ref), dnn.DSAConfig(topk=4, mode="dense"))
     ids = torch.randint(0, HF_VOCAB, (2, 9))
     padding = torch.ones_like(ids)
     padding[0, :3] = 0
     with torch.no_grad():
-        with pytest.raises(NotImplementedError, match="padding"):
-            m(ids, attention_mask=padding)
-        dnn.set_mode(m, "dense")
         torch.testing.assert_close(m(ids, attention_mask=padding).logits[:, 3:],
                                    ref(ids, attention_mask=padding).logits[:, 3:], rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="already"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dsa_ext
-from dsa_ext import reference
+from dsa_ext import ranges, reference
 
 pytestmark = [
     pytest.mark.cuda,
@@ -316,3 +316,86 @@ def test_backward_is_deterministic(seed):
     b = torch.ops.dsa.indexer_logits_backward(g, q, k, w, 0.1, True)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-query key ranges
+# ---------------------------------------------------------------------------------------------
+
+
+def range_cases(B, T, S, seed):
+    """(name, key_start, key_end) on the device: packed documents (B = 1 layout repeated), random
+    ranges with empty rows, a start alone."""
+    g = gen(seed)
+    cuts = torch.randint(0, S + 1, (5,), generator=g).sort().values
+    ks, ke = ranges.from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([S])]))
+    packed = (ks[:, S - T:].expand(B, T).contiguous(), ke[:, S - T:].expand(B, T).contiguous())
+    start = torch.randint(0, S + 1, (B, T), generator=g)
+    end = torch.randint(0, S + 1, (B, T), generator=g)
+    rand = (start.int(), end.int())
+    return [("packed", *(x.to(DEV) for x in packed)), ("random", *(x.to(DEV) for x in rand)),
+            ("start_only", rand[0].to(DEV), None)]
+
+
+@pytest.mark.parametrize("dtype", ALL)
+@pytest.mark.parametrize("B,T,S,Hi,Di,k", [
+    (2, 37, 37, 8, 64, 16),
+    (1, 40, 3000, 64, 128, 100),  # long prefix: key splits, most tiles outside the ranges
+    (1, 9, 77, 20, 24, 500),      # k > S
+])
+def test_ranges_forward_backward(seed, dtype, B, T, S, Hi, Di, k):
+    q, kk, w = inputs(B, T, S, Hi, Di, dtype, seed=seed + 30)
+    scale = (Hi * Di) ** -0.5
+    for name, ks, ke in range_cases(B, T, S, seed + 31):
+        r = dict(key_start=ks, key_end=ke)
+        logits = dsa_ext.indexer_logits(q, kk, w, **r)
+        ref = reference.indexer_logits(q.double(), kk.double(), w.double(), scale, True, **r)
+        assert torch.equal(torch.isneginf(logits), torch.isinf(ref)), name
+        bound = scale * torch.einsum("bth,bthd,bsd->bts", w.double().abs(), q.double().abs(), kk.double().abs())
+        finite = ~torch.isinf(ref)
+        assert ((logits.double() - ref).abs()[finite] <= 4e-6 * bound[finite] + 1e-30).all(), name
+        fused = dsa_ext.indexer_topk(q, kk, w, k, **r)
+        assert torch.equal(fused, dsa_ext.topk_indices(logits, k)), name
+        g = torch.randn(B, T, S, generator=gen(seed + 32)).to(DEV).masked_fill(torch.isinf(ref), float("nan"))
+        ours = torch.ops.dsa.indexer_logits_backward(g, q, kk, w, scale, True, ks, ke)
+        gq, gk, gw = (x.detach().double().requires_grad_() for x in (q, kk, w))
+        out = reference.indexer_logits(gq, gk, gw, scale, True, **r)
+        out.backward(torch.nan_to_num(g, nan=0.0).double())
+        for what, o, want in zip(("q_idx", "k_idx", "w"), ours, (gq.grad, gk.grad, gw.grad)):
+            assert torch.isfinite(o).all(), (name, what)
+            tol = 2e-2 if dtype in LOW else 1e-4
+            assert (o.double() - want).norm() <= tol * want.norm() + 1e-6, (name, what)
+
+
+def test_ranges_are_clamped_unless_checked(seed):
+    """CUDA follows the index-check policy: out-of-range values are clamped to [0, S] (never read
+    out of bounds); with set_index_checks(True) they raise as on the CPU."""
+    B, T, S = 1, 6, 40
+    q, kk, w = inputs(B, T, S, 8, 32, torch.bfloat16, seed=seed + 33)
+    ks = torch.tensor([[-5, 0, 3, 50, 10, -1]], dtype=torch.int32, device=DEV)
+    ke = torch.tensor([[100, 20, 41, 60, -3, 40]], dtype=torch.int32, device=DEV)
+    clamped = dict(key_start=ks.clamp(0, S), key_end=ke.clamp(0, S))
+    assert torch.equal(dsa_ext.indexer_topk(q, kk, w, 8, key_start=ks, key_end=ke),
+                       dsa_ext.indexer_topk(q, kk, w, 8, **clamped))
+    assert torch.equal(dsa_ext.indexer_logits(q, kk, w, key_start=ks, key_end=ke),
+                       dsa_ext.indexer_logits(q, kk, w, **clamped))
+    dsa_ext.set_index_checks(True)
+    try:
+        with pytest.raises(IndexError, match=r"expected every key_start to be in \[0, S=40\], got -5 at key_start\[0, 0\]"):
+            dsa_ext.indexer_topk(q, kk, w, 8, key_start=ks, key_end=ke)
+    finally:
+        dsa_ext.set_index_checks(False)
+    with pytest.raises(RuntimeError, match=r"expected key_start on the device of q_idx"):
+        dsa_ext.indexer_logits(q, kk, w, key_start=ks.cpu())
+
+
+def test_ranges_packed_equals_batch(seed):
+    """A packed sequence of 8 documents of 300 tokens selects what the batch of 8 selects."""
+    docs, L, k = 8, 300, 64
+    q, kk, w = inputs(docs, L, L, 8, 64, torch.bfloat16, seed=seed + 34)
+    ks, ke = ranges.from_cu_seqlens(torch.arange(docs + 1) * L)
+    packed = dsa_ext.indexer_topk(q.reshape(1, docs * L, 8, 64), kk.reshape(1, docs * L, 64), w.reshape(1, docs * L, 8),
+                                  k, key_start=ks.to(DEV), key_end=ke.to(DEV))
+    batch = dsa_ext.indexer_topk(q, kk, w, k)
+    offsets = (torch.arange(docs, device=DEV) * L).view(docs, 1, 1)
+    assert torch.equal(packed, torch.where(batch >= 0, batch + offsets, batch).reshape(1, docs * L, k))

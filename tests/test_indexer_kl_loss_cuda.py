@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dsa_ext
-from dsa_ext import reference
+from dsa_ext import ranges, reference
 from helpers import KlShape, random_indices, shape_id
 
 pytestmark = [
@@ -121,3 +121,33 @@ def test_float64_is_refused(seed):
     q_idx, k_idx, w, q, k = inputs((1, 2, 3, 1, 4, 1, 1, 4), torch.float32)
     with pytest.raises(RuntimeError, match="float64"):
         dsa_ext.indexer_kl_loss(q_idx.double(), k_idx.double(), w, q.double(), k.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_ranges_match_cpu_operator(seed, dtype):
+    """Packed documents and random ranges (empty rows included), dense and sparse forms."""
+    shape = KlShape(2, 40, 700, 4, 32, 4, 2, 32)
+    B, T, S, Hi, Di, Dqk = shape.B, shape.T, shape.S, shape.Hi, shape.Di, shape.Dqk
+    q_idx, k_idx, w, q, k = inputs(shape, dtype)
+    ks, ke = ranges.from_cu_seqlens(torch.tensor([0, 200, 660, 690, S]))
+    packed = (ks[:, S - T:].expand(B, T).contiguous().cuda(), ke[:, S - T:].expand(B, T).contiguous().cuda())
+    start = torch.randint(0, S + 1, (B, T), dtype=torch.int32, device="cuda")
+    rand = (start, torch.randint(0, S + 1, (B, T), dtype=torch.int32, device="cuda"))
+    idx = random_indices(B, T, S, 40, causal=True, device="cuda")
+    for name, (key_start, key_end) in (("packed", packed), ("random", rand)):
+        for indices in (None, idx):
+            args = (q_idx, k_idx, w, q, k, indices, (Hi * Di) ** -0.5, Dqk ** -0.5, True, None, key_start, key_end)
+            grad = torch.randn(B, T, device="cuda")
+            out = torch.ops.dsa.indexer_kl_loss(*args)
+            grads = torch.ops.dsa.indexer_kl_loss_backward(grad, *args[:6], out[1], out[2], *args[6:9], key_start,
+                                                           key_end)
+            cpu = [a.cpu() if isinstance(a, torch.Tensor) else a for a in args]
+            out_c = torch.ops.dsa.indexer_kl_loss(*cpu)
+            grads_c = torch.ops.dsa.indexer_kl_loss_backward(grad.cpu(), *cpu[:6], out_c[1], out_c[2], *cpu[6:9],
+                                                             cpu[10], cpu[11])
+            for a, b, what in zip(out, out_c, ("loss", "idx_lse", "attn_lse")):
+                torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-4, msg=f"{name} {what}")
+            for a, b, what in zip(grads, grads_c, ("q_idx", "k_idx", "w")):
+                tol = 1e-4 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(a.cpu().float(), b.float(), rtol=tol,
+                                           atol=tol * b.float().abs().max().item() + 1e-7, msg=f"{name} d{what}")

@@ -1,7 +1,8 @@
 """Property-based tests (hypothesis): every operator and its gradients against dsa_ext.reference
 in float64 on drawn shapes (B, T, S >= T, H with Hkv dividing it, Dqk != Dv, topk from 1 to beyond
 S), strided and sliced inputs (v a view of k, transposed heads, every other row), index tensors
-with -1, duplicates and empty rows, and logits with exact ties, +-0, -inf and NaN.
+with -1, duplicates and empty rows, per-query key ranges (random, empty rows, one bound alone,
+packed documents), and logits with exact ties, +-0, -inf and NaN.
 
 CI runs a bounded, derandomized number of examples per operator (the "ci" profile);
 HYPOTHESIS_PROFILE=thorough runs many more with fresh randomness. A failure prints the drawn
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import dsa_ext
-from dsa_ext import reference
+from dsa_ext import ranges, reference
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -56,6 +57,26 @@ def lengths(small, large):
 
 
 @st.composite
+def key_ranges(draw, g, B, T, S):
+    """key_start, key_end [B, T] int32 with values in [0, S], or None: none at all, random ranges
+    (start >= end: an empty row; one forced), a start or an end alone, or packed documents over
+    the S positions (the queries are the last T; random ranges when S < T)."""
+    kind = draw(st.sampled_from(["none", "random", "random", "start", "end", "documents"]))
+    if kind == "none":
+        return None, None
+    if kind == "documents" and S >= T:
+        cuts = torch.randint(0, S + 1, (draw(st.integers(0, 4)),), generator=g).sort().values
+        ks, ke = ranges.from_cu_seqlens(torch.cat([torch.tensor([0]), cuts, torch.tensor([S])]))
+        return ks[:, S - T:].expand(B, T).contiguous(), ke[:, S - T:].expand(B, T).contiguous()
+    start = torch.randint(0, S + 1, (B, T), generator=g)
+    end = start + torch.randint(0, S + 1, (B, T), generator=g).clamp(max=S - start)
+    end = torch.where(torch.rand(B, T, generator=g) < 0.2, torch.randint(0, S + 1, (B, T), generator=g), end)
+    start[0, T // 2], end[0, T // 2] = S // 2, S // 2  # an empty row
+    start, end = start.to(torch.int32), end.to(torch.int32)
+    return (start, None) if kind == "start" else (None, end) if kind == "end" else (start, end)
+
+
+@st.composite
 def indexer_case(draw, causal=None):
     g = torch.Generator().manual_seed(draw(seeds()))
     B, T = draw(st.integers(1, 2)), draw(lengths((1, 9), (15, 40)))
@@ -69,7 +90,9 @@ def indexer_case(draw, causal=None):
         k[:, S // 2:] = k[:, : S - S // 2].clone()
     scale = draw(st.one_of(st.none(), st.floats(0.05, 2.0)))
     topk = draw(st.integers(1, S + 3))
-    return dict(q=layout(draw, q), k=layout(draw, k), w=layout(draw, w), causal=causal, scale=scale, topk=topk)
+    key_start, key_end = draw(key_ranges(g, B, T, S))
+    return dict(q=layout(draw, q), k=layout(draw, k), w=layout(draw, w), causal=causal, scale=scale, topk=topk,
+                key_start=key_start, key_end=key_end)
 
 
 @st.composite
@@ -138,10 +161,14 @@ def grads(fn, inputs, seed=0):
     return torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
+def indexer_args(case):
+    return {n: case[n] for n in ("scale", "causal", "key_start", "key_end")}
+
+
 @given(indexer_case())
 def test_indexer_logits(case):
     q, k, w = (case[n].detach().requires_grad_() for n in ("q", "k", "w"))
-    args = dict(scale=case["scale"], causal=case["causal"])
+    args = indexer_args(case)
     got = dsa_ext.indexer_logits(q, k, w, **args)
     want = reference.indexer_logits(q, k, w, **args)
     torch.testing.assert_close(got, want, **TOL)
@@ -152,11 +179,13 @@ def test_indexer_logits(case):
 
 @given(indexer_case())
 def test_indexer_topk(case):
-    args = dict(scale=case["scale"], causal=case["causal"])
+    args = indexer_args(case)
     got = dsa_ext.indexer_topk(case["q"], case["k"], case["w"], case["topk"], **args)
     logits = dsa_ext.indexer_logits(case["q"], case["k"], case["w"], **args)
     assert torch.equal(got, dsa_ext.topk_indices(logits, case["topk"]))
-    assert torch.equal(got, reference.topk_indices(logits, case["topk"]))
+    # the reference's selection over the same scores, masked as the reference masks them
+    visible = reference.indexer_logits(case["q"], case["k"], case["w"], **args).isfinite()
+    assert torch.equal(got, reference.topk_indices(logits.masked_fill(~visible, float("-inf")), case["topk"]))
 
 
 @given(tied_logits())
@@ -208,9 +237,10 @@ def kl_case(draw):
 def test_indexer_kl_loss(case):
     q, k, w = (case[n].detach().requires_grad_() for n in ("q", "k", "w"))
     args = (case["aq"], case["ak"], case["idx"], case["scale"], case["attn_scale"])
-    got = dsa_ext.indexer_kl_loss(q, k, w, *args)
-    want = reference.indexer_kl_loss(q, k, w, *args)
+    kw = dict(key_start=case["key_start"], key_end=case["key_end"])
+    got = dsa_ext.indexer_kl_loss(q, k, w, *args, **kw)
+    want = reference.indexer_kl_loss(q, k, w, *args, **kw)
     torch.testing.assert_close(got, want, **TOL)
-    for a, b in zip(grads(lambda *x: dsa_ext.indexer_kl_loss(*x, *args), (q, k, w)),
-                    grads(lambda *x: reference.indexer_kl_loss(*x, *args), (q, k, w))):
+    for a, b in zip(grads(lambda *x: dsa_ext.indexer_kl_loss(*x, *args, **kw), (q, k, w)),
+                    grads(lambda *x: reference.indexer_kl_loss(*x, *args, **kw), (q, k, w))):
         torch.testing.assert_close(a, b, **TOL)

@@ -48,11 +48,11 @@ def results(out):
         return json.load(f)
 
 
-def check_results(r, world=1, stages=STAGES):
+def check_results(r, world=1, stages=STAGES, seq_len=128, k=16):
     for key in ("seq_len", "k", "val_loss_dense", "val_loss_dsa", "recall_init", "recall_warmup",
                 "recall_final", "val_loss_pretrained", "val_loss_dsa_after_warmup"):
         assert key in r, key
-    assert r["seq_len"] == 128 and r["k"] == 16 and r["world_size"] == world
+    assert r["seq_len"] == seq_len and r["k"] == k and r["world_size"] == world
     for key in ("val_loss_dense", "val_loss_dsa", "val_loss_pretrained", "val_loss_dsa_after_warmup"):
         assert math.isfinite(r[key]) and 0 < r[key] < 20, (key, r[key])
     for key in ("recall_init", "recall_warmup", "recall_final", "recall_oracle"):
@@ -70,7 +70,7 @@ def test_default_data_run_writes_everything(tmp_path):
     run(tmp_path)
     r = results(tmp_path)
     check_results(r)
-    assert "stdlib" in r["data"] and r["vocab_size"] == 256
+    assert "stdlib" in r["data"] and r["vocab_size"] == 256 and r["data_layout"] == {"packed": False}
     for name in ("results.md", "curves.png", "config.json"):
         assert os.path.getsize(tmp_path / name) > 0
     for stage in STAGES:
@@ -79,6 +79,42 @@ def test_default_data_run_writes_everything(tmp_path):
     assert "recall" in table and "DSA vs dense" in table
     for stage in STAGES:  # the progress table the run kept up to date, complete
         assert f"| {stage} | 3 / 3 | " in table and table.count("| done |") == len(STAGES), table
+
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory):
+    """100 documents of 60 to 400 bytes (pieces of the repository's text): several per window."""
+    with open(os.path.join(ROOT, "dsa_ext", "nn", "attention.py")) as f:
+        text = f.read()
+    d = tmp_path_factory.mktemp("short_docs")
+    at = 0
+    for i in range(100):
+        n = 60 + (i * 37) % 340
+        (d / f"doc{i:03d}.txt").write_text(text[at:at + n])
+        at = (at + n) % (len(text) - 400)
+    return str(d)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "llama"])
+def test_pack_trains_on_packed_documents(tmp_path, short_docs, arch):
+    """--pack: windows of packed files, attention inside each (the decoder and transformers models
+    take the documents from position ids that restart); results.json says so."""
+    if arch == "llama":
+        pytest.importorskip("transformers")
+    run(tmp_path, "--data", short_docs, "--arch", arch, "--pack")
+    r = results(tmp_path)
+    check_results(r)
+    assert r["data_layout"]["packed"] and r["data_layout"]["documents_per_window"] > 1, r["data_layout"]
+    assert r["config"]["pack"] is True and "packed documents" in (tmp_path / "results.md").read_text()
+
+
+def test_document_positions_restart_per_document_and_window():
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import numpy as np
+    import train_data
+
+    pos = train_data.document_positions(np.array([0, 5, 7, 20]), np.array([3, 0, 18]), 6)
+    assert pos.tolist() == [[0, 1, 0, 1, 0, 1], [0, 1, 2, 3, 4, 0], [0, 1, 0, 1, 2, 3]]
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):

@@ -1,7 +1,9 @@
 // indexer_kl_loss and its backward in ATen operations, for the CUDA backend
 // (cuda/indexer/indexer_kl_loss.cu), streamed: query chunks of tc rows meet
-// key blocks of n keys (dense: consecutive keys; sparse: n slots of each row's index list,
-// gathered), and only per-row statistics survive a block, as in the CPU kernel
+// key blocks of n keys (dense: consecutive keys over the keys the chunk's rows see, planned by
+// aten/key_ranges.h so that a packed sequence costs about what its documents cost, which reads
+// given key ranges on the host: one synchronisation per call; sparse: n slots of each row's index
+// list, gathered), and only per-row statistics survive a block, as in the CPU kernel
 // (csrc/cpu/indexer_kl_loss.cpp): extra memory is O(B*T*(H+Hi)) plus one block's temporaries,
 // which kKlBudget bounds (never [B, T, S]). The tile products are ATen batched GEMMs in float32
 // (cuBLAS on CUDA; TF32 follows torch's global matmul setting), so this code is device-agnostic
@@ -24,7 +26,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
+#include "aten/key_ranges.h"
 #include "host.h"
 
 namespace dsa {
@@ -40,8 +44,7 @@ struct Inputs {
   at::Tensor q_idx, k_idx, w, q, k, indices;
   int64_t B, T, S, Hi, Di, H, Hkv, Dqk, topk;  // topk = 0 in the dense form
   double idx_scale, attn_scale;
-  bool causal;
-  int64_t causal_offset;
+  RowRanges rows;  // dense: the keys each query sees; sparse: the keys its index entries may name
 
   explicit Inputs(const IndexerKlLossCall& c) {
     const IndexerKlLossParams& p = c.p;
@@ -50,12 +53,12 @@ struct Inputs {
     B = p.idx.B, T = p.idx.T, S = p.idx.S, Hi = p.idx.Hi, Di = p.idx.Di;
     H = p.H, Hkv = p.Hkv, Dqk = p.Dqk, topk = p.indices ? p.topk : 0;
     idx_scale = p.idx.scale, attn_scale = p.attn_scale;
-    causal = p.idx.causal, causal_offset = p.idx.causal_offset;
+    rows = row_ranges(p.idx, c.ranges, !sparse() && p.idx.causal, q_idx.device());  // no causal mask on indices
   }
   bool sparse() const { return indices.defined(); }
 };
 
-// Block and chunk sizes: n keys per block, tc query rows per chunk, within kKlBudget.
+// Block and chunk sizes: n keys per block, tc query rows per chunk (at most), within kKlBudget.
 struct Sizes {
   int64_t n, tc;
 };
@@ -81,13 +84,24 @@ struct Block {
   int64_t s0 = 0;    // dense only: first key
 };
 
-// The key blocks of a query chunk, in order.
+// The query chunks of a call: dense, planned over the keys their rows see; sparse, tc rows each.
+inline std::vector<QueryChunk> chunks(const IndexerKlLossCall& c, const Inputs& x, const Sizes& z) {
+  if (!x.sparse()) return plan_query_chunks(c.p.idx, c.ranges, c.p.idx.causal, z.tc, std::numeric_limits<int64_t>::max());
+  std::vector<QueryChunk> out;
+  for (int64_t t0 = 0; t0 < x.T; t0 += z.tc) out.push_back({t0, std::min(z.tc, x.T - t0), 0, x.topk});
+  return out;
+}
+
+// The key blocks of a query chunk, in order: dense, consecutive keys over [s0, s1) of the chunk;
+// sparse, consecutive slots of the index rows.
 class Blocks {
  public:
-  Blocks(const Inputs& x, int64_t t0, int64_t tc, int64_t n) : x_(x), t0_(t0), tc_(tc), n_(n) {
-    q_idx_ = x.q_idx.narrow(1, t0, tc);
-    q_ = x.q.narrow(1, t0, tc);
-    end_ = x.sparse() ? x.topk : (x.causal ? std::min(x.S, t0 + tc + x.causal_offset) : x.S);  // keys the last row sees
+  Blocks(const Inputs& x, const QueryChunk& ch, int64_t n)
+      : x_(x), t0_(ch.t0), tc_(ch.tc), n_(n), end_(ch.s1), cursor_(ch.s0) {
+    q_idx_ = x.q_idx.narrow(1, t0_, tc_);
+    q_ = x.q.narrow(1, t0_, tc_);
+    lo_ = x.rows.lo.narrow(1, t0_, tc_).unsqueeze(-1);  // [B, tc, 1]
+    hi_ = x.rows.hi.narrow(1, t0_, tc_).unsqueeze(-1);
   }
 
   bool next(Block& blk, bool with_dots, bool with_attn) {
@@ -97,7 +111,8 @@ class Blocks {
     at::Tensor k_rows, kv_rows;  // [batch', n, Di], [batch', n, Hkv, Dqk]
     if (x_.sparse()) {
       const at::Tensor slots = x_.indices.narrow(1, t0_, tc).narrow(2, cursor_, n).to(at::kLong);
-      blk.valid = slots.ge(0).logical_and_(slots.lt(x_.S));  // out-of-range entries count as -1
+      // entries outside the row's range (hence also -1 and out-of-range entries) are not in the support
+      blk.valid = slots.ge(lo_).logical_and_(slots.lt(hi_));
       blk.key = at::where(blk.valid, slots, at::zeros({}, slots.options()));
       const at::Tensor rows =
           (blk.key + at::arange(B, slots.options()).mul_(x_.S).view({B, 1, 1})).reshape({-1});
@@ -105,10 +120,8 @@ class Blocks {
       kv_rows = x_.k.reshape({B * x_.S, x_.Hkv * x_.Dqk}).index_select(0, rows).view({B * tc, n, x_.Hkv, x_.Dqk});
     } else {
       blk.s0 = cursor_;
-      const at::Tensor s = at::arange(cursor_, cursor_ + n, x_.q_idx.options().dtype(at::kLong));
-      const at::Tensor t = at::arange(t0_, t0_ + tc, s.options());
-      blk.valid = x_.causal ? s.view({1, 1, n}).le(t.view({1, tc, 1}) + x_.causal_offset).expand({B, tc, n})
-                            : at::ones({B, tc, n}, s.options().dtype(at::kBool));
+      const at::Tensor s = at::arange(cursor_, cursor_ + n, lo_.options()).view({1, 1, n});
+      blk.valid = s.ge(lo_).logical_and_(s.lt(hi_));  // [B, tc, n]
       k_rows = x_.k_idx.narrow(1, cursor_, n);   // [B, n, Di]
       kv_rows = x_.k.narrow(1, cursor_, n);      // [B, n, Hkv, Dqk]
     }
@@ -136,8 +149,8 @@ class Blocks {
 
  private:
   const Inputs& x_;
-  int64_t t0_, tc_, n_, end_, cursor_ = 0;
-  at::Tensor q_idx_, q_;
+  int64_t t0_, tc_, n_, end_, cursor_;
+  at::Tensor q_idx_, q_, lo_, hi_;
 };
 
 inline at::Tensor neg_inf_like(const at::Tensor& t) {
@@ -177,15 +190,15 @@ inline void indexer_kl_loss_streamed(const IndexerKlLossCall& c, int64_t budget 
     return;
   }
   const kl::Sizes z = kl::sizes(x, false, budget, block_keys);
-  for (int64_t t0 = 0; t0 < x.T; t0 += z.tc) {
-    const int64_t tc = std::min(z.tc, x.T - t0);
+  for (const QueryChunk& ch : kl::chunks(c, x, z)) {
+    const int64_t t0 = ch.t0, tc = ch.tc;
     const at::Tensor w_c = x.w.narrow(1, t0, tc);
     at::Tensor lse_c = attn_lse.narrow(1, t0, tc);  // [B, tc, H]
     kl::Block blk;
     if (!c.p.attn_lse_given) {  // pass A: online per-head lse of the attention logits
       at::Tensor m = at::full({x.B, tc, x.H}, -std::numeric_limits<float>::infinity(), opts);
       at::Tensor l = at::zeros({x.B, tc, x.H}, opts);
-      for (kl::Blocks blocks(x, t0, tc, z.n); blocks.next(blk, false, true);) {
+      for (kl::Blocks blocks(x, ch, z.n); blocks.next(blk, false, true);) {
         const at::Tensor a = at::where(blk.valid.unsqueeze(2), blk.attn, kl::neg_inf_like(blk.attn));
         const at::Tensor m_new = at::maximum(m, a.amax(-1));
         const at::Tensor m_safe = at::where(m_new.isneginf(), at::zeros({}, opts), m_new);
@@ -199,7 +212,7 @@ inline void indexer_kl_loss_streamed(const IndexerKlLossCall& c, int64_t budget 
     at::Tensor lI = at::zeros({x.B, tc}, opts), A1 = at::zeros_like(lI), A2 = at::zeros_like(lI),
                P = at::zeros_like(lI);
     const at::Tensor tiny = at::full({}, std::numeric_limits<float>::min(), opts);
-    for (kl::Blocks blocks(x, t0, tc, z.n); blocks.next(blk, true, true);) {
+    for (kl::Blocks blocks(x, ch, z.n); blocks.next(blk, true, true);) {
       const at::Tensor I = kl::indexer_scores(x, w_c, blk);  // -inf outside the support
       const at::Tensor p = kl::target(blk, lse_c);
       const at::Tensor m_new = at::maximum(m, I.amax(-1));
@@ -232,15 +245,15 @@ inline void indexer_kl_loss_backward_streamed(const IndexerKlLossBwdCall& c, int
   const at::Tensor attn_lse = c.fwd.attn_lse.to(at::kFloat);
   at::Tensor dk = at::zeros({x.B, x.S, x.Di}, opts);
   const kl::Sizes z = kl::sizes(x, true, budget, block_keys);
-  for (int64_t t0 = 0; t0 < x.T; t0 += z.tc) {
-    const int64_t tc = std::min(z.tc, x.T - t0);
+  for (const QueryChunk& ch : kl::chunks(c.fwd, x, z)) {
+    const int64_t t0 = ch.t0, tc = ch.tc;
     const at::Tensor w_c = x.w.narrow(1, t0, tc), sw = w_c.unsqueeze(-1) * x.idx_scale;  // [B, tc, Hi, 1]
     const at::Tensor q_idx_c = x.q_idx.narrow(1, t0, tc);
     const at::Tensor g_c = g.narrow(1, t0, tc).unsqueeze(-1), lse_i = idx_lse.narrow(1, t0, tc).unsqueeze(-1);
     const at::Tensor lse_a = attn_lse.narrow(1, t0, tc);
     at::Tensor dq = at::zeros({x.B, tc, x.Hi, x.Di}, opts), dw = at::zeros({x.B, tc, x.Hi}, opts);
     kl::Block blk;
-    for (kl::Blocks blocks(x, t0, tc, z.n); blocks.next(blk, true, true);) {
+    for (kl::Blocks blocks(x, ch, z.n); blocks.next(blk, true, true);) {
       const int64_t n = blk.valid.size(2);
       const at::Tensor I = kl::indexer_scores(x, w_c, blk);
       const at::Tensor p = kl::target(blk, lse_a);

@@ -1,8 +1,10 @@
 // CPU kernels of dsa::indexer_kl_loss and dsa::indexer_kl_loss_backward (semantics:
 // IndexerKlLossParams in params.h). Extra memory is O(B*T*(H+Hi)) plus per-thread tiles: a work item is a
 // tile of queries that streams over its keys kKeyBlock at a time and keeps only per-query
-// running statistics. Dense form: up to kQueryBlock consecutive queries share the key blocks,
-// each using the prefix it sees; sparse form: one query and its valid index entries, gathered.
+// running statistics. Dense form: up to kQueryBlock consecutive queries share the key blocks
+// between the first and the last key any of them sees (TileRanges: tiles outside every row's key
+// range are skipped), each using the part it sees; sparse form: one query and its valid index
+// entries inside its key range, gathered.
 // Both logit tiles come from register-tiled micro-kernels (indexer: IndexerTile; attention: per
 // kv head), never from BLAS, which would nest a thread team inside at::parallel_for.
 //
@@ -27,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -54,10 +57,11 @@ Item item_at(const IndexerKlLossParams& p, int64_t i) {
   return {b, t0, std::min(kQueryBlock, p.idx.T - t0)};
 }
 
-// An item's work: the keys it scores, summed over its queries (plus one).
+// An item's work: the keys it scores (at most the hull of its key ranges), summed over its
+// queries (plus one).
 int64_t item_cost(const IndexerKlLossParams& p, int64_t i) {
   const Item it = item_at(p, i);
-  return 1 + it.tq * (p.indices ? p.topk : block_visible_keys(p.idx, it.t0, it.tq));
+  return 1 + it.tq * (p.indices ? p.topk : key_range_hull(p.idx, it.b, it.t0, it.tq).size());
 }
 
 int64_t total_cost(const IndexerKlLossParams& p) {
@@ -90,44 +94,50 @@ void for_each_chunk(const std::vector<int64_t>& splits, const Fn& fn) {
   });
 }
 
-// The keys of an item, kKeyBlock at a time. Dense: contiguous blocks [s0, s0 + ns) up to the keys
-// the tile's last query sees; query t uses a prefix of each. Sparse: the valid entries of the
-// query's index row, gathered (a duplicate is one entry per occurrence).
+// The keys of an item, kKeyBlock at a time. Dense: contiguous blocks [s0, s0 + ns) over the hull
+// of the tile's key ranges, skipping blocks no query sees; query t uses the part of each inside
+// its range. Sparse: the valid entries of the query's index row inside its given key range (no
+// causal mask), gathered (a duplicate is one entry per occurrence).
 class KeyStream {
  public:
   explicit KeyStream(const IndexerKlLossParams& p) : p_(p), keys_(p.indices ? kKeyBlock : 0) {}
 
   void reset(const Item& it) {
     it_ = it;
-    cursor_ = 0, s0 = 0, ns = 0;
+    s0 = 0, ns = 0;
     if (p_.indices) {
       slots_ = p_.indices + it.b * p_.idx_batch_stride + it.t0 * p_.idx_row_stride;
-      end_ = p_.topk;
+      cursor_ = 0, end_ = p_.topk;
+      allowed_ = given_key_range(p_.idx, it.b, it.t0);
     } else {
-      end_ = block_visible_keys(p_.idx, it.t0, it.tq);
+      ranges_.emplace(p_.idx, it.b, it.t0, it.tq);
+      cursor_ = ranges_->hull.begin, end_ = ranges_->hull.end;
     }
   }
 
   // Advances to the next block; false when the item has no more keys.
   bool next() {
     if (!p_.indices) {
-      s0 = cursor_;
-      ns = std::min(kKeyBlock, end_ - cursor_);
-      cursor_ += ns;
-      return ns > 0;
+      for (; cursor_ < end_;) {
+        s0 = cursor_;
+        ns = std::min(kKeyBlock, end_ - cursor_);
+        cursor_ += ns;
+        if (ranges_->any_in(s0, ns)) return true;
+      }
+      ns = 0;
+      return false;
     }
     ns = 0;
     for (; ns < kKeyBlock && cursor_ < end_; ++cursor_) {
       const int64_t s = slots_[cursor_];
-      if (s >= 0 && s < p_.idx.S) keys_[ns++] = s;  // never address memory with an unchecked index
+      // in range, which also means never addressing memory with an unchecked index
+      if (s >= allowed_.begin && s < allowed_.end) keys_[ns++] = s;
     }
     return ns > 0;
   }
 
-  // How many of the block's keys (a prefix) the tile's query t sees.
-  int64_t visible(int64_t t) const {
-    return p_.indices ? ns : std::clamp<int64_t>(visible_keys(p_.idx, it_.t0 + t) - s0, 0, ns);
-  }
+  // The block's keys the tile's query t sees, as offsets into the block.
+  Span visible(int64_t t) const { return p_.indices ? Span{0, ns} : ranges_->span(t, s0, ns); }
 
   template <typename Tile>
   void load_into(Tile& tile) const {
@@ -147,6 +157,8 @@ class KeyStream {
   Item it_{};
   const int32_t* slots_ = nullptr;
   int64_t cursor_ = 0, end_ = 0;
+  KeyRange allowed_{0, 0};              // sparse: the keys the query's index entries may name
+  std::optional<TileRanges> ranges_;    // dense: the tile's key ranges
   std::vector<int64_t> keys_;
 };
 
@@ -280,16 +292,17 @@ struct OnlineKl {
   acc_t loss() const { return support > 0 ? A1 - A2 + P * std::log(lI) : acc_t(0); }
 };
 
-// prob[0:n] = mean_h exp(a_h - lse[h]) for the tile's query t: the target on the block's keys.
+// prob[0:n] = mean_h exp(a_h - lse[h]) for the tile's query t: the target on the block's keys
+// first .. first + n - 1.
 template <typename scalar_t, typename acc_t>
-void target_probabilities(const AttentionTile<scalar_t>& tile, int64_t t, int64_t n, const acc_t* lse,
-                          acc_t* prob) {
+void target_probabilities(const AttentionTile<scalar_t>& tile, int64_t t, int64_t first, int64_t n,
+                          const acc_t* lse, acc_t* prob) {
   using Vec = at::vec::Vectorized<acc_t>;
   const int64_t H = tile.p.H;
   std::fill(prob, prob + n, acc_t(0));
   for (int64_t h = 0; h < H; ++h) {
     const Vec l(lse[h]);
-    at::vec::map2([&](Vec acc, Vec a) { return acc + (a - l).exp(); }, prob, prob, tile.row(t, h), n);
+    at::vec::map2([&](Vec acc, Vec a) { return acc + (a - l).exp(); }, prob, prob, tile.row(t, h) + first, n);
   }
   const Vec inv_h(acc_t(1) / static_cast<acc_t>(H));
   at::vec::map([&](Vec x) { return x * inv_h; }, prob, prob, n);
@@ -320,8 +333,8 @@ void kl_loss_forward(const IndexerKlLossParams& p) {
           keys.load_into(atile);
           atile.compute_logits();
           for (int64_t t = 0; t < it.tq; ++t)
-            if (const int64_t n = keys.visible(t))
-              for (int64_t h = 0; h < p.H; ++h) heads[t * p.H + h].add(atile.row(t, h), n);
+            if (const Span v = keys.visible(t); v.count > 0)
+              for (int64_t h = 0; h < p.H; ++h) heads[t * p.H + h].add(atile.row(t, h) + v.first, v.count);
         }
         for (int64_t th = 0; th < it.tq * p.H; ++th) lse[th] = heads[th].lse();
       }
@@ -332,11 +345,11 @@ void kl_loss_forward(const IndexerKlLossParams& p) {
         keys.load_into(atile);
         atile.compute_logits();
         for (int64_t t = 0; t < it.tq; ++t) {
-          const int64_t n = keys.visible(t);
-          if (n == 0) continue;
-          itile.scores(it.b, it.t0, t, n, I.data());
-          target_probabilities(atile, t, n, lse + t * p.H, prob.data());
-          kl[t].add(I.data(), prob.data(), n);
+          const Span v = keys.visible(t);
+          if (v.count == 0) continue;
+          itile.scores(it.b, it.t0, t, v.first, v.count, I.data());
+          target_probabilities(atile, t, v.first, v.count, lse + t * p.H, prob.data());
+          kl[t].add(I.data(), prob.data(), v.count);
         }
       }
       for (int64_t t = 0; t < it.tq; ++t) {
@@ -382,15 +395,15 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
         keys.load_into(atile);
         atile.compute_logits();
         for (int64_t t = 0; t < it.tq; ++t) {
-          const int64_t n = g[t] != acc_t(0) ? keys.visible(t) : 0;
-          if (n > 0) {  // dL/dI = g (softmax_I - p), then into dL/d(dots) in place
-            itile.scores(it.b, it.t0, t, n, I.data());
-            target_probabilities(atile, t, n, lse + t * p.H, dI.data());
+          const Span v = g[t] != acc_t(0) ? keys.visible(t) : Span{0, 0};
+          if (v.count > 0) {  // dL/dI = g (softmax_I - p), then into dL/d(dots) in place
+            itile.scores(it.b, it.t0, t, v.first, v.count, I.data());
+            target_probabilities(atile, t, v.first, v.count, lse + t * p.H, dI.data());
             const Vec vg(g[t]), vlse(idx_lse[t]);
             at::vec::map2([&](Vec pr, Vec x) { return vg * ((x - vlse).exp() - pr); }, dI.data(), dI.data(),
-                          I.data(), n);
+                          I.data(), v.count);
           }
-          itile.dots_to_grad(it.b, it.t0, t, dI.data(), n, dw.data() + t * ip.Hi);
+          itile.dots_to_grad(it.b, it.t0, t, dI.data(), v.first, v.count, dw.data() + t * ip.Hi);
         }
         // dq += grad_dots k;  dk_idx[s] += grad_dots^T q (a key listed twice gets both)
         gathered_combine(itile.dots.data(), keys.ns, itile.m, itile.k_rows.data(), keys.ns, ip.Di, dq.data());
@@ -414,8 +427,10 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cpu(
     const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
     const std::optional<at::Tensor>& indices, std::optional<double> idx_scale, std::optional<double> attn_scale,
-    bool causal, const std::optional<at::Tensor>& attn_lse) {
-  auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
+    bool causal, const std::optional<at::Tensor>& attn_lse, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
+  auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse, key_start,
+                                   key_end);
   DSA_DISPATCH_CPU(c.q_idx.scalar_type(), "dsa.indexer_kl_loss", AT_WRAP([&] { kl_loss_forward<scalar_t>(c.p); }));
   return {c.loss, c.idx_lse, c.attn_lse};
 }
@@ -423,9 +438,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cpu(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cpu(
     const at::Tensor& grad_loss, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
-    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal) {
+    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   auto c = prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, idx_scale,
-                                            attn_scale, causal);
+                                            attn_scale, causal, key_start, key_end);
   DSA_DISPATCH_CPU(c.fwd.q_idx.scalar_type(), "dsa.indexer_kl_loss_backward",
                    AT_WRAP([&] { kl_loss_backward<scalar_t>(c.p); }));
   return {c.grad_q_idx, c.grad_k_idx, finish_grad_w(c.grad_w, w)};

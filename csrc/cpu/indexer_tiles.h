@@ -106,15 +106,16 @@ struct IndexerTile {
   const acc_t* dots_row(int64_t t, int64_t j) const { return dots.data() + (t * p.Hi + j) * ns; }
   acc_t* dots_row(int64_t t, int64_t j) { return dots.data() + (t * p.Hi + j) * ns; }
 
-  // out[0:n] = scale * sum_j w[t,j] * relu(dots[t,j,0:n]) for the tile's query t, times the
-  // keys' scales when the inputs are FP8 (after the head sum, as the GPU kernels do).
-  void scores(int64_t b, int64_t t0, int64_t t, int64_t n, acc_t* out) const {
+  // out[0:n] = scale * sum_j w[t,j] * relu(dots[t,j,first:first+n]): the scores of the tile's
+  // query t on the tile's keys first .. first + n - 1, times the keys' scales when the inputs are
+  // FP8 (after the head sum, as the GPU kernels do).
+  void scores(int64_t b, int64_t t0, int64_t t, int64_t first, int64_t n, acc_t* out) const {
     using Vec = at::vec::Vectorized<acc_t>;
     constexpr int64_t W = Vec::size();
     std::fill(out, out + n, acc_t(0));
     const acc_t* w = w_row(b, t0 + t);
     for (int64_t j = 0; j < p.Hi; ++j) {
-      const acc_t* d = dots_row(t, j);
+      const acc_t* d = dots_row(t, j) + first;
       const Vec wj(w[j] * static_cast<acc_t>(p.scale));
       const Vec zero(acc_t(0));
       int64_t s = 0;
@@ -123,17 +124,19 @@ struct IndexerTile {
       for (; s < n; ++s) out[s] += w[j] * static_cast<acc_t>(p.scale) * std::max(d[s], acc_t(0));
     }
     if (key_scale != nullptr)
-      for (int64_t s = 0; s < n; ++s) out[s] *= static_cast<acc_t>(key_scale[s]);
+      for (int64_t s = 0; s < n; ++s) out[s] *= static_cast<acc_t>(key_scale[first + s]);
   }
 
-  // Turns the dots of the tile's query t into dL/d(dots) in place, given g[0:n] = dL/dscore on its
-  // first n keys: g[s] * scale * w[t,j] where the dot is positive, 0 elsewhere and beyond n.
-  // With dw, also adds dL/dw[t,j] = sum_s g[s] * scale * relu(dot) to dw[j].
-  void dots_to_grad(int64_t b, int64_t t0, int64_t t, const acc_t* g, int64_t n, acc_t* dw) {
+  // Turns the dots of the tile's query t into dL/d(dots) in place, given g[0:n] = dL/dscore on the
+  // tile's keys first .. first + n - 1: g[s] * scale * w[t,j] where the dot is positive, 0
+  // elsewhere and outside those keys. With dw, also adds dL/dw[t,j] = sum_s g[s] * scale *
+  // relu(dot) to dw[j].
+  void dots_to_grad(int64_t b, int64_t t0, int64_t t, const acc_t* g, int64_t first, int64_t n, acc_t* dw) {
     const acc_t scale = static_cast<acc_t>(p.scale);
     const acc_t* w = w_row(b, t0 + t);
     for (int64_t j = 0; j < p.Hi; ++j) {
-      acc_t* d = dots_row(t, j);
+      acc_t* row = dots_row(t, j);
+      acc_t* d = row + first;
       acc_t dw_tj = 0;
       for (int64_t s = 0; s < n; ++s) {
         const acc_t gs = g[s] * scale;
@@ -141,15 +144,54 @@ struct IndexerTile {
         dw_tj += active ? gs * d[s] : acc_t(0);
         d[s] = active ? gs * w[j] : acc_t(0);
       }
-      std::fill(d + n, d + ns, acc_t(0));
+      std::fill(row, d, acc_t(0));
+      std::fill(d + n, row + ns, acc_t(0));
       if (dw != nullptr) dw[j] += dw_tj;
     }
   }
 };
 
-// Visible keys of the query block [t0, t0+n): the last query sees the most.
-inline int64_t block_visible_keys(const IndexerParams& p, int64_t t0, int64_t n) {
-  return visible_keys(p, t0 + n - 1);
+// Tile offsets [first, first + count) of a query's keys inside one key tile.
+struct Span {
+  int64_t first, count;
+};
+
+// The keys of the query tile [t0, t0 + n) of batch b: each row's key range (params.h: key_range)
+// and their hull. The tile visits only the key tiles inside the hull that some row sees, so a
+// packed sequence costs what its documents cost, not what one long causal sequence would.
+struct TileRanges {
+  KeyRange row[kQueryBlock];
+  KeyRange hull;
+  int64_t n;
+
+  TileRanges(const IndexerParams& p, int64_t b, int64_t t0, int64_t n_rows)
+      : hull(key_range_hull(p, b, t0, n_rows)), n(n_rows) {
+    for (int64_t t = 0; t < n; ++t) row[t] = key_range(p, b, t0 + t);
+  }
+
+  // Row t's keys inside the key tile [s0, s0 + ns), as offsets into the tile.
+  Span span(int64_t t, int64_t s0, int64_t ns) const {
+    const int64_t first = std::clamp(row[t].begin - s0, int64_t{0}, ns);
+    const int64_t last = std::clamp(row[t].end - s0, first, ns);
+    return {first, last - first};
+  }
+
+  // Some row sees a key of [s0, s0 + ns).
+  bool any_in(int64_t s0, int64_t ns) const {
+    for (int64_t t = 0; t < n; ++t)
+      if (span(t, s0, ns).count > 0) return true;
+    return false;
+  }
+};
+
+// Calls fn(s0, ns) for each key tile [s0, s0 + ns) of up to kKeyBlock keys from the hull's first
+// key on, skipping the tiles no row of r sees.
+template <class Fn>
+void for_each_key_tile(const TileRanges& r, const Fn& fn) {
+  for (int64_t s0 = r.hull.begin; s0 < r.hull.end; s0 += kKeyBlock) {
+    const int64_t ns = std::min(kKeyBlock, r.hull.end - s0);
+    if (r.any_in(s0, ns)) fn(s0, ns);
+  }
 }
 
 }  // namespace dsa::cpu

@@ -1,6 +1,7 @@
 // CPU topk_indices (over given logits) and indexer_topk (fused: indexer score tiles stream
-// into one running selection per query; [B, T, S] never exists). Parallel over rows; the fused
-// kernel deals its causal query blocks out in zigzag order (their cost grows with t).
+// into one running selection per query; [B, T, S] never exists; only the key tiles some query of
+// a block sees are scored). Parallel over rows; the fused kernel deals its query blocks out in
+// zigzag order (under a causal mask their cost grows with t).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -42,16 +43,16 @@ void indexer_topk_kernel(const IndexerParams& p, int64_t topk, int32_t* out) {
       const int64_t n = std::min(kQueryBlock, p.T - t0);
       for (auto& s : selectors) s.reset();
       tile.load_queries(b, t0, n);
-      const int64_t visible = block_visible_keys(p, t0, n);
-      for (int64_t s0 = 0; s0 < visible; s0 += kKeyBlock) {
-        tile.load_keys(b, s0, std::min(kKeyBlock, visible - s0));
+      const TileRanges ranges(p, b, t0, n);
+      for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
+        tile.load_keys(b, s0, ns);
         tile.compute_dots();
         for (int64_t t = 0; t < n; ++t) {
-          const int64_t ns = std::clamp<int64_t>(visible_keys(p, t0 + t) - s0, 0, tile.ns);
-          tile.scores(b, t0, t, ns, scores.data());
-          selectors[t].push(scores.data(), ns, s0);
+          const Span sp = ranges.span(t, s0, ns);
+          tile.scores(b, t0, t, sp.first, sp.count, scores.data());
+          selectors[t].push(scores.data(), sp.count, s0 + sp.first);
         }
-      }
+      });
       for (int64_t t = 0; t < n; ++t) selectors[t].finish(out + (b * p.T + t0 + t) * topk);
     }
   });
@@ -64,8 +65,9 @@ at::Tensor topk_indices_cpu(const at::Tensor& logits, int64_t topk) {
 }
 
 at::Tensor indexer_topk_cpu(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, int64_t topk,
-                            std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
-  auto c = prepare_indexer_topk(q_idx, k_idx, w, topk, scale, causal, k_scale);
+                            std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
+  auto c = prepare_indexer_topk(q_idx, k_idx, w, topk, scale, causal, k_scale, key_start, key_end);
   DSA_DISPATCH_CPU(c.q.scalar_type(), "dsa.indexer_topk",
                    AT_WRAP([&] { indexer_topk_kernel<scalar_t>(c.p, c.topk, c.out.data_ptr<int32_t>()); }),
                    at::kFloat8_e4m3fn);

@@ -9,6 +9,8 @@ needs around them.
 - ``training.py``: ``set_mode``, ``freeze_for_warmup``, ``param_groups``, ``indexer_loss`` (the
   logged value), ``set_loss_scale``.
 - ``recall.py``: recall statistics (the share of the dense attention mass the top-k captures).
+- ``key_ranges.py``: per-query key ranges in the modules (packed documents, padding): every mode,
+  loss and recall statistic respects them; padding queries do not count.
 
 Layouts are batch-first like the operators: q ``[B, T, H, D]``, k/v ``[B, S, Hkv, D]``.
 """
@@ -16,6 +18,7 @@ from .attention import (AttachIndexerLoss, DSAAttention, Selection, dense_causal
                         dsa_modules, head_mean_attention)
 from .config import MODES, DSAConfig
 from .indexer import LightningIndexer, apply_partial_rope, hadamard_matrix, rotate_partial
+from .key_ranges import KeyRanges, real_queries, visible_keys
 from .recall import RecallSums, recall_stats
 from .training import (freeze_for_warmup, indexer_loss, indexer_parameters, param_groups,
                        set_loss_scale, set_mode, unfreeze)
@@ -24,5 +27,5 @@ __all__ = [
     "DSAConfig", "MODES", "LightningIndexer", "DSAAttention", "AttachIndexerLoss", "Selection",
     "dense_causal_attention", "head_mean_attention", "apply_partial_rope", "rotate_partial", "hadamard_matrix",
     "dsa_modules", "set_mode", "indexer_loss", "set_loss_scale", "freeze_for_warmup", "unfreeze",
-    "indexer_parameters", "param_groups", "RecallSums", "recall_stats",
+    "indexer_parameters", "param_groups", "RecallSums", "recall_stats", "KeyRanges", "real_queries", "visible_keys",
 ]

@@ -17,6 +17,7 @@ layer (``last_loss``) is kept for logging.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional
 
 import torch
@@ -27,6 +28,7 @@ from .. import fp8, ops
 from ..conventions import causal_mask, default_attention_scale
 from .config import MODES, DSAConfig
 from .indexer import LightningIndexer
+from .key_ranges import KeyRanges, real_queries, visible_keys
 
 if TYPE_CHECKING:
     from .recall import RecallSums
@@ -47,27 +49,38 @@ class Selection(NamedTuple):
     indices: Optional[Tensor]
 
 
-def head_mean_attention(q: Tensor, k: Tensor, scale: float) -> Tensor:
+def head_mean_attention(q: Tensor, k: Tensor, scale: float, key_ranges: Optional[KeyRanges] = None) -> Tensor:
     """The dense KL target: per-head causal softmax of ``scale * q.k`` averaged over heads,
     [B, T, S] (float32, float64 for float64 input). q [B,T,H,D], k [B,S,Hkv,D] with GQA (head h
-    reads kv head h // G), bottom-right causal alignment. Materialises [B, H, T, S]: for
-    measurements (recall), not for training."""
+    reads kv head h // G), bottom-right causal alignment, restricted to ``key_ranges``
+    (``(key_start, key_end)`` [B,T] int32; a query that sees no key gets a zero row).
+    Materialises [B, H, T, S]: for measurements (recall), not for training."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     T, H, S, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     kk = k.to(acc).repeat_interleave(H // Hkv, dim=2)
     scores = scale * torch.einsum("bthd,bshd->bhts", q.to(acc), kk)
-    scores = scores.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(1)
+    visible = visible_keys(key_ranges, T, S, q.device)
+    blind = ~visible.any(-1, keepdim=True)  # queries that see nothing: a finite softmax, zeroed after
+    scores = scores.masked_fill(~(visible | blind)[:, None], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(1).masked_fill(blind, 0.0)
 
 
-def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                           key_ranges: Optional[KeyRanges] = None) -> Tensor:
     """Plain causal attention in the batch-first layout (bottom-right aligned, GQA by head
-    groups): q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv]."""
+    groups): q [B,T,H,D], k [B,S,Hkv,D], v [B,S,Hkv,Dv] -> [B,T,H,Dv]. With ``key_ranges``
+    (``(key_start, key_end)`` [B,T] int32) each query sees only its range; a query that sees no
+    key gets 0, as from sparse_attention."""
     T, S = q.shape[1], k.shape[1]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if q.shape[2] != k.shape[2]:
         g = q.shape[2] // k.shape[2]
         kh, vh = kh.repeat_interleave(g, dim=1), vh.repeat_interleave(g, dim=1)
+    if key_ranges is not None:
+        visible = visible_keys(key_ranges, T, S, q.device)
+        blind = ~visible.any(-1, keepdim=True)  # sdpa would give NaN there: attend to all, then zero
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=(visible | blind)[:, None], scale=scale)
+        return out.transpose(1, 2).masked_fill(blind[..., None], 0.0)
     if S == T:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
@@ -96,11 +109,20 @@ class AttachIndexerLoss(torch.autograd.Function):
 class DSAAttention(nn.Module):
     """DSA attention core around a host model's q, k, v. See the module docstring for the modes.
 
-    forward(q, k, v, hidden_states, positions=None, scale=None, dense_fn=None) -> [B, T, H, Dv]
+    forward(q, k, v, hidden_states, positions=None, scale=None, dense_fn=None, key_ranges=None)
+      -> [B, T, H, Dv]
       q [B,T,H,D] and k [B,S,Hkv,D] after the host's own RoPE, v [B,S,Hkv,Dv]; hidden_states
       [B,S,hidden] the input of the host attention (the indexer's input); positions [S] or [B,S]
       for the indexer RoPE; scale the host's softmax scale (default D**-0.5); dense_fn(q,k,v,scale)
-      the host's dense attention (default :func:`dense_causal_attention`).
+      the host's dense attention (default :func:`dense_causal_attention`); key_ranges
+      ``(key_start, key_end)`` [B,T] int32 (:mod:`dsa_ext.ranges`: packed documents, padding).
+
+    Key ranges (packed documents, padding) hold in every mode: the top-k, the dense output, the
+    warm-up KL target and the top-k KL see only each query's range. ``dense_fn``, when given,
+    must apply the same ranges itself (transformers' mask does). Pass packed documents' position
+    ids that restart per document as ``positions`` (what the host's RoPE gets): each document
+    then scores exactly as when run alone. A query that sees no key (padding) gets output 0 and
+    no loss; the loss is the mean over the real queries (:mod:`dsa_ext.nn.key_ranges`).
 
     ``forward`` is :meth:`select` (the indexer and its top-k) followed by :meth:`attend`; a host
     that computes its indexer's input elsewhere than its attention (transformers' DeepSeek-V3.2,
@@ -149,14 +171,16 @@ class DSAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden_states: Tensor,
                 positions: Optional[Tensor] = None, scale: Optional[float] = None,
-                dense_fn: Optional[DenseFn] = None) -> Tensor:
-        return self.attend(q, k, v, self.select(hidden_states, positions), scale, dense_fn)
+                dense_fn: Optional[DenseFn] = None, key_ranges: Optional[KeyRanges] = None) -> Tensor:
+        selection = self.select(hidden_states, positions, key_ranges=key_ranges)
+        return self.attend(q, k, v, selection, scale, dense_fn, key_ranges)
 
     def select(self, hidden_states: Tensor, positions: Optional[Tensor] = None,
-               q_input: Optional[Tensor] = None, rope=None) -> Optional[Selection]:
+               q_input: Optional[Tensor] = None, rope=None, key_ranges: Optional[KeyRanges] = None
+               ) -> Optional[Selection]:
         """The indexer's half of :meth:`forward`: its outputs and (sparse mode, or while recall is
-        measured) its top-k, or None in dense mode, where the indexer is not run. The arguments
-        are the indexer's (:meth:`LightningIndexer.forward`)."""
+        measured) its top-k within ``key_ranges``, or None in dense mode, where the indexer is not
+        run. The other arguments are the indexer's (:meth:`LightningIndexer.forward`)."""
         if self.mode == "dense" and self.recall is None:
             return None
         if self.indexer is None:
@@ -164,28 +188,32 @@ class DSAAttention(nn.Module):
                              "layer's selection)")
         q_idx, k_idx, w = self.indexer(hidden_states, positions, q_input=q_input, rope=rope)
         if self.context_parallel is not None:
+            _no_ranges_under_context_parallelism(key_ranges)
             return self.context_parallel.select(self, q_idx, k_idx, w)
         indices = None
         if self.mode == "sparse" or self.recall is not None:
             with torch.no_grad():
                 pick = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
-                indices = pick(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, self.indexer.scale)
+                indices = pick(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, self.indexer.scale,
+                               **_range_args(key_ranges))
         return Selection(q_idx, k_idx, w, indices)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, selection: Optional[Selection],
-               scale: Optional[float] = None, dense_fn: Optional[DenseFn] = None) -> Tensor:
+               scale: Optional[float] = None, dense_fn: Optional[DenseFn] = None,
+               key_ranges: Optional[KeyRanges] = None) -> Tensor:
         """The attention half of :meth:`forward`, on ``selection`` from :meth:`select` (this
         core's, or with ``q_idx`` None one made by another layer's indexer, which then trains
-        nothing here)."""
+        nothing here), with the ``key_ranges`` the selection was made with."""
         if scale is None:
             scale = default_attention_scale(q.shape[-1])
-        dense_fn = dense_fn or dense_causal_attention
+        dense_fn = dense_fn or partial(dense_causal_attention, key_ranges=key_ranges)
         if self.mode == "dense" and self.recall is None and self.context_parallel is None:
             return dense_fn(q, k, v, scale)
         if torch.is_autocast_enabled(q.device.type):  # a host's RoPE in float32 leaves q, k in float32
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.context_parallel is not None:  # global causality: the host's dense_fn does not apply
+            _no_ranges_under_context_parallelism(key_ranges)
             return self.context_parallel.attend(self, q, k, v, selection, scale)
         own = selection is not None and selection.q_idx is not None
         if own and selection.k_idx.shape[1] != k.shape[1]:
@@ -197,30 +225,48 @@ class DSAAttention(nn.Module):
         if indices is None and (self.mode == "sparse" or self.recall is not None):
             raise ValueError(f"DSAAttention in mode {self.mode!r}: no top-k selection to attend over")
         want_loss = own and self.training and self.mode != "dense" and torch.is_grad_enabled()
+        real = real_queries(key_ranges, q.shape[1], k.shape[1])
         if self.recall is not None:
-            self.recall.add(q, k, scale, indices, self.topk)
+            self.recall.add(q, k, scale, indices, self.topk, key_ranges)
         if self.mode == "sparse":
             out, lse = ops.sparse_attention(q, k, v, indices, scale, return_lse=True)
             if want_loss:
-                out = self._attach_loss(out, ops.indexer_kl_loss(
+                out = self._attach_loss(out, _mean_over(real, ops.indexer_kl_loss(
                     selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), indices,
-                    self.indexer.scale, scale, True, lse.detach()).mean())
+                    self.indexer.scale, scale, True, lse.detach(), **_range_args(key_ranges)), real))
             return out
         out = dense_fn(q, k, v, scale)
         if want_loss:
-            out = self._attach_loss(out, ops.indexer_kl_loss(
+            out = self._attach_loss(out, _mean_over(real, ops.indexer_kl_loss(
                 selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), None,
-                self.indexer.scale, scale, True, None).mean())
+                self.indexer.scale, scale, True, None, **_range_args(key_ranges))))
         return out
 
     def _attach_loss(self, out: Tensor, loss: Tensor) -> Tensor:
-        """Attach this layer's indexer loss (a scalar: the mean over tokens, or under context
+        """Attach this layer's indexer loss (a scalar: the mean over real tokens, or under context
         parallelism this rank's share of it) to the attention output."""
         self.last_loss = loss.detach()
         return AttachIndexerLoss.apply(out, loss, self.loss_coeff * self.loss_scale)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, topk={self.topk}, fp8_topk={self.fp8_topk}, loss_coeff={self.loss_coeff}"
+
+
+def _mean_over(real: Optional[Tensor], per_token: Tensor) -> Tensor:
+    """The mean of ``per_token`` [B, T] over the real queries (``real`` [B, T] bool; None: all),
+    0 when there is none."""
+    return per_token.mean() if real is None else (per_token * real).sum() / real.sum().clamp_min(1)
+
+
+def _no_ranges_under_context_parallelism(key_ranges: Optional[KeyRanges]) -> None:
+    if key_ranges is not None:
+        raise NotImplementedError("DSAAttention: key ranges (packed or padded batches) under context "
+                                  "parallelism are not supported yet")
+
+
+def _range_args(key_ranges: Optional[KeyRanges]) -> dict:
+    """The operators' ``key_start``/``key_end`` keyword arguments for ``key_ranges``."""
+    return {} if key_ranges is None else {"key_start": key_ranges[0], "key_end": key_ranges[1]}
 
 
 def dsa_modules(model: nn.Module) -> List[DSAAttention]:

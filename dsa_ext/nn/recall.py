@@ -4,6 +4,11 @@ For query t, p_t is the dense head-mean attention (the warm-up KL target) and S_
 top-k; recall_t = sum_{s in S_t} p_t(s). The oracle is the same sum for the best possible k keys
 (the top-k of p_t itself), the ceiling of any indexer. "Hard" queries see more than k keys: the
 others are exactly dense and score 1.
+
+With key ranges (packed documents, padding) every figure is per document: p_t is the attention
+over the query's own document, a query is hard when its document gives it more than k keys, and
+padding queries (:func:`dsa_ext.nn.key_ranges.real_queries`) are not counted. A packed batch thus
+adds exactly what its documents add when run alone.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import dsa_modules, head_mean_attention
+from .key_ranges import KeyRanges, real_queries, visible_keys
 
 __all__ = ["RecallSums", "recall_stats"]
 
@@ -29,19 +35,23 @@ class RecallSums:
     oracle_hard: float = 0.0
 
     @torch.no_grad()
-    def add(self, q: Tensor, k: Tensor, scale: float, indices: Tensor, topk: int) -> None:
+    def add(self, q: Tensor, k: Tensor, scale: float, indices: Tensor, topk: int,
+            key_ranges: Optional[KeyRanges] = None) -> None:
         """Adds the queries of one attention call: q [B,T,H,D], k [B,S,Hkv,D] (after the host's
-        RoPE), indices [B,T,topk] the indexer's selection."""
+        RoPE), indices [B,T,topk] the indexer's selection (made within ``key_ranges``, the
+        ``(key_start, key_end)`` [B,T] int32 of the call, if any)."""
         B, T = q.shape[:2]
         S = k.shape[1]
-        p = head_mean_attention(q, k, scale)
+        p = head_mean_attention(q, k, scale, key_ranges)
         captured = p.gather(-1, indices.clamp_min(0).long()) * (indices >= 0)
         recall = captured.sum(-1).double()  # [B, T]
         oracle = p.topk(min(topk, S), dim=-1).values.sum(-1).double()
-        hard = (torch.arange(T, device=q.device) + (S - T) + 1 > topk).expand(B, T).double()
-        self.recall += recall.sum().item()
-        self.queries += B * T
-        self.oracle += oracle.sum().item()
+        real = real_queries(key_ranges, T, S)
+        real = torch.ones(B, T, dtype=torch.float64, device=q.device) if real is None else real.double()
+        hard = (visible_keys(key_ranges, T, S, q.device).sum(-1) > topk).expand(B, T).double() * real
+        self.recall += (recall * real).sum().item()
+        self.queries += real.sum().item()
+        self.oracle += (oracle * real).sum().item()
         self.recall_hard += (recall * hard).sum().item()
         self.queries_hard += hard.sum().item()
         self.oracle_hard += (oracle * hard).sum().item()

@@ -110,6 +110,32 @@ TEST(DsaOps, IndexerKlLossMatchesDenseFormula) {
   EXPECT_TRUE(torch::allclose(attn_lse[0], torch::logsumexp(a, -1).t(), 1e-12, 1e-12));
 }
 
+TEST(DsaOps, KeyRangesMaskTheKeysOutside) {
+  // two packed documents [0, 3) and [3, 7): each query sees its own document's earlier keys only
+  torch::manual_seed(4);
+  const int64_t T = 7, Hi = 2, Di = 8, H = 2, D = 4;
+  auto q = torch::randn({1, T, Hi, Di}, kF64), k = torch::randn({1, T, Di}, kF64), w = torch::randn({1, T, Hi}, kF64);
+  auto key_start = torch::tensor({0, 0, 0, 3, 3, 3, 3}, kI32).view({1, T});
+  auto key_end = torch::tensor({3, 3, 3, 7, 7, 7, 7}, kI32).view({1, T});
+  auto logits = dsa::indexer_logits(q, k, w, 0.5, true, std::nullopt, key_start, key_end);
+  auto s = torch::arange(T).view({1, T});
+  auto inside = s.ge(key_start.view({T, 1})).logical_and(s.lt(key_end.view({T, 1}))).logical_and(causal_mask(T, T));
+  auto want = 0.5 * torch::einsum("bth,bths->bts", {w, torch::einsum("bthd,bsd->bths", {q, k}).relu()});
+  want = want.masked_fill(inside.logical_not(), -std::numeric_limits<double>::infinity());
+  EXPECT_TRUE(torch::allclose(logits, want, 1e-12, 1e-12));
+  EXPECT_TRUE(torch::equal(dsa::indexer_topk(q, k, w, 3, 0.5, true, std::nullopt, key_start, key_end),
+                           dsa::topk_indices(logits, 3)));
+  // the second document alone gives the same loss as its rows of the packed sequence
+  auto aq = torch::randn({1, T, H, D}, kF64), ak = torch::randn({1, T, 1, D}, kF64);
+  auto packed = std::get<0>(dsa::indexer_kl_loss(q, k, w, aq, ak, std::nullopt, 0.5, 0.5, true, std::nullopt,
+                                                 key_start, key_end));
+  using torch::indexing::Slice;
+  auto alone = std::get<0>(dsa::indexer_kl_loss(q.index({Slice(), Slice(3)}), k.index({Slice(), Slice(3)}),
+                                                w.index({Slice(), Slice(3)}), aq.index({Slice(), Slice(3)}),
+                                                ak.index({Slice(), Slice(3)}), std::nullopt, 0.5, 0.5));
+  EXPECT_TRUE(torch::allclose(packed.index({Slice(), Slice(3)}), alone, 1e-12, 1e-12));
+}
+
 TEST(DsaOps, BadInputNamesTheArgument) {
   auto q = torch::randn({1, 4, 2, 8}, kF64), k = torch::randn({1, 6, 1, 8}, kF64);
   auto idx = torch::zeros({1, 4, 2}, torch::kInt64);

@@ -68,6 +68,7 @@ std::unique_ptr<T[]> exact_copy(const std::vector<uint8_t>& bytes) {
 struct Inputs {
   std::vector<uint8_t> q_bytes, k_bytes;
   std::unique_ptr<float[]> w, k_scale;
+  std::unique_ptr<int32_t[]> key_start, key_end;
   IndexerParams p{};
   std::string dtype;
 };
@@ -94,6 +95,14 @@ Inputs read_indexer_inputs() {
   if (geti("k_scale") != 0) {
     in.k_scale = exact_copy<float>(read_file("ks.bin"));
     p.k_scale = in.k_scale.get();
+  }
+  if (geti("key_start") != 0) {
+    in.key_start = exact_copy<int32_t>(read_file("key_start.bin"));
+    p.key_start = in.key_start.get();
+  }
+  if (geti("key_end") != 0) {
+    in.key_end = exact_copy<int32_t>(read_file("key_end.bin"));
+    p.key_end = in.key_end.get();
   }
   return in;
 }

@@ -147,20 +147,25 @@ def storage_of(t: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float, causal: bool,
-                 smem_limit: int = 227 * 1024, k_scale: torch.Tensor | None = None) -> tuple[dict, dict]:
+                 smem_limit: int = 227 * 1024, k_scale: torch.Tensor | None = None,
+                 key_start: torch.Tensor | None = None, key_end: torch.Tensor | None = None) -> tuple[dict, dict]:
     """meta and tensors of an indexer call (q and k may be strided views; k_scale [B, S] float32
-    for float8_e4m3fn inputs). smem_limit: a block's shared memory, as the device (an H100/H200:
-    227 KiB) or DSA_EXT_CUDA_SMEM_LIMIT gives it to the host code."""
+    for float8_e4m3fn inputs; key_start, key_end [B, T] int32 key ranges, unchecked: the kernels
+    clamp them). smem_limit: a block's shared memory, as the device (an H100/H200: 227 KiB) or
+    DSA_EXT_CUDA_SMEM_LIMIT gives it to the host code."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
     B, T, Hi, Di = q.shape
     meta = dict(dtype=dtype_name(q.dtype), B=B, T=T, S=k.shape[1], Hi=Hi, Di=Di,
                 q_batch_stride=q.stride(0), q_row_stride=q.stride(1), q_head_stride=q.stride(2), k_batch_stride=k.stride(0), k_row_stride=k.stride(1),
                 q_off=q_off, k_off=k_off, scale=repr(float(scale)), causal=bool(causal), smem_limit=smem_limit,
-                k_scale=k_scale is not None)
+                k_scale=k_scale is not None, key_start=key_start is not None, key_end=key_end is not None)
     tensors = {"q": qs, "k": ks, "w": w.float().contiguous()}
     if k_scale is not None:
         tensors["ks"] = k_scale.float().contiguous()
+    for name, r in (("key_start", key_start), ("key_end", key_end)):
+        if r is not None:
+            tensors[name] = r.to(torch.int32).contiguous()
     return meta, tensors
 
 

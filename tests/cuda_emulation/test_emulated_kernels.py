@@ -94,8 +94,8 @@ def indexer_inputs(B, T, S, Hi, Di, dtype, seed, strided=False, quantized=False)
     return q, k, w
 
 
-def emulated_logits(q, k, w, scale, causal, smem_limit=227 * 1024, k_scale=None):
-    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, smem_limit, k_scale)
+def emulated_logits(q, k, w, scale, causal, smem_limit=227 * 1024, k_scale=None, key_start=None, key_end=None):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, smem_limit, k_scale, key_start, key_end)
     meta["op"] = "logits"
     B, T, S = q.shape[0], q.shape[1], k.shape[1]
     out, log = emulator.run(meta, tensors, {"out": (torch.float32, (B, T, S))})
@@ -108,12 +108,19 @@ def engine(dtype, mma, vec16=False, converted=False):
             f"converted={int(converted)}")
 
 
-def check_logits(q, k, w, causal, expect_engine, smem_limit=227 * 1024, k_scale=None):
+def clamped(r, S):
+    """Key-range values as the kernels read them: clamped to [0, S]."""
+    return None if r is None else r.clamp(0, S)
+
+
+def check_logits(q, k, w, causal, expect_engine, smem_limit=227 * 1024, k_scale=None, key_start=None, key_end=None):
     scale = (q.shape[2] * q.shape[3]) ** -0.5
-    got, log = emulated_logits(q, k, w, scale, causal, smem_limit, k_scale)
+    got, log = emulated_logits(q, k, w, scale, causal, smem_limit, k_scale, key_start, key_end)
     assert emulator.launched(log, "engine=") == expect_engine, log
     ks = None if k_scale is None else k_scale.double()
-    ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal, k_scale=ks)
+    S = k.shape[1]
+    ref = reference.indexer_logits(q.double(), k.double(), w.double(), scale, causal, k_scale=ks,
+                                   key_start=clamped(key_start, S), key_end=clamped(key_end, S))
     masked = torch.isinf(ref)
     assert torch.equal(torch.isinf(got) & (got < 0), masked)
     # fp32 accumulation of exact products: error ~ eps32 * sum of |terms|
@@ -186,8 +193,9 @@ def test_logits_long_prefix_chunks():
 # ---------------------------------------------------------------------------------------------
 
 
-def emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count=132, budget=256 << 20):
-    meta, tensors = emulator.indexer_case(q, k, w, scale, causal)
+def emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count=132, budget=256 << 20, key_start=None,
+                          key_end=None):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, key_start=key_start, key_end=key_end)
     meta.update(op="indexer_topk", k=topk, sm_count=sm_count, budget=budget)
     B, T = q.shape[:2]
     out, log = emulator.run(meta, tensors, {"out": (torch.int32, (B, T, topk))})
@@ -241,8 +249,8 @@ def test_indexer_topk_splits_need_many_keys():
 # ---------------------------------------------------------------------------------------------
 
 
-def emulated_backward(grad, q, k, w, scale, causal):
-    meta, tensors = emulator.indexer_case(q, k, w, scale, causal)
+def emulated_backward(grad, q, k, w, scale, causal, key_start=None, key_end=None):
+    meta, tensors = emulator.indexer_case(q, k, w, scale, causal, key_start=key_start, key_end=key_end)
     gs, g_off = emulator.storage_of(grad)
     assert g_off == 0
     meta.update(op="backward", grad_batch_stride=grad.stride(0), grad_row_stride=grad.stride(1))
@@ -295,3 +303,68 @@ def test_engine_choice_compares_64bit_dims(Hi, Di, H, Hkv, expected):
     the tensor-core tiles hold them in int, so such shapes must take the int64 paths."""
     _, log = emulator.run(dict(op="fits", Hi=Hi, Di=Di, H=H, Hkv=Hkv, Dqk=64, smem_limit=227 * 1024), {}, {})
     assert emulator.launched(log, "fits ") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# per-query key ranges (the kernels clamp unchecked values to [0, S])
+# ---------------------------------------------------------------------------------------------
+
+
+def emu_ranges(B, T, S, seed, kind):
+    """key_start, key_end [B, T] int32: packed documents over the S positions (the queries are the
+    last T), or random ranges with empty rows and values outside [0, S] (clamped by the kernels)."""
+    g = gen(seed)
+    if kind == "packed":
+        bounds = [0, S // 5, S // 5 + 1, S // 2, S - 3, S]  # a document of length 1, long ones
+        start = torch.tensor([max(b for b in bounds if b <= p) for p in range(S)])
+        end = torch.tensor([min(b for b in bounds if b > p) for p in range(S)])
+        return start[S - T:].expand(B, T).int().contiguous(), end[S - T:].expand(B, T).int().contiguous()
+    start = torch.randint(-3, S + 4, (B, T), generator=g)
+    end = torch.randint(-3, S + 4, (B, T), generator=g)
+    return start.int(), end.int()
+
+
+@pytest.mark.parametrize("kind", ["packed", "random"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_logits_key_ranges(kind, dtype):
+    # S > 512: several key chunks per query tile; most of them outside the ranges
+    B, T, S = 2, 9, 1100
+    q, k, w = indexer_inputs(B, T, S, 16, 32, dtype, seed=21)
+    ks, ke = emu_ranges(B, T, S, seed=22, kind=kind)
+    mma = dtype != torch.float32
+    check_logits(q, k, w, causal=True, key_start=ks, key_end=ke, expect_engine=engine(dtype, mma=mma, vec16=mma))
+    check_logits(q, k, w, causal=False, key_start=ks, key_end=None, expect_engine=engine(dtype, mma=mma, vec16=mma))
+
+
+@pytest.mark.parametrize("kind", ["packed", "random"])
+@pytest.mark.parametrize("topk,sm_count,budget", [(40, 1, 256 << 20), (40, 64, 256 << 20), (20, 1, 3000)])
+def test_indexer_topk_key_ranges(kind, topk, sm_count, budget):
+    # S = 8300 allows 2 key splits with many SMs; quantized inputs: exact scores, many ties
+    B, T, S = 1, 6, 8300
+    q, k, w = indexer_inputs(B, T, S, 8, 16, torch.bfloat16, seed=23, quantized=True)
+    ks, ke = emu_ranges(B, T, S, seed=24, kind=kind)
+    got, log = emulated_indexer_topk(q, k, w, topk, 0.125, True, sm_count, budget, key_start=ks, key_end=ke)
+    assert emulator.launched(log, "engine=") == engine(torch.bfloat16, mma=True, vec16=True), log
+    ref = reference.indexer_topk(q.double(), k.double(), w.double(), topk, 0.125, True,
+                                 key_start=clamped(ks, S), key_end=clamped(ke, S))
+    assert torch.equal(got, ref), log
+
+
+@pytest.mark.parametrize("kind", ["packed", "random"])
+@pytest.mark.parametrize("Hi", [8, 40])  # 4 queries per dq block; one query over 3 m-tiles
+def test_backward_key_ranges(kind, Hi):
+    B, T, S, Di = 1, 9, 300, 32
+    q, k, w = indexer_inputs(B, T, S, Hi, Di, torch.bfloat16, seed=25 + Hi)
+    ks, ke = emu_ranges(B, T, S, seed=26, kind=kind)
+    scale = (Hi * Di) ** -0.5
+    r = dict(key_start=clamped(ks, S), key_end=clamped(ke, S))
+    visible = reference.indexer_logits(q.double(), k.double(), w.double(), scale, True, **r).isfinite()
+    grad = torch.randn(B, T, S, generator=gen(27)).masked_fill(~visible, float("nan"))  # ignored there
+    gq, gk, gw, log = emulated_backward(grad, q, k, w, scale, True, key_start=ks, key_end=ke)
+    assert emulator.launched(log, "engine=") == engine(torch.bfloat16, mma=True, vec16=True), log
+    qd, kd, wd = (x.double().requires_grad_() for x in (q, k, w))
+    reference.indexer_logits(qd, kd, wd, scale, True, **r).backward(torch.nan_to_num(grad.double(), nan=0.0))
+    for name, got, want in (("dq", gq, qd.grad), ("dk", gk, kd.grad), ("dw", gw, wd.grad)):
+        assert torch.isfinite(got).all(), name
+        err = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
+        assert err < 2e-2, (name, err.item(), log)

@@ -10,7 +10,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import emulator  # noqa: E402
 
-from dsa_ext import reference  # noqa: E402
+from dsa_ext import ranges, reference  # noqa: E402
 
 pytestmark = [pytest.mark.emulation, pytest.mark.slow]
 
@@ -40,3 +40,25 @@ def test_float_backward(ext, budget, dtype, B, T, S, Hi, Di, causal):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for got, want in ((gq, qd.grad), (gk, kd.grad), (gw, wd.grad)):
         assert torch.allclose(got.double(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("budget", [256 << 20, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_float_backward_key_ranges(ext, budget, causal):
+    """Packed documents and random ranges with empty rows: each chunk of queries meets only the
+    keys its rows see (plan_query_chunks); gradients outside the ranges (NaN here) are ignored."""
+    B, T, S, Hi, Di = 2, 40, 50, 3, 8
+    g = torch.Generator().manual_seed(7)
+    q, k, w = torch.randn(B, T, Hi, Di, generator=g), torch.randn(B, S, Di, generator=g), torch.randn(B, T, Hi, generator=g)
+    packed = ranges.from_cu_seqlens(torch.tensor([0, 9, 10, 31, S]))
+    packed = tuple(r[:, S - T:].expand(B, T).contiguous() for r in packed)
+    start = torch.randint(0, S + 1, (B, T), generator=g).int()
+    for key_start, key_end in (packed, (start, torch.randint(0, S + 1, (B, T), generator=g).int())):
+        r = dict(key_start=key_start, key_end=key_end)
+        qd, kd, wd = (x.double().requires_grad_() for x in (q, k, w))
+        ref = reference.indexer_logits(qd, kd, wd, 0.3, causal, **r)
+        grad = torch.randn(B, T, S, generator=g).masked_fill(torch.isinf(ref), float("nan"))
+        gq, gk, gw = ext.indexer_backward_float32(grad, q, k, w, 0.3, causal, budget, key_start, key_end)
+        ref.backward(torch.nan_to_num(grad.double(), nan=0.0))
+        for got, want in ((gq, qd.grad), (gk, kd.grad), (gw, wd.grad)):
+            assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())

@@ -1,16 +1,18 @@
 // indexer_logits_backward on tensor cores (bfloat16, float16; padded head dim <= 128).
 //
-// With d[t,j,s] = q[t,j] . k[s] and m = (s visible to t) and (d > 0):
+// With d[t,j,s] = q[t,j] . k[s] and m = (query t sees key s: key_range) and (d > 0):
 //   dw[t,j] = scale * sum_s g[t,s] m d[t,j,s]
 //   dq[t,j] = scale * w[t,j] * sum_s (g[t,s] m) k[s]
 //   dk[s]   = sum_{t,j} (g[t,s] m scale w[t,j]) q[t,j]
 // Rows are (query, head) pairs with heads padded to hp = 16 * ceil(Hi / 16); an "m-tile" is 16
 // rows of one query. Two kernels, each output element has exactly one writer (deterministic):
-//   dq/dw: warp = one m-tile, keys streamed in tiles of 64: d recomputed in registers (mma),
-//          turned into g*m in the registers that feed the second mma (the accumulator layout of
-//          two n-tiles is the A-fragment layout of one k-step), dq accumulated over all keys.
-//   dk:    block = 64 keys (warp = 16 of them), tiles of 4 m-tiles (64 rows) streamed, the same
-//          recompute with keys as rows, dk accumulated over every query that sees the keys.
+//   dq/dw: warp = one m-tile, keys streamed in tiles of 64 over the hull of the block's key
+//          ranges: d recomputed in registers (mma), turned into g*m in the registers that feed
+//          the second mma (the accumulator layout of two n-tiles is the A-fragment layout of one
+//          k-step), dq accumulated over all keys.
+//   dk:    block = 64 keys (warp = 16 of them), tiles of 4 m-tiles (64 rows) streamed from the
+//          first to the last query that sees any of the keys (query_span), the same recompute
+//          with keys as rows, dk accumulated over every query that sees the keys.
 // The multiplier of the second mma (g*m, or g*m*scale*w) is rounded to the input dtype, as in
 // any half-precision backward; the first mma and every sum are fp32.
 #pragma once
@@ -156,10 +158,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   const bool warp_valid = mt < grid.mtiles;
   const int64_t t = warp_valid ? mt / mq : 0;
   const int j0 = static_cast<int>(mt % mq) * 16;  // first head of this warp's rows
-  const int64_t t_last = (min(mt0 + 4, grid.mtiles) - 1) / mq;
-  const int64_t s_stop = min(p.S, visible_keys(p, t_last));  // keys any row of the block sees
-  const int64_t my_stop = warp_valid ? min(p.S, visible_keys(p, t)) : 0;
-  const int tiles = static_cast<int>(ceil_div(s_stop, kBwdKeys));
+  const int64_t t_first = mt0 / mq, t_last = (min(mt0 + 4, grid.mtiles) - 1) / mq;
+  const KeyRange hull = key_range_hull(p, b, t_first, t_last - t_first + 1);  // keys any row of the block sees
+  const KeyRange mine = warp_valid ? key_range(p, b, t) : KeyRange{0, 0};
+  const int tiles = hull.empty() ? 0 : static_cast<int>(ceil_div(hull.end - hull.begin, kBwdKeys));
 
   T* q_s = reinterpret_cast<T*>(smem + L.fixed);
   const auto k_s = [&](int stage) { return reinterpret_cast<T*>(smem + L.tile + stage * L.tile_stage); };
@@ -173,21 +175,22 @@ __global__ void __launch_bounds__(kThreads, 1)
   const auto load_keys = [&](int stage, int64_t s0) {
     copy_rows64(L, p, k_s(stage), k, [&](int r) -> int64_t { return s0 + r < p.S ? b * p.k_batch_stride + (s0 + r) * p.k_row_stride : -1; });
   };
-  if (tiles > 0) load_keys(0, 0);
+  if (tiles > 0) load_keys(0, hull.begin);
   cp_async_commit();
 
   const float* g = static_cast<const float*>(bp.grad_logits) + b * bp.grad_batch_stride + t * bp.grad_row_stride;
   float dq[kBwdMaxDim / 8][4] = {};
   float dw_lo = 0.f, dw_hi = 0.f;
   for (int i = 0; i < tiles; ++i) {
-    const int64_t s0 = int64_t{i} * kBwdKeys;
+    const int64_t s0 = hull.begin + int64_t{i} * kBwdKeys;
     cp_async_wait_all();
     __syncthreads();
     if (i + 1 < tiles) {
       load_keys((i + 1) & 1, s0 + kBwdKeys);
       cp_async_commit();
     }
-    if (s0 >= my_stop) continue;  // warp-uniform: nothing of this tile is visible to the warp
+    // warp-uniform: nothing of this tile is visible to the warp
+    if (s0 >= mine.end || s0 + kBwdKeys <= mine.begin) continue;
     float d[8][4];
     mma_rows_x64(L, q_s + warp * 16 * L.ld, k_s(i & 1), d);
 #pragma unroll
@@ -195,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int64_t s = s0 + 8 * n + 2 * quad + e;
-        const bool visible = s < my_stop;
+        const bool visible = s >= mine.begin && s < mine.end;
         const float gs = visible ? __ldg(g + s) : 0.f;
         const bool on_lo = visible && d[n][e] > 0.f, on_hi = visible && d[n][2 + e] > 0.f;
         dw_lo += on_lo ? gs * d[n][e] : 0.f;
@@ -235,8 +238,38 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// The first and the last query of batch b that see a key of [s0, s1) ({0, -1} when none): the
+// causal bound without key ranges; with them, a scan of the batch's T ranges by the whole block
+// (every thread calls it; it ends with the block's threads agreeing).
+__device__ inline void query_span(const IndexerParams& p, int64_t b, int64_t s0, int64_t s1, int64_t& first,
+                                  int64_t& last) {
+  if (p.key_start == nullptr && p.key_end == nullptr) {
+    first = p.causal ? max(int64_t{0}, s0 - p.causal_offset) : 0;
+    last = p.T - 1;
+    return;
+  }
+  __shared__ int64_t warp_first[kThreads / 32], warp_last[kThreads / 32];
+  int64_t lo = p.T, hi = -1;
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    const KeyRange r = key_range(p, b, t);
+    if (r.begin < s1 && r.end > s0 && r.begin < r.end) {
+      lo = min(lo, t);
+      hi = max(hi, t);
+    }
+  }
+  for (int m = 16; m > 0; m >>= 1) {
+    lo = min(lo, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, lo, m)));
+    hi = max(hi, static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, hi, m)));
+  }
+  if ((threadIdx.x & 31) == 0) warp_first[threadIdx.x >> 5] = lo, warp_last[threadIdx.x >> 5] = hi;
+  __syncthreads();
+  first = p.T, last = -1;
+  for (int w = 0; w < kThreads / 32; ++w) first = min(first, warp_first[w]), last = max(last, warp_last[w]);
+  if (last < first) first = 0, last = -1;
+}
+
 // dk. Block = 64 keys of one batch (warp w: keys 16w..16w+15), tiles of 4 m-tiles streamed from
-// the first query that sees the block's first key.
+// the first to the last query that sees one of the block's keys.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     indexer_dk_kernel(const __grid_constant__ IndexerBwdParams bp, const BwdLayout L, const IndexerBwdGrid grid) {
@@ -249,9 +282,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t b = blockIdx.x / blocks_per_batch;
   const int64_t s0 = (blockIdx.x % blocks_per_batch) * kBwdKeys;
   const int64_t s_warp = s0 + 16 * warp;                    // the warp's first key
-  const int64_t t_first = p.causal ? max(int64_t{0}, s0 - p.causal_offset) : 0;
-  const int64_t mt_first = t_first * mq;
-  const int tiles = mt_first < grid.mtiles ? static_cast<int>(ceil_div(grid.mtiles - mt_first, 4)) : 0;
+  int64_t t_first, t_last;
+  query_span(p, b, s0, min(p.S, s0 + kBwdKeys), t_first, t_last);
+  const int64_t mt_first = t_first * mq, mt_end = (t_last + 1) * mq;
+  const int tiles = mt_first < mt_end ? static_cast<int>(ceil_div(mt_end - mt_first, 4)) : 0;
 
   T* k_s = reinterpret_cast<T*>(smem + L.fixed);
   const auto q_s = [&](int stage) { return reinterpret_cast<T*>(smem + L.tile + stage * L.tile_stage); };
@@ -287,8 +321,13 @@ __global__ void __launch_bounds__(kThreads)
       cp_async_commit();
     }
     // Warp-uniform skip: the warp's keys are past S, or no query of the tile sees them.
-    const int64_t t_tile_last = (min(m_begin + 4, grid.mtiles) - 1) / mq;
-    if (s_warp >= p.S || s_warp >= visible_keys(p, t_tile_last)) continue;
+    const int64_t t_tile_first = m_begin / mq, t_tile_last = (min(m_begin + 4, grid.mtiles) - 1) / mq;
+    bool seen = false;
+    for (int64_t tt = t_tile_first; tt <= t_tile_last; ++tt) {
+      const KeyRange r = key_range(p, b, tt);
+      seen = seen || (r.begin < min(p.S, s_warp + 16) && r.end > s_warp && r.begin < r.end);
+    }
+    if (s_warp >= p.S || !seen) continue;
     float d[8][4];
     mma_rows_x64(L, k_s + warp * 16 * L.ld, q_s(i & 1), d);
     const float* ws = w_s(i & 1);
@@ -296,10 +335,11 @@ __global__ void __launch_bounds__(kThreads)
     for (int mm = 0; mm < 4; ++mm) {  // m-tile mm of the tile = n-tiles 2mm, 2mm + 1
       const int64_t m = m_begin + mm;
       const int64_t tt = m / mq;
-      const int64_t visible = m < grid.mtiles ? min(p.S, visible_keys(p, tt)) : 0;
+      const KeyRange r = m < grid.mtiles ? key_range(p, b, tt) : KeyRange{0, 0};
       const int64_t s_lo = s_warp + grp, s_hi = s_lo + 8;
-      const float g_lo = s_lo < visible ? __ldg(g + tt * bp.grad_row_stride + s_lo) * scale : 0.f;
-      const float g_hi = s_hi < visible ? __ldg(g + tt * bp.grad_row_stride + s_hi) * scale : 0.f;
+      const bool see_lo = s_lo >= r.begin && s_lo < r.end, see_hi = s_hi >= r.begin && s_hi < r.end;
+      const float g_lo = see_lo ? __ldg(g + tt * bp.grad_row_stride + s_lo) * scale : 0.f;
+      const float g_hi = see_hi ? __ldg(g + tt * bp.grad_row_stride + s_hi) * scale : 0.f;
 #pragma unroll
       for (int nn = 0; nn < 2; ++nn)
 #pragma unroll
@@ -307,8 +347,8 @@ __global__ void __launch_bounds__(kThreads)
           const float wr = ws[16 * mm + 8 * nn + 2 * quad + e];
           float& lo = d[2 * mm + nn][e];
           float& hi = d[2 * mm + nn][2 + e];
-          lo = s_lo < visible && lo > 0.f ? g_lo * wr : 0.f;
-          hi = s_hi < visible && hi > 0.f ? g_hi * wr : 0.f;
+          lo = see_lo && lo > 0.f ? g_lo * wr : 0.f;
+          hi = see_hi && hi > 0.f ? g_hi * wr : 0.f;
         }
     }
     mma_p_times_rows(L, d, q_s(i & 1), dk);

@@ -18,8 +18,10 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cuda(
     const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w, const at::Tensor& q, const at::Tensor& k,
     const std::optional<at::Tensor>& indices, std::optional<double> idx_scale, std::optional<double> attn_scale,
-    bool causal, const std::optional<at::Tensor>& attn_lse) {
-  auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse);
+    bool causal, const std::optional<at::Tensor>& attn_lse, const std::optional<at::Tensor>& key_start,
+    const std::optional<at::Tensor>& key_end) {
+  auto c = prepare_indexer_kl_loss(q_idx, k_idx, w, q, k, indices, idx_scale, attn_scale, causal, attn_lse, key_start,
+                                   key_end);
   check_cuda_dtype("dsa.indexer_kl_loss", "q_idx", c.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   aten::indexer_kl_loss_streamed(c);
@@ -29,9 +31,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_kl_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
     const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& indices, const at::Tensor& idx_lse,
-    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal) {
+    const at::Tensor& attn_lse, std::optional<double> idx_scale, std::optional<double> attn_scale, bool causal,
+    const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   auto c = prepare_indexer_kl_loss_backward(grad_loss, q_idx, k_idx, w, q, k, indices, idx_lse, attn_lse, idx_scale,
-                                            attn_scale, causal);
+                                            attn_scale, causal, key_start, key_end);
   check_cuda_dtype("dsa.indexer_kl_loss_backward", "q_idx", c.fwd.q_idx);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   aten::indexer_kl_loss_backward_streamed(c);

@@ -15,9 +15,10 @@ namespace indexer {
 namespace {
 
 at::Tensor indexer_logits_cuda(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
-                               std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale) {
+                               std::optional<double> scale, bool causal, const std::optional<at::Tensor>& k_scale,
+                               const std::optional<at::Tensor>& key_start, const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_logits";
-  auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal, k_scale);
+  auto c = prepare_indexer_logits(q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end);
   check_cuda_dtype(op, "q_idx", c.q);
   if (c.logits.numel() == 0) return c.logits;
   const c10::cuda::CUDAGuard guard(q_idx.device());

@@ -39,9 +39,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> indexer_logits_backward_cuda(cons
                                                                             const at::Tensor& q_idx,
                                                                             const at::Tensor& k_idx,
                                                                             const at::Tensor& w,
-                                                                            std::optional<double> scale, bool causal) {
+                                                                            std::optional<double> scale, bool causal,
+                                                                            const std::optional<at::Tensor>& key_start,
+                                                                            const std::optional<at::Tensor>& key_end) {
   const char* op = "dsa.indexer_logits_backward";
-  auto c = prepare_indexer_logits_backward(grad_logits, q_idx, k_idx, w, scale, causal);
+  auto c = prepare_indexer_logits_backward(grad_logits, q_idx, k_idx, w, scale, causal, key_start, key_end);
   check_cuda_dtype(op, "q_idx", c.q);
   const c10::cuda::CUDAGuard guard(q_idx.device());
   const IndexerParams& p = c.p.fwd;

@@ -1,6 +1,7 @@
 // indexer_logits forward kernel: every block scores kQueries queries against a chunk of
-// kChunkTiles key tiles and writes those logits (fp32, -inf where masked). Chunks that lie
-// entirely in the causally masked region are filled with -inf without any arithmetic.
+// kChunkTiles key tiles and writes those logits (fp32, -inf where masked). Only the tiles between
+// the first and the last key its queries see (their key ranges cut by the causal mask:
+// key_range_hull) are scored; the rest of the chunk is filled with -inf without any arithmetic.
 #pragma once
 
 #include <cmath>
@@ -38,25 +39,29 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
   const int64_t t0 = (item % grid.q_tiles) * kQueries, b = item / grid.q_tiles;
   const int64_t s_begin = chunk * kKeys * kChunkTiles;
   const int64_t s_end = min(p.S, s_begin + int64_t{kKeys} * kChunkTiles);
-  // Keys from s_stop on are masked for every query of the block (the last one sees the most).
-  const int64_t s_stop = min(s_end, visible_keys(p, min(p.T, t0 + kQueries) - 1));
-  const int tiles = s_stop > s_begin ? static_cast<int>(ceil_div(s_stop - s_begin, kKeys)) : 0;
+  // Keys outside [s_lo, s_hi) are masked for every query of the block.
+  const KeyRange hull = key_range_hull(p, b, t0, min(int64_t{kQueries}, p.T - t0));
+  const int64_t s_lo = max(s_begin, hull.begin), s_hi = min(s_end, hull.end);
+  const int tiles = s_hi > s_lo ? static_cast<int>(ceil_div(s_hi - s_lo, kKeys)) : 0;
   float* scores = reinterpret_cast<float*>(smem + L.scores);
   const Tile tile{p, L, smem, b, t0};
 
-  for_each_score_tile(tile, s_begin, tiles, scores, [&](int, int64_t s0) {
+  for_each_score_tile(tile, s_lo, tiles, scores, [&](int, int64_t s0) {
     for (int e = threadIdx.x; e < kQueries * kKeys; e += kThreads) {
       const int64_t t = t0 + e / kKeys, s = s0 + e % kKeys;
-      if (t < p.T && s < s_end) logits[(b * p.T + t) * p.S + s] = s < visible_keys(p, t) ? scores[e] : -INFINITY;
+      if (t >= p.T || s >= s_end) continue;
+      const KeyRange r = key_range(p, b, t);
+      logits[(b * p.T + t) * p.S + s] = s >= r.begin && s < r.end ? scores[e] : -INFINITY;
     }
   });
-  const int64_t s_masked = s_begin + int64_t{tiles} * kKeys;
-  if (s_masked < s_end) {
-    const int64_t width = s_end - s_masked;
-    for (int64_t e = threadIdx.x; e < kQueries * width; e += kThreads) {
-      const int64_t t = t0 + e / width, s = s_masked + e % width;
-      if (t < p.T) logits[(b * p.T + t) * p.S + s] = -INFINITY;
-    }
+  // the chunk's keys before and after the scored tiles
+  const int64_t scored_begin = tiles > 0 ? s_lo : s_begin;
+  const int64_t scored_end = tiles > 0 ? min(s_end, s_lo + int64_t{tiles} * kKeys) : s_begin;
+  const int64_t before = scored_begin - s_begin, width = before + (s_end - scored_end);
+  for (int64_t e = threadIdx.x; e < kQueries * width; e += kThreads) {
+    const int64_t t = t0 + e / width, i = e % width;
+    const int64_t s = i < before ? s_begin + i : scored_end + (i - before);
+    if (t < p.T) logits[(b * p.T + t) * p.S + s] = -INFINITY;
   }
 }
 

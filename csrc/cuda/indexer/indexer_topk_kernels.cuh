@@ -1,8 +1,9 @@
 // Fused indexer_topk: score tiles feed a running selection per query; [B, T, S] never exists.
 //
 // Two kernels per launch of query rows [t_begin, t_begin + t_count):
-// 1. indexer_topk_partial_kernel, one block per (batch, query tile, key split). Warp qi appends
-//    every key of its query whose score key beats the query's floor to a candidate buffer
+// 1. indexer_topk_partial_kernel, one block per (batch, query tile, key split); it scores only the
+//    tiles of its split between the first and last key its queries see (key_range_hull). Warp qi
+//    appends every key in its query's range whose score key beats the query's floor to a candidate buffer
 //    (global memory, `capacity` entries, kept in position order). When the next tile might not
 //    fit, the block compacts the buffer to its best k (radix select + in-place ordered pass)
 //    and raises the floor to the k-th best key: a later key equal to it sits at a higher
@@ -109,8 +110,9 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
   const int64_t row0 = (item % ws.q_tiles) * kQueries, b = item / ws.q_tiles;  // row = t - t_begin
   const int64_t t0 = ws.t_begin + row0;
   const int nq = static_cast<int>(min(int64_t{kQueries}, ws.t_count - row0));
-  const int64_t s_begin = split * ws.split_len;
-  const int64_t s_end = min(min(p.S, s_begin + ws.split_len), visible_keys(p, t0 + nq - 1));
+  const KeyRange hull = key_range_hull(p, b, t0, nq);
+  const int64_t s_begin = max(split * ws.split_len, hull.begin);
+  const int64_t s_end = min(min(p.S, split * ws.split_len + ws.split_len), hull.end);
   const int tiles = s_end > s_begin ? static_cast<int>(ceil_div(s_end - s_begin, kKeys)) : 0;
   const auto buffer = [&](int qi) { return ((b * ws.t_count + row0 + qi) * ws.splits + split) * ws.capacity; };
   float* scores = reinterpret_cast<float*>(smem + L.scores);
@@ -122,8 +124,9 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
     floor_key[threadIdx.x] = 0u;
   }
   for_each_score_tile(tile, s_begin, tiles, scores, [&](int i, int64_t s0) {
-    if (warp < nq) {  // append, in position order, the keys above the floor
-      const int64_t visible = min(s_end, visible_keys(p, t0 + warp));
+    if (warp < nq) {  // append, in position order, the keys of the query's range above the floor
+      const KeyRange r = key_range(p, b, t0 + warp);
+      const int64_t first = max(s_begin, r.begin), visible = min(s_end, r.end);
       const uint32_t floor = floor_key[warp];
       uint32_t* keys = ws.keys + buffer(warp);
       int32_t* pos = ws.pos + buffer(warp);
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
 #pragma unroll
       for (int c = 0; c < kKeys; c += 32) {
         const int64_t s = s0 + c + lane;
-        const uint32_t key = s < visible ? score_key(scores[warp * kKeys + c + lane]) : 0u;
+        const uint32_t key = s >= first && s < visible ? score_key(scores[warp * kKeys + c + lane]) : 0u;
         const bool take = key > floor;
         const uint32_t ballot = __ballot_sync(0xffffffffu, take);
         if (take) {
