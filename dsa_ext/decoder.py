@@ -5,6 +5,10 @@ The attention module computes q, k, v and hands them to its ``core`` submodule, 
 conversion needs: :class:`DenseCore` (plain causal attention) in a dense model, a
 :class:`dsa_ext.nn.DSAAttention` after :func:`convert`. Nothing else changes, so the q/k/v/o
 weights of a dense checkpoint load into the converted model unchanged.
+
+``model(ids, cache)`` with a :class:`dsa_ext.nn.KVCache` runs incrementally: ``ids`` are the
+tokens after the cached ones (a prompt chunk, or one token while decoding), the cache gains their
+keys, values and (DSA layers) indexer keys. :mod:`dsa_ext.generation` generates with it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .nn import DSAAttention, DSAConfig, dense_causal_attention
+from .nn.cache import KVCache, LayerCache
 
 __all__ = ["DecoderConfig", "Decoder", "DenseCore", "convert"]
 
@@ -53,7 +58,7 @@ def _rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 class DenseCore(nn.Module):
     """Plain causal attention: the core of an unconverted model."""
 
-    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None):
+    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, cache=None):
         return dense_causal_attention(q, k, v, scale)
 
 
@@ -68,13 +73,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.core: nn.Module = DenseCore()
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = _rope(self.q_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         v = self.v_proj(x).view(B, T, -1, hd)
-        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5, cache=cache)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -89,14 +96,15 @@ class Block(nn.Module):
         self.up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions)
+    def forward(self, x: Tensor, positions: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, cache)
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
 class Decoder(nn.Module):
-    """Decoder-only LM: ``forward(ids [B, T]) -> logits [B, T, vocab]``."""
+    """Decoder-only LM: ``forward(ids [B, T], cache=None) -> logits [B, T, vocab]`` (``ids`` follow
+    the cached tokens when a :class:`~dsa_ext.nn.KVCache` is given, which then holds them too)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -114,11 +122,12 @@ class Decoder(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        positions = torch.arange(ids.shape[1], device=ids.device)
+    def forward(self, ids: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        past = 0 if cache is None else cache.get_seq_length()
+        positions = torch.arange(past, past + ids.shape[1], device=ids.device)
         x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x, positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, None if cache is None else cache.layer(i))
         return self.lm_head(self.norm(x))
 
 

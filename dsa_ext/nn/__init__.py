@@ -9,11 +9,14 @@ needs around them.
 - ``training.py``: ``set_mode``, ``freeze_for_warmup``, ``param_groups``, ``indexer_loss`` (the
   logged value), ``set_loss_scale``.
 - ``recall.py``: recall statistics (the share of the dense attention mass the top-k captures).
+- ``cache.py``: the indexer-key cache protocol of incremental decoding, and :class:`KVCache`, the
+  KV + indexer-key cache of hand-written models.
 
 Layouts are batch-first like the operators: q ``[B, T, H, D]``, k/v ``[B, S, Hkv, D]``.
 """
 from .attention import (AttachIndexerLoss, DSAAttention, Selection, dense_causal_attention,
                         dsa_modules, head_mean_attention)
+from .cache import KVCache, LayerCache
 from .config import MODES, DSAConfig
 from .indexer import LightningIndexer, apply_partial_rope, hadamard_matrix, rotate_partial
 from .recall import RecallSums, recall_stats
@@ -24,5 +27,5 @@ __all__ = [
     "DSAConfig", "MODES", "LightningIndexer", "DSAAttention", "AttachIndexerLoss", "Selection",
     "dense_causal_attention", "head_mean_attention", "apply_partial_rope", "rotate_partial", "hadamard_matrix",
     "dsa_modules", "set_mode", "indexer_loss", "set_loss_scale", "freeze_for_warmup", "unfreeze",
-    "indexer_parameters", "param_groups", "RecallSums", "recall_stats",
+    "indexer_parameters", "param_groups", "RecallSums", "recall_stats", "KVCache", "LayerCache",
 ]
