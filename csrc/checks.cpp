@@ -182,6 +182,7 @@ AttentionDims check_sparse_attention_inputs(const char* op, const at::Tensor& q,
   d.topk = indices.size(-1);
   TORCH_CHECK_VALUE(d.topk >= 1, op, ": expected indices to hold topk >= 1 entries per row, got shape ",
                     shape_str(indices));
+  check_topk(op, d.topk);  // the kernels count index slots in int32 (tiles of a row)
   return d;
 }
 

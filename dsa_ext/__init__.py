@@ -2,13 +2,22 @@
 
 The operators live in ``torch.ops.dsa`` (C++/CUDA, registered with fake kernels and autograd);
 the functions here are their typed Python entry points. ``dsa_ext.reference`` holds the same
-functions in plain PyTorch, the semantics every kernel is tested against.
+functions in plain PyTorch, the semantics every kernel is tested against. ``dsa_ext.nn`` (loaded
+with the package) has the modules that put DSA into a model; ``dsa_ext.hf`` (transformers models)
+and ``dsa_ext.decoder`` (a plain decoder) are imported by name.
 """
+import os
+
 import torch  # noqa: F401  (first: _C links against libtorch/libc10, which importing torch loads)
 
-from . import _C  # noqa: F401  (loads the shared library: registers torch.ops.dsa.*)
+try:
+    from . import _C  # noqa: F401  (loads the shared library: registers torch.ops.dsa.*)
+except ImportError as e:  # say what to do: a fresh checkout has no compiled library yet
+    raise ImportError(f"dsa_ext's compiled operators do not load ({e}); build them in "
+                      f"{os.path.dirname(__path__[0])}: "
+                      f"`make build`, or `pip install --no-build-isolation -e .`") from e
 from . import ops as _ops  # noqa: F401  (fake kernels and autograd)
-from . import fp8, reference
+from . import fp8, nn, reference  # nn: the modules (dsa_ext.nn.DSAConfig, ...) without a second import
 from .ops import indexer_kl_loss, indexer_logits, indexer_topk, sparse_attention, topk_indices
 
 __version__ = "0.1.0"
@@ -26,6 +35,19 @@ def index_checks_enabled() -> bool:
     return _C.index_checks_enabled()
 
 
+def set_cpu_bf16_tiles(enabled: bool) -> None:
+    """bfloat16 CPU kernels: use the AVX512-BF16 dot-product instruction where the CPU has it
+    (default on; dot products exact, summed in float; attention probabilities rounded to
+    bfloat16 before they weight v, as a bfloat16 matmul rounds them). Off: the rows are widened
+    to float and every product is float. No effect on CPUs without AVX512-BF16."""
+    _C.set_cpu_bf16_tiles(bool(enabled))
+
+
+def cpu_bf16_tiles_enabled() -> bool:
+    """Whether bfloat16 CPU kernels use AVX512-BF16 now (the CPU has it and it is switched on)."""
+    return _C.cpu_bf16_tiles_enabled()
+
+
 __all__ = [
     "indexer_logits",
     "topk_indices",
@@ -34,7 +56,10 @@ __all__ = [
     "indexer_kl_loss",
     "reference",
     "fp8",
+    "nn",
     "set_index_checks",
     "index_checks_enabled",
+    "set_cpu_bf16_tiles",
+    "cpu_bf16_tiles_enabled",
     "built_with_cuda",
 ]

@@ -33,6 +33,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import cli  # python/ (this file's folder) is on sys.path
 import dsa_ext  # noqa: F401  (registers torch.ops.dsa)
 
 H200_BF16_TFLOPS = 790.0  # dense bf16 GEMM measured on the device machine
@@ -209,14 +210,17 @@ def print_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    ap.add_argument("--indices", nargs="+", default=["random", "local"], choices=["random", "local"])
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=5)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                    help="shapes to time (above)")
+    ap.add_argument("--indices", nargs="+", default=["random", "local"], choices=["random", "local"],
+                    help="index sets to time (above)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed calls before each measurement")
+    ap.add_argument("--iters", type=int, default=5, help="timed calls per measurement (their mean)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense SDPA comparison")
     ap.add_argument("--tag", default="", help="appended to the shape names (to tell runs apart)")
-    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_cuda_attention.json"))
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_cuda_attention.json"),
+                    help="where the results go")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda_attention: no CUDA device", file=sys.stderr)

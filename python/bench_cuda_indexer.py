@@ -25,6 +25,7 @@ import time
 
 import torch
 
+import cli  # python/ (this file's folder) is on sys.path
 import dsa_ext
 
 
@@ -132,13 +133,13 @@ def print_table(rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--json", default=os.path.join("out", "bench_cuda_indexer.json"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    ap.add_argument("--json", default=os.path.join("out", "bench_cuda_indexer.json"), help="where the results go")
     ap.add_argument("--max-t", type=int, default=8192, help="queries per shape: T = min(S, max_t)")
     ap.add_argument("--max-seconds", type=float, default=240.0, help="stop starting new shapes after this")
     ap.add_argument("--per-op-seconds", type=float, default=0.5, help="timing budget of one measurement")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"], help="indexer input dtype")
+    ap.add_argument("--no-backward", action="store_true", help="skip indexer_logits_backward")
     ap.add_argument("--quick", action="store_true", help="S in {8K, 32K} only, T <= 4096")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() or not dsa_ext.built_with_cuda:

@@ -27,6 +27,7 @@ import time
 
 import torch
 
+import cli  # python/ (this file's folder) is on sys.path
 import dsa_ext
 from dsa_ext import fp8, reference
 from dsa_ext.nn import hadamard_matrix
@@ -75,14 +76,17 @@ def recall(indices, exact_indices, rows):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() and dsa_ext.built_with_cuda else "cpu")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if torch.cuda.is_available() and dsa_ext.built_with_cuda else "cpu",
+                    help="cuda when a GPU and a CUDA build of dsa_ext are present, else cpu")
     ap.add_argument("--T", type=int, default=2048, help="queries = keys (causal)")
-    ap.add_argument("--k", type=int, default=256)
-    ap.add_argument("--Hi", type=int, default=64)
-    ap.add_argument("--Di", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out/bench"), "bench_fp8_indexer.json"))
+    ap.add_argument("--k", type=int, default=256, help="keys selected per query (< --T)")
+    ap.add_argument("--Hi", type=int, default=64, help="indexer heads")
+    ap.add_argument("--Di", type=int, default=128, help="indexer head width (a power of two: Hadamard rotation)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "out/bench"), "bench_fp8_indexer.json"),
+                    help="where the results go")
     args = ap.parse_args(argv)
     dev, T, k = args.device, args.T, args.k
     rot = hadamard_matrix(args.Di, device=dev)

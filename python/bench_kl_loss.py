@@ -20,7 +20,8 @@ Linux's batched per-thread RSS counters still leave a few hundred KiB of noise, 
 sizes, not only bytes per token.
 
 Time: wall-clock and process CPU time (all threads) of the same single call; the CPU time is the
-steadier figure on a shared machine.
+steadier figure on a shared machine. The table is printed with the machine (CPU flags, threads,
+the build, the measured matmul ceilings: python/cpu_info.py).
 
 Usage: python python/bench_kl_loss.py [--sizes 2048 4096 8192] [--passes fwd fwd+bwd]
                                       [--ref-max-T 8192] [--out out/bench]
@@ -35,6 +36,8 @@ import resource
 import subprocess
 import sys
 import time
+
+import cli  # python/ (this file's folder) is on sys.path
 
 SHAPE = dict(B=1, H=8, Hkv=8, Hi=4, Di=64, Dqk=64)
 IMPLS = ("fused", "reference")
@@ -119,18 +122,19 @@ def slope(rows: list[dict]) -> float | None:
 def fused_bytes_per_token(passes: str, threads: int) -> int:
     """What the fused operator allocates per token (float32), beside O(threads) tile scratch:
     loss, idx_lse and attn_lse [H]; with the backward also the gradients of q_idx [Hi, Di],
-    k_idx [Di] and w [Hi] and one [S, Di] dk_idx partial sum per thread."""
+    k_idx [Di] and w [Hi], the [S, Di] dk_idx sum and one [S, Di] chunk buffer per thread
+    (csrc/cpu/chunked_sum.h)."""
     H, Hi, Di = SHAPE["H"], SHAPE["Hi"], SHAPE["Di"]
     fwd = 4 * (2 + H)
-    return fwd if passes == "fwd" else fwd + 4 * (Hi * Di + Di + Hi) + 4 * Di * threads
+    return fwd if passes == "fwd" else fwd + 4 * (Hi * Di + Di + Hi) + 4 * Di * (1 + threads)
 
 
 def mib(x: float) -> str:
     return f"{x / 2**20:10.1f}"
 
 
-def print_table(rows: list[dict], summary: dict) -> None:
-    print(f"\nindexer_kl_loss, dense warm-up form, T=S, {SHAPE}, float32, CPU x{rows[0]['threads']} threads")
+def print_table(rows: list[dict], summary: dict, machine_header: str) -> None:
+    print(f"\nindexer_kl_loss, dense warm-up form, T=S, {SHAPE}, float32\n{machine_header}")
     print(f"peak extra memory measured by {rows[0]['method']} in a fresh process per case\n")
     head = (f"{'pass':>8} {'T':>6} | {'fused MiB':>10} {'B/token':>9} {'wall s':>7} {'cpu s':>7} | "
             f"{'ref MiB':>10} {'B/token':>9} {'wall s':>7} {'cpu s':>7} | {'mem ratio':>9}")
@@ -160,11 +164,12 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(json.dumps(run_case(sys.argv[2], int(sys.argv[3]), sys.argv[4])))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="sequence lengths T = S")
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
+                        help="what is measured: the forward alone, and forward with backward")
     parser.add_argument("--ref-max-T", type=int, default=8192, help="skip the reference above this T")
-    parser.add_argument("--out", default="out/bench")
+    parser.add_argument("--out", default="out/bench", help="directory of bench_kl_loss.json")
     args = parser.parse_args()
 
     rows, summary = [], {}
@@ -189,11 +194,14 @@ def main() -> None:
             "reference_bytes_per_token_slope": slope(ref),
             "memory_ratio_at_largest_T": r_big["peak_extra_bytes"] / f_big["peak_extra_bytes"] if r_big else None,
         }
-    print_table(rows, summary)
+    from cpu_info import header, machine  # here, not at the top: the children stay as they were
+
+    info = machine()
+    print_table(rows, summary, header(info))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_kl_loss.json")
     with open(path, "w") as f:
-        json.dump({"shape": SHAPE, "rows": rows, "summary": summary}, f, indent=2)
+        json.dump({"shape": SHAPE, "machine": info, "rows": rows, "summary": summary}, f, indent=2)
     print(f"wrote {path}")
 
 

@@ -10,10 +10,12 @@ One command runs four stages (the DeepSeek-V3.2 recipe on a small scale):
 
 It reports validation loss (dense vs DSA), indexer recall (share of the dense head-mean attention
 mass that falls in the indexer's top-k, per layer) and tokens/s of each stage. Everything goes to
---out: results.json, results.md (the table), curves.png, ckpt/ (resumable with --resume), and
-for Hugging Face models dsa_model/ (hf.save_pretrained of the converted model).
+--out: results.json, results.md (while the run goes: steps, tokens/s and time left per stage;
+at the end: the table), curves.png, ckpt/ (resumable with --resume), and for Hugging Face models
+dsa_model/ (hf.save_pretrained of the converted model).
 
-  python python/train.py                                  # default CPU experiment, < 10 min
+  python python/train.py                                  # the demo: see --preset cpu below
+  python python/train.py --preset tiny --out /tmp/x       # every stage in seconds (a smoke test)
   python python/train.py --preset gpu --out runs/gpu      # real sizes on a GPU
   torchrun --nproc_per_node 2 python/train.py ...         # DDP (gloo on CPU, nccl on GPU)
   python python/train.py --data my_texts/ --tokenizer path/to/hf_tokenizer --arch llama
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cli  # noqa: E402
 import train_data  # noqa: E402
 import train_report  # noqa: E402
 
@@ -62,44 +65,106 @@ PRESETS: Dict[str, Dict] = {
                  indexer_dim=16, rope_dim=8, eval_every=2, val_windows=2, recall_windows=2,
                  ckpt_every=2),
 }
+# What each preset is for and what it needs (shown by --help and at the start of a run).
+PRESET_NOTES: Dict[str, str] = {
+    "cpu": "the demo (2-layer byte-level decoder, S=512, k=64), about 7 minutes on an idle 2-core CPU",
+    "gpu": "8 layers, S=4096, k=512 on one GPU or torchrun (its time not yet measured)",
+    "tiny": "a smoke test, seconds",
+}
 STAGES = ("pretrain", "warmup", "sparse", "dense_baseline")
 # data stream of each stage: the baseline reads exactly the sparse stage's batches
 STAGE_DATA = {"pretrain": 1, "warmup": 2, "sparse": 3, "dense_baseline": 3}
 
 
+# The options every preset sets, with their help text (the preset's values are appended to it).
+PRESET_OPTIONS = (
+    ("d_model", int, "model width"),
+    ("n_layers", int, "Transformer layers"),
+    ("n_heads", int, "attention heads (the head width --d-model / --n-heads must be even: RoPE)"),
+    ("seq_len", int, "tokens per training sequence, S"),
+    ("topk", int, "keys each query keeps in sparse attention, k (< --seq-len)"),
+    ("batch_size", int, "sequences per step, over all processes"),
+    ("pretrain_steps", int, "steps of stage 1, dense pretraining (skipped with --init)"),
+    ("warmup_steps", int, "steps of stage 2, the indexer warm-up"),
+    ("sparse_steps", int, "steps of stage 3, sparse training, and of stage 4, the dense baseline"),
+    ("lr", float, "peak learning rate of pretraining (cosine schedule)"),
+    ("continue_lr", float, "learning rate of the model in sparse training and the dense baseline"),
+    ("warmup_lr", float, "peak learning rate of the indexers in the warm-up (cosine schedule)"),
+    ("weight_decay", float, "AdamW weight decay of pretraining"),
+    ("indexer_heads", int, "indexer heads per layer, Hi"),
+    ("indexer_dim", int, "indexer head width, Di"),
+    ("rope_dim", int, "leading indexer dims that get RoPE (even, <= --indexer-dim)"),
+    ("eval_every", int, "steps between evaluations (the points of the curves)"),
+    ("val_windows", int, "validation sequences for the loss"),
+    ("recall_windows", int, "validation sequences for the indexer recall"),
+    ("ckpt_every", int, "steps between checkpoints (what --resume continues from)"),
+)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
+                   help="sizes and step counts: " + "; ".join(f"{k}: {v}" for k, v in PRESET_NOTES.items())
+                   + ". The options below override single values")
     p.add_argument("--out", default="runs/dsa", help="directory for everything the run writes")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    p.add_argument("--data", nargs="+", help="text files or directories (default: Python stdlib sources)")
-    p.add_argument("--tokenizer", help="local Hugging Face tokenizer directory (default: bytes)")
-    p.add_argument("--init", help="dense checkpoint to start from instead of stage 1: a .pt "
-                                  "written by this script, or a Hugging Face model directory")
+    p.add_argument("--data", nargs="+", default=argparse.SUPPRESS,
+                   help="text files or directories (every .txt, .md, .py, .rst, .json file under them); "
+                        "default: the Python standard library's sources")
+    p.add_argument("--tokenizer", default=argparse.SUPPRESS,
+                   help="local Hugging Face tokenizer directory; default: bytes (vocabulary 256)")
+    p.add_argument("--init", default=argparse.SUPPRESS,
+                   help="dense checkpoint to start from instead of stage 1: a .pt "
+                        "written by this script, or a Hugging Face model directory; default: none, "
+                        "stage 1 trains one")
     p.add_argument("--arch", choices=["decoder", "llama", "qwen2", "qwen3", "deepseek_v32", "glm_moe_dsa"],
+                   default=argparse.SUPPRESS,
                    help="decoder: dsa_ext.decoder; others: a transformers model built from a config "
                         "(deepseek_v32, glm_moe_dsa: MLA and MoE with their own indexer, which the "
-                        "conversion keeps)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--seed", type=int, default=0)
-    for name, typ in (("d_model", int), ("n_layers", int), ("n_heads", int), ("seq_len", int),
-                      ("topk", int), ("batch_size", int), ("pretrain_steps", int),
-                      ("warmup_steps", int), ("sparse_steps", int), ("lr", float),
-                      ("continue_lr", float), ("warmup_lr", float), ("indexer_lr", float),
-                      ("weight_decay", float),
-                      ("indexer_heads", int), ("indexer_dim", int), ("rope_dim", int),
-                      ("kl_weight", float), ("eval_every", int), ("val_windows", int),
-                      ("recall_windows", int), ("ckpt_every", int)):
-        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name)
+                        "conversion keeps); default: decoder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when a GPU is visible, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the data order")
+    for name, typ, text in PRESET_OPTIONS:
+        values = ", ".join(f"{preset} {PRESETS[preset][name]}" for preset in PRESETS)
+        p.add_argument("--" + name.replace("_", "-"), type=typ, dest=name, default=argparse.SUPPRESS,
+                       help=f"{text}; default by preset: {values}")
+    p.add_argument("--indexer-lr", type=float, default=argparse.SUPPRESS,
+                   help="learning rate of the indexers in sparse training; default: --warmup-lr")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="weight of each layer's indexer KL loss (DSAConfig.loss_coeff)")
     args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
+    for k, v in dict(PRESETS[args.preset], data=None, tokenizer=None, init=None).items():
+        if not hasattr(args, k):
             setattr(args, k, v)
-    if args.indexer_lr is None:
+    if not hasattr(args, "indexer_lr"):
         args.indexer_lr = args.warmup_lr
-    if args.kl_weight is None:
-        args.kl_weight = 1.0
+    check_args(p, args)
     return args
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject combinations that cannot run, or would measure nothing, before any work starts."""
+    positive = ("d_model", "n_layers", "n_heads", "seq_len", "topk", "batch_size", "indexer_heads",
+                "indexer_dim", "eval_every", "val_windows", "recall_windows", "ckpt_every")
+    for name in positive:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    for name in ("pretrain_steps", "warmup_steps", "sparse_steps"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')}: expected >= 0, got {getattr(args, name)}")
+    if args.topk >= args.seq_len:
+        p.error(f"--topk {args.topk} must be smaller than --seq-len {args.seq_len}: with k >= S every query "
+                f"keeps all its keys, so sparse attention equals dense and the comparison measures nothing")
+    if args.d_model % args.n_heads or (args.d_model // args.n_heads) % 2:
+        p.error(f"--d-model {args.d_model} / --n-heads {args.n_heads} must be an even whole number "
+                f"(the attention head width, whose dims RoPE rotates in pairs)")
+    if args.rope_dim % 2 or not 0 <= args.rope_dim <= args.indexer_dim:
+        p.error(f"--rope-dim {args.rope_dim}: expected an even number in [0, --indexer-dim {args.indexer_dim}]")
+    if args.init and not os.path.exists(args.init):
+        p.error(f"--init: no such file or directory: {args.init}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +356,37 @@ class Stage:
     evaluate: Callable[[], Dict[str, float]]
 
 
-def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
+class Progress:
+    """results.md while the run goes: one row per stage (steps done, tokens/s, time left),
+    rewritten at every evaluation, so that a run on a slow or busy machine shows where it is."""
+
+    def __init__(self, path: str, plan: Dict[str, int], enabled: bool):
+        self.path, self.enabled = path, enabled
+        self.rows = {name: {"steps": 0, "total": steps, "tokens": 0, "tokens_per_s": None, "time_s": None,
+                            "state": "pending"} for name, steps in plan.items()}
+        self.write()
+
+    def update(self, name: str, rec: Dict, steps_run: int, run_s: float) -> None:
+        """rec: the stage's record; this process ran steps_run of its steps in run_s seconds
+        (evaluations and checkpoints included), which gives the time left."""
+        row = self.rows[name]
+        left = row["total"] - rec["step"]
+        row.update(steps=rec["step"], tokens=rec["tokens"],
+                   tokens_per_s=rec["tokens"] / rec["train_time_s"] if rec["train_time_s"] > 0 else None,
+                   state="done" if rec["done"] else "running",
+                   time_s=rec.get("wall_s") if rec["done"] else (run_s / steps_run * left if steps_run else None))
+        self.write()
+
+    def table(self) -> str:
+        return train_report.progress_table(self.rows)
+
+    def write(self, head: str = "") -> None:
+        if self.enabled:
+            with open(self.path, "w") as f:
+                f.write(head + self.table() + "\n")
+
+
+def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Progress) -> Dict:
     from tqdm import tqdm
 
     path = os.path.join(args.out, "ckpt", f"{st.name}.pt")
@@ -302,6 +397,7 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
         st.optimizer.load_state_dict(saved["optimizer"])
         rec = saved["record"]
     if rec["done"]:
+        progress.update(st.name, rec, 0, 0.0)
         return rec
     if not rec["history"]:
         rec["history"].append({"step": 0, "tokens": 0, **st.evaluate()})
@@ -315,6 +411,8 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
     per_rank = max(1, args.batch_size // env.world)
     bar = tqdm(total=st.steps, initial=rec["step"], desc=f"{st.name:>14}", disable=not env.main,
                dynamic_ncols=True, leave=True)
+    first_step, t_stage, wall_before = rec["step"], time.perf_counter(), rec.get("wall_s", 0.0)
+    progress.update(st.name, rec, 0, 0.0)
     while rec["step"] < st.steps:
         step = rec["step"]
         for g in st.optimizer.param_groups:
@@ -334,9 +432,13 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus) -> Dict:
         rec["tokens"] += per_rank * env.world * args.seq_len
         rec["step"] = step + 1
         logs = {k: float(v.detach()) for k, v in losses.items()}
-        if rec["step"] % args.eval_every == 0 or rec["step"] == st.steps:
-            rec["history"].append({"step": rec["step"], "tokens": rec["tokens"], **logs, **st.evaluate()})
         rec["done"] = rec["step"] == st.steps
+        evaluated = rec["step"] % args.eval_every == 0 or rec["done"]
+        if evaluated:
+            rec["history"].append({"step": rec["step"], "tokens": rec["tokens"], **logs, **st.evaluate()})
+        rec["wall_s"] = wall_before + time.perf_counter() - t_stage
+        if evaluated:
+            progress.update(st.name, rec, rec["step"] - first_step, time.perf_counter() - t_stage)
         if rec["step"] % args.ckpt_every == 0 or rec["done"]:
             save(path, {"model": st.model.state_dict(), "optimizer": st.optimizer.state_dict(),
                         "record": rec}, env)
@@ -407,6 +509,14 @@ def main(argv=None) -> Dict:
     if env.main:
         print(f"data: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens; "
               f"S={args.seq_len}, k={args.topk}, {env.world} process(es) on {env.device}", flush=True)
+    plan = {name: steps for name, steps in zip(STAGES, (args.pretrain_steps, args.warmup_steps,
+                                                        args.sparse_steps, args.sparse_steps))
+            if name != "pretrain" or not args.init}
+    progress = Progress(os.path.join(args.out, "results.md"), plan, env.main)
+    if env.main:
+        print(f"plan: {', '.join(f'{name} {steps}' for name, steps in plan.items())} steps of "
+              f"{args.batch_size} x {args.seq_len} tokens; preset {args.preset}: {PRESET_NOTES[args.preset]} "
+              f"(more when other jobs share the machine). Progress per stage: {progress.path}", flush=True)
 
     def lm_step(net, model, batch):
         loss = lm_loss(net(batch[:, :-1]), batch)
@@ -423,7 +533,7 @@ def main(argv=None) -> Dict:
     elif not args.init:
         stages["pretrain"] = run_stage(Stage(
             "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),
-            args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus)
+            args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus, progress)
     dense_state = {k: v.clone() for k, v in dense.state_dict().items()}
     val_pretrained = val_loss(dense, val, env)
 
@@ -444,7 +554,7 @@ def main(argv=None) -> Dict:
 
     stages["warmup"] = run_stage(Stage(
         "warmup", dsa, adamw([{"params": trainable}], args.warmup_lr), args.warmup_steps,
-        warmup_step, cosine(args.warmup_steps), eval_recall), args, env, corpus)
+        warmup_step, cosine(args.warmup_steps), eval_recall), args, env, corpus, progress)
     recall_warmup = recall(dsa, rec_windows, env)
 
     # 3. sparse training: top-k attention, LM loss + KL (indexer inputs detached)
@@ -458,7 +568,8 @@ def main(argv=None) -> Dict:
 
     stages["sparse"] = run_stage(Stage(
         "sparse", dsa, adamw(dsa_nn.param_groups(dsa, args.continue_lr, args.indexer_lr), args.continue_lr),
-        args.sparse_steps, sparse_step, constant(), eval_loss(dsa)), args, env, corpus)
+        args.sparse_steps, sparse_step, constant(), lambda: {**eval_loss(dsa)(), **eval_recall()}),
+        args, env, corpus, progress)
     recall_final = recall(dsa, rec_windows, env)
 
     # 4. dense baseline: the same checkpoint, the same batches, dense attention
@@ -466,12 +577,12 @@ def main(argv=None) -> Dict:
     base.load_state_dict(dense_state)
     stages["dense_baseline"] = run_stage(Stage(
         "dense_baseline", base, adamw(dsa_nn.param_groups(base, args.continue_lr), args.continue_lr),
-        args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus)
+        args.sparse_steps, lm_step, constant(), eval_loss(base)), args, env, corpus, progress)
 
     result = summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup,
                        recall_init, recall_warmup, recall_final, time.perf_counter() - t_start)
     if env.main:
-        write_outputs(args, result, dsa)
+        write_outputs(args, result, dsa, progress)
     env.barrier()
     if env.world > 1:
         dist.destroy_process_group()
@@ -499,18 +610,17 @@ def summarise(args, env, corpus, stages, val_pretrained, val_dsa_after_warmup, r
     }
 
 
-def write_outputs(args, result: Dict, dsa: nn.Module) -> None:
+def write_outputs(args, result: Dict, dsa: nn.Module, progress: Progress) -> None:
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=2)
     text = train_report.table(result)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(text + "\n")
+    progress.write(head=text + "\n\n")
     train_report.plot(result, os.path.join(args.out, "curves.png"))
     if isinstance(dsa, HFCausalLM):
         from dsa_ext import hf
 
         hf.save_pretrained(dsa.hf, os.path.join(args.out, "dsa_model"))
-    print(text)
+    print(text + "\n\n" + progress.table())
     print(f"wrote {args.out}/results.json, results.md, curves.png, ckpt/")
 
 

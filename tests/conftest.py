@@ -1,8 +1,12 @@
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
@@ -25,3 +29,20 @@ def pytest_collection_modifyitems(config, items):
         # in a folder named "cuda" would skip every test)
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def installed_env(tmp_path_factory):
+    """The environment of a user's shell: no PYTHONPATH, so a program started in any directory
+    imports dsa_ext the way the installed package resolves it. Skips unless that is this
+    checkout (`make build` installs it editable; pytest alone does not)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", "import dsa_ext; print(dsa_ext.__file__)"], env=env,
+                         cwd=tmp_path_factory.mktemp("anywhere"), capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        pytest.skip("dsa_ext is not installed for this Python (`make build` installs this checkout: "
+                    "pip install --no-build-isolation --no-deps -e .): " + res.stderr.strip().splitlines()[-1])
+    found = os.path.dirname(os.path.dirname(res.stdout.strip()))
+    if not os.path.samefile(found, ROOT):
+        pytest.skip(f"import dsa_ext finds the checkout {found}, not this one {ROOT} (`make build` here installs it)")
+    return env

@@ -82,3 +82,14 @@ def test_device_mix():
     q, k, v, idx = attn()
     with pytest.raises(RuntimeError, match=r"expected k on the device of q"):
         dsa_ext.sparse_attention(q.cuda(), k, v, idx)
+
+
+def test_topk_row_length_fits_int32_positions():
+    """Selected positions are int32: rows longer than INT32_MAX - 2^16 raise before any work
+    (expanded views cost no memory)."""
+    n = 2**31 - 2**16 + 1
+    with pytest.raises(RuntimeError, match=r"dsa.topk_indices: expected logits to have at most 2147418111 positions"):
+        dsa_ext.topk_indices(torch.zeros(1, 1, 1).expand(1, 1, n), 1)
+    with pytest.raises(RuntimeError, match=r"dsa.indexer_topk: expected k_idx to have at most 2147418111 positions"):
+        dsa_ext.indexer_topk(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 8).expand(1, n, 8), torch.ones(1, 1, 1), 1,
+                             causal=False)

@@ -77,6 +77,8 @@ def test_default_data_run_writes_everything(tmp_path):
         assert (tmp_path / "ckpt" / f"{stage}.pt").exists()
     table = (tmp_path / "results.md").read_text()
     assert "recall" in table and "DSA vs dense" in table
+    for stage in STAGES:  # the progress table the run kept up to date, complete
+        assert f"| {stage} | 3 / 3 | " in table and table.count("| done |") == len(STAGES), table
 
 
 def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):
@@ -90,6 +92,8 @@ def test_resume_after_kill_gives_the_uninterrupted_result(tmp_path, text_dir):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    progress = (out / "results.md").read_text()  # written as the run went: stage 1 done, stage 2 begun
+    assert "| pretrain | 6 / 6 | " in progress and "| warmup | " in progress and "| running |" in progress, progress
     run(out, *args, "--resume")
     a, b = results(tmp_path / "whole"), results(out)
     for key in ("val_loss_dense", "val_loss_dsa", "recall_init", "recall_warmup", "recall_final"):

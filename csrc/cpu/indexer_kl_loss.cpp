@@ -16,13 +16,12 @@
 // Backward, per query (one pass, both lse saved by the forward): dL/dI(s) = g (softmax_I(s) - p(s))
 // on the support, then the indexer's chain rule on the tile (IndexerTile::dots_to_grad, then
 // the combine and scatter micro-kernels for dq_idx and dk_idx).
-// dk_idx sums over queries: each thread chunk accumulates into its own buffer (over the batches
-// its items span) and the buffers are added in chunk order: deterministic for a thread count.
+// dk_idx sums over queries: a chunked_sum over chunks of items fixed by the problem, so it is
+// bit-identical for any number of threads.
 //
 // A CUDA kernel keeps this structure: a query tile per block, key tiles through shared memory,
 // the same online statistics, a second sweep only for the attention lse.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,7 +31,9 @@
 #include <vector>
 
 #include "../host.h"
+#include "chunked_sum.h"
 #include "indexer_tiles.h"
+#include "parallel.h"
 
 namespace dsa::cpu {
 namespace {
@@ -53,20 +54,26 @@ Item item_at(const IndexerKlLossParams& p, int64_t i) {
   return {b, t0, std::min(kQueryBlock, p.idx.T - t0)};
 }
 
+// An item's work: the keys it scores, summed over its queries (plus one).
+int64_t item_cost(const IndexerKlLossParams& p, int64_t i) {
+  const Item it = item_at(p, i);
+  return 1 + it.tq * (p.indices ? p.topk : block_visible_keys(p.idx, it.t0, it.tq));
+}
+
+int64_t total_cost(const IndexerKlLossParams& p) {
+  int64_t total = 0;
+  for (int64_t i = 0; i < item_count(p); ++i) total += item_cost(p, i);
+  return total;
+}
+
 // Splits the items into n contiguous ranges of about equal work (a causal tile's keys grow with
 // t, so equal item counts would leave the first threads idle). splits[c]..splits[c+1] is chunk c.
 std::vector<int64_t> balanced_splits(const IndexerKlLossParams& p, int64_t n) {
-  const int64_t items = item_count(p);
-  auto cost = [&](int64_t i) {
-    const Item it = item_at(p, i);
-    return 1 + it.tq * (p.indices ? p.topk : block_visible_keys(p.idx, it.t0, it.tq));
-  };
-  int64_t total = 0;
-  for (int64_t i = 0; i < items; ++i) total += cost(i);
+  const int64_t items = item_count(p), total = total_cost(p);
   std::vector<int64_t> splits{0};
   int64_t done = 0;
   for (int64_t i = 0; i < items; ++i) {
-    done += cost(i);
+    done += item_cost(p, i);
     while (static_cast<int64_t>(splits.size()) < n && done * n >= total * static_cast<int64_t>(splits.size()))
       splits.push_back(i + 1);
   }
@@ -77,7 +84,7 @@ std::vector<int64_t> balanced_splits(const IndexerKlLossParams& p, int64_t n) {
 // Runs fn(chunk, item_begin, item_end) for every non-empty chunk, one chunk per task.
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& splits, const Fn& fn) {
-  at::parallel_for(0, static_cast<int64_t>(splits.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
+  parallel_items(0, static_cast<int64_t>(splits.size()) - 1, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t c = cb; c < ce; ++c)
       if (splits[c] < splits[c + 1]) fn(c, splits[c], splits[c + 1]);
   });
@@ -346,29 +353,24 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
   using Vec = at::vec::Vectorized<acc_t>;
   const auto& p = bp.fwd;
   const auto& ip = p.idx;
-  const int64_t items = item_count(p), key_rows = ip.S * ip.Di;
-  const auto splits = balanced_splits(p, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)));
-  const int64_t chunks = static_cast<int64_t>(splits.size()) - 1;
-  // Chunk c's partial dk_idx over the batches its items span, [first_b(c), last_b(c)] x [S, Di].
-  std::vector<std::vector<acc_t>> dk(chunks);
-  auto first_b = [&](int64_t c) { return item_at(p, splits[c]).b; };
-  auto last_b = [&](int64_t c) { return item_at(p, splits[c + 1] - 1).b; };
+  const int64_t items = item_count(p);
+  const auto splits = balanced_splits(p, fixed_chunks(items, total_cost(p), ip.S));
+  std::vector<acc_t> dk(ip.B * ip.S * ip.Di, acc_t(0));  // dk_idx [B, S, Di]
 
-  for_each_chunk(splits, [&](int64_t c, int64_t ib, int64_t ie) {
-    dk[c].assign((last_b(c) - first_b(c) + 1) * key_rows, acc_t(0));
+  chunked_sum(static_cast<int64_t>(splits.size()) - 1, ip.B * ip.S * ip.Di, dk.data(), [&](int64_t c, acc_t* dK) {
+    int64_t lo = ip.B * ip.S, hi = 0;  // the key rows this chunk reaches
     IndexerTile<scalar_t> itile(ip);
     AttentionTile<scalar_t> atile(p);
     KeyStream keys(p);
     std::vector<acc_t> dq(kQueryBlock * ip.Hi * ip.Di), dw(kQueryBlock * ip.Hi);
     std::vector<acc_t> I(kKeyBlock), dI(kKeyBlock);
     std::vector<acc_t*> dk_rows(kKeyBlock);
-    for (int64_t i = ib; i < ie; ++i) {
+    for (int64_t i = splits[c]; i < splits[c + 1]; ++i) {
       const Item it = item_at(p, i);
       const int64_t row0 = it.b * ip.T + it.t0;
       const auto* g = static_cast<const acc_t*>(bp.grad_loss) + row0;
       const auto* idx_lse = static_cast<const acc_t*>(p.idx_lse) + row0;
       const auto* lse = static_cast<const acc_t*>(p.attn_lse) + row0 * p.H;
-      acc_t* dk_batch = dk[c].data() + (it.b - first_b(c)) * key_rows;
       std::fill(dq.begin(), dq.end(), acc_t(0));
       std::fill(dw.begin(), dw.end(), acc_t(0));
       const bool any_grad = std::any_of(g, g + it.tq, [](acc_t x) { return x != acc_t(0); });
@@ -392,26 +394,20 @@ void kl_loss_backward(const IndexerKlLossBwdParams& bp) {
         }
         // dq += grad_dots k;  dk_idx[s] += grad_dots^T q (a key listed twice gets both)
         gathered_combine(itile.dots.data(), keys.ns, itile.m, itile.k_rows.data(), keys.ns, ip.Di, dq.data());
-        for (int64_t s = 0; s < keys.ns; ++s)
-          dk_rows[s] = dk_batch + (keys.gathered() ? keys.keys()[s] : keys.s0 + s) * ip.Di;
+        for (int64_t s = 0; s < keys.ns; ++s) {
+          const int64_t key_row = it.b * ip.S + (keys.gathered() ? keys.keys()[s] : keys.s0 + s);
+          dk_rows[s] = dK + key_row * ip.Di;
+          lo = std::min(lo, key_row), hi = std::max(hi, key_row + 1);
+        }
         gathered_scatter(itile.dots.data(), keys.ns, itile.m, itile.q.data(), ip.Di, dk_rows.data(), keys.ns);
       }
       store_row(dq.data(), static_cast<scalar_t*>(bp.grad_q_idx) + row0 * ip.Hi * ip.Di, it.tq * ip.Hi * ip.Di);
       std::copy(dw.begin(), dw.begin() + it.tq * ip.Hi, static_cast<acc_t*>(bp.grad_w) + row0 * ip.Hi);
     }
+    return Reach{std::min(lo, hi) * ip.Di, hi * ip.Di};
   });
-
-  // dk_idx[b, s] = the chunks' partial sums added in chunk order.
-  at::parallel_for(0, ip.B * ip.S, 64, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(ip.Di);
-    for (int64_t bs = begin; bs < end; ++bs) {
-      const int64_t b = bs / ip.S, s = bs % ip.S;
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      for (int64_t c = 0; c < chunks; ++c)
-        if (splits[c] < splits[c + 1] && first_b(c) <= b && b <= last_b(c))
-          axpy(sum.data(), acc_t(1), dk[c].data() + (b - first_b(c)) * key_rows + s * ip.Di, ip.Di);
-      store_row(sum.data(), static_cast<scalar_t*>(bp.grad_k_idx) + bs * ip.Di, ip.Di);
-    }
+  parallel_items(0, ip.B * ip.S, 256, [&](int64_t begin, int64_t end) {
+    store_row(dk.data() + begin * ip.Di, static_cast<scalar_t*>(bp.grad_k_idx) + begin * ip.Di, (end - begin) * ip.Di);
   });
 }
 

@@ -1,6 +1,6 @@
 // CPU indexer_logits forward and backward. Parallel over (batch, query block) for the logits,
 // dq and dw; over (batch, key block) for dk, so every output element has one writer and the
-// result is deterministic. The tile products use the register-tiled micro-kernels, never BLAS
+// result is deterministic. Causal blocks differ in cost, so they are dealt out in zigzag order. The tile products use the register-tiled micro-kernels, never BLAS
 // (see indexer_tiles.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -8,6 +8,7 @@
 
 #include "../host.h"
 #include "indexer_tiles.h"
+#include "parallel.h"
 
 namespace dsa::cpu {
 namespace {
@@ -18,10 +19,10 @@ template <typename scalar_t>
 void indexer_logits_kernel(const IndexerParams& p, acc_type<scalar_t>* logits) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = ceil_div(p.T, kQueryBlock);
-  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
+      const int64_t b = item / blocks, t0 = zigzag(item % blocks, blocks) * kQueryBlock;
       const int64_t n = std::min(kQueryBlock, p.T - t0);
       tile.load_queries(b, t0, n);
       const int64_t visible = block_visible_keys(p, t0, n);
@@ -59,11 +60,11 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
   const auto& p = bp.fwd;
   const int64_t qblocks = ceil_div(p.T, kQueryBlock);
   // dq and dw: one query block per work item.
-  at::parallel_for(0, p.B * qblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * qblocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     std::vector<acc_t> dq(kQueryBlock * p.Hi * p.Di), dw(kQueryBlock * p.Hi);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / qblocks, t0 = (item % qblocks) * kQueryBlock;
+      const int64_t b = item / qblocks, t0 = zigzag(item % qblocks, qblocks) * kQueryBlock;
       const int64_t n = std::min(kQueryBlock, p.T - t0);
       std::fill(dq.begin(), dq.end(), acc_t(0));
       std::fill(dw.begin(), dw.end(), acc_t(0));
@@ -82,13 +83,13 @@ void indexer_logits_backward_kernel(const IndexerBwdParams& bp) {
   });
   // dk: one key block per work item, over the queries that see it.
   const int64_t kblocks = ceil_div(p.S, kKeyBlock);
-  at::parallel_for(0, p.B * kblocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * kblocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     std::vector<acc_t> dk(kKeyBlock * p.Di);
     std::vector<acc_t*> dk_rows(kKeyBlock);
     for (int64_t s = 0; s < kKeyBlock; ++s) dk_rows[s] = dk.data() + s * p.Di;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kblocks, s0 = (item % kblocks) * kKeyBlock;
+      const int64_t b = item / kblocks, s0 = zigzag(item % kblocks, kblocks) * kKeyBlock;
       const int64_t ns = std::min(kKeyBlock, p.S - s0);
       std::fill(dk.begin(), dk.end(), acc_t(0));
       tile.load_keys(b, s0, ns);

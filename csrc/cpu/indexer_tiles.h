@@ -1,7 +1,8 @@
 // Tiled indexer scores on the CPU, shared by indexer_logits (forward, backward), indexer_topk and
 // the indexer KL loss. A tile is a block of tq queries (all Hi heads) against ns keys: the
 // head dot products come from a register-tiled micro-kernel (attention_tiles.h) over rows
-// converted to acc_t, the ReLU and the weighted head sum run in the epilogue. Nothing larger
+// converted to acc_t (for bfloat16 inputs on CPUs with AVX512-BF16: from vdpbf16ps over the rows
+// as stored, bf16_tiles.h), the ReLU and the weighted head sum run in the epilogue. Nothing larger
 // than a tile is ever materialised. No BLAS call: the tiles run inside at::parallel_for, where
 // MKL would open a nested thread team per call (measured: 2 threads 100x slower than 1).
 #pragma once
@@ -13,6 +14,7 @@
 
 #include "../params.h"
 #include "attention_tiles.h"
+#include "bf16_tiles.h"
 #include "vec_math.h"
 
 namespace dsa::cpu {
@@ -29,6 +31,9 @@ struct IndexerTile {
   std::vector<acc_t> k;     // [ns, Di]
   std::vector<acc_t> dots;  // [m, ns]
   std::vector<const acc_t*> k_rows;  // k_rows[s] = k + s * Di
+  const bool bf16 = bf16::use_tiles<scalar_t>();
+  std::vector<scalar_t> q16;              // bf16 tiles: q's rows as stored, [m, Di], pad rows 0
+  std::vector<const scalar_t*> k16_rows;  // bf16 tiles: the keys' rows where they are stored
   const float* key_scale = nullptr;  // the loaded keys' scales (p.k_scale), or nullptr
   int64_t tq = 0, ns = 0;
   int64_t m = 0;  // tq * Hi rounded up to the micro-kernel's kHeadTile (kQueryBlock * Hi is a multiple)
@@ -38,7 +43,9 @@ struct IndexerTile {
         q(kQueryBlock * params.Hi * params.Di),
         k(kKeyBlock * params.Di),
         dots(kQueryBlock * params.Hi * kKeyBlock),
-        k_rows(kKeyBlock) {
+        k_rows(kKeyBlock),
+        q16(bf16 ? kQueryBlock * params.Hi * params.Di : 0),
+        k16_rows(bf16 ? kKeyBlock : 0) {
     static_assert(kQueryBlock % kHeadTile == 0, "padded tiles must fit the buffers");
     for (int64_t s = 0; s < kKeyBlock; ++s) k_rows[s] = k.data() + s * params.Di;
   }
@@ -55,6 +62,14 @@ struct IndexerTile {
         load_row(base + (t0 + t) * p.q_row_stride + j * p.q_head_stride, q.data() + (t * p.Hi + j) * p.Di, p.Di);
     m = (n * p.Hi + kHeadTile - 1) / kHeadTile * kHeadTile;
     std::fill(q.begin() + n * p.Hi * p.Di, q.begin() + m * p.Di, acc_t(0));
+    if (bf16) {
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t j = 0; j < p.Hi; ++j) {
+          const scalar_t* row = base + (t0 + t) * p.q_row_stride + j * p.q_head_stride;
+          std::copy(row, row + p.Di, q16.begin() + (t * p.Hi + j) * p.Di);
+        }
+      std::fill(q16.begin() + n * p.Hi * p.Di, q16.begin() + m * p.Di, scalar_t(0));
+    }
   }
 
   void load_keys(int64_t b, int64_t s0, int64_t n) {
@@ -62,6 +77,8 @@ struct IndexerTile {
     key_scale = p.k_scale != nullptr ? p.k_scale + b * p.S + s0 : nullptr;
     const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride;
     for (int64_t s = 0; s < n; ++s) load_row(base + (s0 + s) * p.k_row_stride, k.data() + s * p.Di, p.Di);
+    if (bf16)
+      for (int64_t s = 0; s < n; ++s) k16_rows[s] = base + (s0 + s) * p.k_row_stride;
   }
 
   // The keys at positions keys[0:n] of batch b (a gathered block, e.g. one query's top-k).
@@ -71,10 +88,20 @@ struct IndexerTile {
     ns = n;
     const auto* base = static_cast<const scalar_t*>(p.k) + b * p.k_batch_stride;
     for (int64_t s = 0; s < n; ++s) load_row(base + keys[s] * p.k_row_stride, k.data() + s * p.Di, p.Di);
+    if (bf16)
+      for (int64_t s = 0; s < n; ++s) k16_rows[s] = base + keys[s] * p.k_row_stride;
   }
 
-  // dots[m, ns] = q k^T, row stride ns (the pad rows come out 0).
-  void compute_dots() { gathered_dots(q.data(), m, p.Di, k_rows.data(), ns, dots.data(), ns); }
+  // dots[m, ns] = q k^T, row stride ns (the pad rows come out 0). The bf16 tiles give the same
+  // exact products summed in another order; the backward's combines and scatters stay on the
+  // float rows.
+  void compute_dots() {
+#ifdef DSA_CPU_BF16_TILES
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>)
+      if (bf16) return bf16::dots(q16.data(), m, p.Di, k16_rows.data(), ns, 1.f, dots.data(), ns);
+#endif
+    gathered_dots(q.data(), m, p.Di, k_rows.data(), ns, dots.data(), ns);
+  }
 
   const acc_t* dots_row(int64_t t, int64_t j) const { return dots.data() + (t * p.Hi + j) * ns; }
   acc_t* dots_row(int64_t t, int64_t j) { return dots.data() + (t * p.Hi + j) * ns; }

@@ -1,11 +1,13 @@
 // CPU topk_indices (over given logits) and indexer_topk (fused: indexer score tiles stream
-// into one running selection per query; [B, T, S] never exists). Parallel over rows.
+// into one running selection per query; [B, T, S] never exists). Parallel over rows; the fused
+// kernel deals its causal query blocks out in zigzag order (their cost grows with t).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "../host.h"
 #include "indexer_tiles.h"
+#include "parallel.h"
 #include "topk_selector.h"
 
 namespace dsa::cpu {
@@ -14,7 +16,7 @@ namespace {
 template <typename scalar_t>
 void topk_indices_kernel(const TopkParams& p) {
   using acc_t = acc_type<scalar_t>;
-  at::parallel_for(0, p.B * p.T, 16, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * p.T, 16, [&](int64_t begin, int64_t end) {
     TopkSelector<acc_t> selector(p.topk);
     std::vector<acc_t> row(p.S);
     for (int64_t r = begin; r < end; ++r) {
@@ -31,12 +33,12 @@ template <typename scalar_t>
 void indexer_topk_kernel(const IndexerParams& p, int64_t topk, int32_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (p.T + kQueryBlock - 1) / kQueryBlock;
-  at::parallel_for(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_items(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(topk));
     std::vector<acc_t> scores(kKeyBlock);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
+      const int64_t b = item / blocks, t0 = zigzag(item % blocks, blocks) * kQueryBlock;
       const int64_t n = std::min(kQueryBlock, p.T - t0);
       for (auto& s : selectors) s.reset();
       tile.load_queries(b, t0, n);

@@ -13,6 +13,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "x86_reduce.h"
+
 // The one dtype dispatch of the CPU kernels: float64, float32, bfloat16, float16, and the extra
 // types an operator names after its body (the forward indexer: at::kFloat8_e4m3fn). The body is
 // wrapped in AT_WRAP (its commas would split the macro's arguments):
@@ -89,12 +91,7 @@ inline void hsum4(at::vec::Vectorized<acc_t> a, at::vec::Vectorized<acc_t> b, at
                   at::vec::Vectorized<acc_t> d, acc_t out[4]) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
-    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // a,b,a,b per 128
-    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                                      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+    hsum4_512(a, b, c, d, out);
     return;
   }
 #elif defined(CPU_CAPABILITY_AVX2)
@@ -123,17 +120,6 @@ inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
   acc_t s = hsum(s0 + s1);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
-}
-
-// y[0:n] += a * x[0:n]
-template <typename acc_t>
-inline void axpy(acc_t* y, acc_t a, const acc_t* x, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec va(a);
-  int64_t i = 0;
-  for (; i + W <= n; i += W) at::vec::fmadd(va, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
-  for (; i < n; ++i) y[i] += a * x[i];
 }
 
 // y[0:n] *= a

@@ -3,12 +3,18 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <bitset>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <limits>
 #include <optional>
+#include <set>
+#include <sstream>
 #include <string>
 #include <tuple>
 
+#include "cpu/parallel.h"
 #include "dsa_ext.h"
 
 namespace {
@@ -114,5 +120,39 @@ TEST(DsaOps, BadInputNamesTheArgument) {
     EXPECT_NE(std::string(e.what()).find("expected indices to be int32, got Long"), std::string::npos) << e.what();
   }
 }
+
+// The library is built with OpenMP (at::parallel_for's OpenMP code is compiled into it): a
+// kernel given 2 threads runs on 2 (the threads it records), 1 on 1.
+TEST(DsaParallel, KernelsRunOnEveryThread) {
+  ASSERT_GT(dsa::cpu::openmp_version(), 0) << "libdsa_ext was built without OpenMP";
+  torch::manual_seed(4);
+  auto q = torch::randn({1, 64, 4, 16}), k = torch::randn({1, 64, 2, 16}), v = torch::randn({1, 64, 2, 16});
+  auto idx = torch::randint(0, 64, {1, 64, 8}, kI32);
+  const int before = at::get_num_threads();
+  for (int threads : {1, 2}) {
+    at::set_num_threads(threads);
+    dsa::cpu::take_threads_seen();
+    dsa::sparse_attention(q, k, v, idx);
+    EXPECT_EQ(std::bitset<64>(dsa::cpu::take_threads_seen()).count(), static_cast<size_t>(threads));
+  }
+  at::set_num_threads(before);
+}
+
+#ifdef __linux__
+// One OpenMP runtime in the process: the library links the one libtorch_cpu loads.
+TEST(DsaParallel, OneOpenMpRuntime) {
+  std::ifstream maps("/proc/self/maps");
+  std::set<std::string> runtimes;
+  for (std::string line; std::getline(maps, line);) {
+    std::istringstream fields(line);
+    std::string field, path;
+    while (fields >> field) path = field;
+    const std::string name = std::filesystem::path(path).filename();
+    if (name.rfind("libgomp", 0) == 0 || name.rfind("libiomp", 0) == 0 || name.rfind("libomp", 0) == 0)
+      runtimes.insert(std::filesystem::canonical(path));
+  }
+  EXPECT_EQ(runtimes.size(), 1u) << "OpenMP runtimes mapped: " << runtimes.size();
+}
+#endif
 
 }  // namespace

@@ -443,6 +443,22 @@ struct AttnBwd {
 
 }  // namespace
 
+// The host-side engine choices (indexer_tile.cuh, indexer_backward_kernels.cuh,
+// sparse_attention_kernels.h) for shapes too large to allocate: they must compare the int64 dims,
+// not narrowed copies. Prints "fits mma=.. e4m3=.. bwd=.. attn_mma=..".
+void run_fits() {
+  IndexerParams p{};
+  p.B = 1, p.T = 1, p.S = 64, p.Hi = geti("Hi"), p.Di = geti("Di");
+  const int smem = indexer_smem();
+  SparseAttentionParams a{};
+  a.B = 1, a.T = 1, a.S = 64, a.H = geti("H"), a.Hkv = geti("Hkv"), a.Dqk = a.Dv = geti("Dqk"), a.topk = 32;
+  attn::MmaShape s;
+  const bool attn_mma = attn::mma_head_dims(a) &&
+                        attn::choose_mma_shape(a, false, false, static_cast<int>(geti("smem_limit")), 4, s);
+  std::printf("fits mma=%d e4m3=%d bwd=%d attn_mma=%d\n", mma_fits<__half>(p, smem) ? 1 : 0,
+              mma_fits<__nv_fp8_e4m3>(p, smem) ? 1 : 0, bwd_mma_fits(p, smem) ? 1 : 0, attn_mma ? 1 : 0);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: driver <case dir>\n");
@@ -457,7 +473,9 @@ int main(int argc, char** argv) {
     if (ss >> key >> value) meta[key] = value;
   }
   const std::string op = get("op");
-  if (op == "logits")
+  if (op == "fits")
+    run_fits();
+  else if (op == "logits")
     run_logits();
   else if (op == "indexer_topk")
     run_indexer_topk();

@@ -281,3 +281,17 @@ def test_backward(dtype, B, T, S, Hi, Di, causal):
         assert err < tol, (name, err.item(), log)
     # dw is computed in fp32 from exact products: much tighter
     assert ((gw.double() - wd.grad).norm() / wd.grad.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("Hi,Di,H,Hkv,expected", [
+    (4, 64, 16, 1, "fits mma=1 e4m3=1 bwd=1 attn_mma=1"),           # control: small shapes take the tensor cores
+    (1, 2**32 + 8, 16, 16, "fits mma=0 e4m3=0 bwd=0 attn_mma=1"),   # Di once narrowed to 8: wrong scores
+    (1, 2**32 + 128, 16, 16, "fits mma=0 e4m3=0 bwd=0 attn_mma=1"),
+    (1, 2**31 + 8, 16, 16, "fits mma=0 e4m3=0 bwd=0 attn_mma=1"),   # negative once narrowed: UBSan aborted
+    (4, 64, 2**32 + 16, 1, "fits mma=1 e4m3=1 bwd=1 attn_mma=0"),   # the group once narrowed to 16 heads
+])
+def test_engine_choice_compares_64bit_dims(Hi, Di, H, Hkv, expected):
+    """The host's engine choice for dims beyond int32 (too large to allocate here, not on an H200):
+    the tensor-core tiles hold them in int, so such shapes must take the int64 paths."""
+    _, log = emulator.run(dict(op="fits", Hi=Hi, Di=Di, H=H, Hkv=Hkv, Dqk=64, smem_limit=227 * 1024), {}, {})
+    assert emulator.launched(log, "fits ") == expected

@@ -131,6 +131,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention_backward_cuda(
   const at::ScalarType dtype = c.fwd.q.scalar_type();
   const auto acc_options = c.fwd.q.options().dtype(score_dtype(dtype));
   const at::Tensor delta = at::empty({f.B, f.T, f.H}, acc_options);
+  check_grid(op, rowwise_blocks(f));  // the delta kernel: one warp per (b, t, h) row, on both paths
   DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_bwd_delta<scalar_t>(c.p, delta.data_ptr(), stream); });
 
   const auto mma = tensor_core_shape(c.fwd, &c.grad_out, /*backward=*/true);

@@ -110,6 +110,7 @@ inline bool mma_head_dims(const SparseAttentionParams& p) {
 inline bool choose_mma_shape(const SparseAttentionParams& p, bool v_in_k, bool backward, int smem_limit,
                              int min_warps, MmaShape& s) {
   s = MmaShape{};
+  if (p.H / p.Hkv > INT32_MAX) return false;  // MmaShape holds the group in int; row-wise indexes heads in int64
   s.group = static_cast<int>(p.H / p.Hkv);
   s.dqk_pad = ceil_div_int(p.Dqk, 32) * 32;
   s.dv_pad = ceil_div_int(p.Dv, 32) * 32;

@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
           const int pos = idx[key];
           if (pos < 0) continue;
           // deterministic mode: this block's own row for index slot j * 32 + key (< K: pos >= 0)
-          float* dst = contrib != nullptr ? contrib + (blockIdx.x * p.topk + j * kKeysPerTile + key) * D
+          float* dst = contrib != nullptr ? contrib + (blockIdx.x * p.topk + int64_t{j} * kKeysPerTile + key) * D
                                           : acc_base + (kv_row0 + pos * p.Hkv) * D;
 #pragma unroll
           for (int n = 0; n < 2; ++n) {

@@ -54,7 +54,8 @@ BwdLayout bwd_layout(const IndexerParams& p, bool vec16) {
 }
 
 inline bool bwd_mma_fits(const IndexerParams& p, int max_smem) {
-  return p.Hi <= 1024 && round_up(static_cast<int>(p.Di), 16) <= kBwdMaxDim &&
+  // int64 comparisons first: bwd_layout narrows Hi and Di to int
+  return p.Hi <= 1024 && p.Di <= kBwdMaxDim && round_up(static_cast<int>(p.Di), 16) <= kBwdMaxDim &&
          bwd_layout<__half>(p, false).bytes <= max_smem;
 }
 

@@ -353,8 +353,10 @@ inline bool rows_16b_aligned(const IndexerParams& p, int elem_bytes) {
 // memory fit; otherwise their inputs are converted to float32 for the CUDA-core engine.
 template <typename T>
 bool mma_fits(const IndexerParams& p, int max_smem) {
+  // int64 comparisons first: layout() narrows Hi and Di to int (Di = 2^32 + 8 would pass as 8)
+  if (p.Hi > 1024 || p.Di > kMaxMmaDim) return false;
   const auto L = MmaTile<T>::layout(p, false);
-  return p.Hi <= 1024 && L.dp <= kMaxMmaDim && L.bytes <= max_smem;
+  return L.dp <= kMaxMmaDim && L.bytes <= max_smem;
 }
 
 }  // namespace indexer
