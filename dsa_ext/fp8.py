@@ -28,8 +28,8 @@ from torch import Tensor
 
 from . import ops
 
-__all__ = ["E4M3_MAX", "quantize_rows", "indexer_inputs", "indexer_logits", "indexer_topk", "pack_keys",
-           "unpack_keys", "indexer_topk_packed"]
+__all__ = ["E4M3_MAX", "quantize_rows", "indexer_inputs", "query_inputs", "indexer_logits", "indexer_topk",
+           "pack_keys", "unpack_keys", "indexer_topk_packed"]
 
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 
@@ -63,9 +63,15 @@ def indexer_inputs(q_idx: Tensor, k_idx: Tensor, w: Tensor) -> Tuple[Tensor, Ten
         ``[B, T, Hi]`` float32 head weights times the query rows' scales, ``[B, S]`` float32 key
         scales. Pass them as ``indexer_topk(q8, k8, w_scaled, topk, scale, causal, k_scale=k_scale)``.
     """
-    q8, q_scale = quantize_rows(q_idx)
+    q8, w_scaled = query_inputs(q_idx, w)
     k8, k_scale = quantize_rows(k_idx)
-    return q8, k8, w.float() * q_scale, k_scale
+    return q8, k8, w_scaled, k_scale
+
+
+def query_inputs(q_idx: Tensor, w: Tensor) -> Tuple[Tensor, Tensor]:
+    """The query half of :func:`indexer_inputs`: ``(q8, w_scaled)``."""
+    q8, q_scale = quantize_rows(q_idx)
+    return q8, w.float() * q_scale
 
 
 def indexer_logits(q_idx: Tensor, k_idx: Tensor, w: Tensor, scale: Optional[float] = None,
@@ -102,6 +108,6 @@ def indexer_topk_packed(q_idx: Tensor, packed: Tensor, w: Tensor, topk: int, sca
                         causal: bool = True) -> Tensor:
     """:func:`indexer_topk` with the keys already quantised (:func:`pack_keys` rows, e.g. a cache):
     the same ``[B, T, topk]`` as quantising the full-precision keys here."""
-    q8, q_scale = quantize_rows(q_idx)
+    q8, w_scaled = query_inputs(q_idx, w)
     k8, k_scale = unpack_keys(packed)
-    return ops.indexer_topk(q8, k8, w.float() * q_scale, topk, scale, causal, k_scale=k_scale)
+    return ops.indexer_topk(q8, k8, w_scaled, topk, scale, causal, k_scale=k_scale)

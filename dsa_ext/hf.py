@@ -12,18 +12,15 @@ How it hooks in (public transformers APIs only):
 - a forward pre-hook on each attention module hands the core the module's input hidden states,
   position ids (the indexer's input) and cache, which the attention function is not given;
 - with a cache (``generate()``, chunked prefill), each converted layer's cache layer keeps the
-  indexer keys beside K and V: a plain ``DynamicLayer`` or ``StaticLayer`` becomes transformers'
-  own ``DynamicIndexedLayer`` / ``StaticIndexedLayer`` (the layers of its DeepSeek-V3.2 caches) on
-  the first call that fills it, so beam reorder, crop and batch selection move the indexer keys
-  with K and V;
+  indexer keys beside K and V (:mod:`dsa_ext.hf_cache`);
 - each core is a submodule ``dsa`` of its attention module, so ``model.parameters()`` and
   ``state_dict()`` include the indexers (``...self_attn.dsa.indexer.*``).
 
 :func:`save_pretrained` writes an ordinary checkpoint of the host model (loadable by plain
 ``from_pretrained``) plus ``dsa_config.json`` and ``dsa_indexer.safetensors``;
 :func:`from_pretrained` loads it back converted (or converts a dense checkpoint with fresh
-indexers). Limits: modes warmup/sparse take no padding mask (:func:`key_ranges`) and no
-sliding-window layers; a cache filled in dense mode cannot continue in warmup or sparse mode.
+indexers). Limits: modes warmup/sparse take no padding mask and no sliding-window layers; a
+cache filled in dense mode cannot continue in warmup or sparse mode.
 """
 from __future__ import annotations
 
@@ -35,12 +32,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import hf_mla
+from . import hf_cache, hf_mla
 from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
 from .conventions import causal_mask
 
 __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
-           "from_pretrained", "key_ranges", "indexer_store", "INDEXER_FILE", "CONFIG_FILE"]
+           "from_pretrained", "INDEXER_FILE", "CONFIG_FILE"]
 
 ATTN_NAME = "dsa"
 TESTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral") + hf_mla.MODEL_TYPES
@@ -48,61 +45,15 @@ INDEXER_FILE = "dsa_indexer.safetensors"
 CONFIG_FILE = "dsa_config.json"
 
 
-def key_ranges(mask, T: int, S: int, mode: str) -> None:
-    """The per-query key ranges that the attention ``mask`` of T queries over the S keys held
-    leaves, for modes warmup/sparse: the one place where a padding mask will become the operators'
-    ``key_start``/``key_end`` (docs/DESIGN.md section 7). Today None, the plain causal rule, for a
-    mask that says nothing more: None, or a bool [B, 1, T, S'] mask that is the bottom-right causal
-    one over its first S columns and False beyond (a static cache's unfilled slots); any other
-    mask (padding) is refused."""
+def _check_mask(mask, T: int, S: int, mode: str) -> None:
+    """Warmup/sparse attend by causal position only: a mask that says more (padding) is refused."""
     if mask is None:
-        return None
-    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[-1] >= S:
-        held, beyond = mask[..., :S], mask[..., S:]
-        if torch.equal(held, causal_mask(T, S, mask.device).expand_as(held)) and not beyond.any():
-            return None
+        return
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4:
+        if torch.equal(mask, causal_mask(T, S, mask.device).expand_as(mask)):
+            return
     raise NotImplementedError(f"DSA mode {mode!r} supports causal attention without padding; "
-                              "got an attention mask that is not purely causal (padded batches need the "
-                              "operators' key ranges, docs/DESIGN.md section 7)")
-
-
-class _IndexerStore:
-    """The DSA core's view (:mod:`dsa_ext.nn.cache`) of a transformers cache layer with an
-    indexer-key cache: a static layer returns its whole preallocated buffer, cut here to the tokens
-    it holds."""
-
-    def __init__(self, layer):
-        self.layer = layer
-
-    def update_indexer(self, keys: torch.Tensor) -> torch.Tensor:
-        stored = self.layer.update_indexer(keys)
-        held = getattr(self.layer, "indexer_cumulative_length", None)
-        return stored if held is None else stored[:, :int(held)]
-
-    def get_seq_length(self) -> int:
-        return int(self.layer.get_seq_length())
-
-
-def indexer_store(cache, layer_idx: int) -> _IndexerStore:
-    """Layer ``layer_idx`` of a transformers ``Cache`` as the DSA core's indexer-key store. A
-    plain ``DynamicLayer``/``StaticLayer`` (what ``DynamicCache``/``StaticCache`` build for these
-    families) is replaced in ``cache.layers`` by transformers' ``DynamicIndexedLayer`` /
-    ``StaticIndexedLayer`` holding the same K/V state, whose batch reorder, selection, repeat and
-    crop then carry the indexer keys too."""
-    from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer, StaticIndexedLayer, StaticLayer
-
-    layer = cache.layers[layer_idx]
-    if not hasattr(layer, "update_indexer"):
-        if type(layer) is DynamicLayer:
-            indexed = DynamicIndexedLayer()
-        elif type(layer) is StaticLayer:
-            indexed = StaticIndexedLayer(max_cache_len=layer.max_cache_len)
-        else:
-            raise NotImplementedError(f"DSA modes warmup/sparse keep indexer keys in DynamicCache and StaticCache "
-                                      f"layers; got a {type(layer).__name__}")
-        vars(indexed).update(vars(layer))  # the K/V state; the indexer fields stay fresh
-        cache.layers[layer_idx] = layer = indexed
-    return _IndexerStore(layer)
+                              "got an attention mask that is not purely causal")
 
 
 def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -116,25 +67,20 @@ def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
 
+    def dense(q, k, v, scale):
+        return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2),
+                                      v.transpose(1, 2), attention_mask, dropout=dropout,
+                                      scaling=scale, **kwargs)[0]
+
     hidden, positions, cache = module._dsa_inputs
     module._dsa_inputs = (None, None, None)  # hold the activations no longer than the call
     store = None
     if core.mode != "dense" or core.recall is not None:
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
-        if cache is not None:
-            store = indexer_store(cache, module.layer_idx)
-            held = store.get_seq_length()  # a static cache hands over its whole buffers
-            key, value = key[:, :, :held], value[:, :, :held]
-            if isinstance(attention_mask, torch.Tensor):
-                attention_mask = attention_mask[..., :held]
-        key_ranges(attention_mask, query.shape[2], key.shape[2], core.mode)
-
-    def dense(q, k, v, scale):
-        return sdpa_attention_forward(module, q.transpose(1, 2), k.transpose(1, 2),
-                                      v.transpose(1, 2), attention_mask, dropout=dropout,
-                                      scaling=scale, **kwargs)[0]
-
+        if cache is not None:  # the indexer keys ride in the layer's cache (dense() sees the cut mask)
+            store, key, value, attention_mask = hf_cache.attach(cache, module.layer_idx, key, value, attention_mask)
+        _check_mask(attention_mask, query.shape[2], key.shape[2], core.mode)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     return core(q, k, v, hidden, positions, scaling, dense, cache=store), None
 

@@ -6,8 +6,8 @@ is one indexer key per token (``k_idx`` after LayerNorm, RoPE and the optional H
 with FP8 selection its e4m3 form and scale, packed by :func:`dsa_ext.fp8.pack_keys`).
 
 The DSA core reads and extends that store through a small object it receives per call, with two
-methods (transformers' indexed cache layers have the first; :mod:`dsa_ext.hf` adapts them, and
-:class:`LayerCache` here serves hand-written models):
+methods (transformers' indexed cache layers have the first; :mod:`dsa_ext.hf_cache` adapts them,
+and :class:`LayerCache` here serves hand-written models):
 
 ``update_indexer(keys [B, T, ...]) -> [B, S, ...]``
     append the new tokens' indexer keys, return those of every cached token;
