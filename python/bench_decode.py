@@ -9,8 +9,9 @@ divided by the chunk. Decode: one new token at position P. Positions P = 1K, 2K,
    random contents: DSA = indexer_topk of the new queries over all P + T cached indexer keys
    (bottom-right causal alignment) + sparse_attention over the cached K/V rows it selects;
    dense = F.scaled_dot_product_attention over the same K/V (in the head-major layout SDPA and
-   transformers' caches use, queries of a kv head grouped or enable_gqa, whichever is faster: the
-   baseline at its fastest).
+   transformers' caches use; with enable_gqa, or the queries of a kv head grouped as one head's
+   queries, or for decode plain matrix products, whichever is fastest: the baseline at its
+   fastest).
 2. A whole converted model (a small transformers Llama, float32, --model-* sizes) run through
    transformers' DynamicCache: chunked prefill from position 0 (every chunk timed), and at each P
    one decode step (the cache cropped back after it). The same weights in mode dense
@@ -70,10 +71,13 @@ def dense_calls(q, Kd, Vd, mask):
     # query heads of one kv head side by side as G*T queries of that head: no K/V repeat
     qg = qh.reshape(1, Hkv, G * T, D)
     mg = None if mask is None else mask.repeat(G, 1)
-    return {
+    calls = {
         "enable_gqa": lambda: F.scaled_dot_product_attention(qh, Kd, Vd, attn_mask=mask, enable_gqa=True),
         "grouped": lambda: F.scaled_dot_product_attention(qg, Kd, Vd, attn_mask=mg),
     }
+    if T == 1:  # two matrix-vector products per kv head (a prefill chunk would build [G*T, S] scores)
+        calls["matmul"] = lambda: torch.softmax(qg @ Kd.transpose(-1, -2) * D ** -0.5, dim=-1) @ Vd
+    return calls
 
 
 def bench_layer_point(P: int, T: int, reps: int) -> dict:

@@ -1,6 +1,8 @@
 """Converted transformers models (Llama, Qwen2, Qwen3, Mistral) generate in DSA modes through
 transformers' own caches: the indexer keys ride in each layer's cache beside K and V, and a
 cached run selects and computes what an uncached run over the whole sequence does (float64)."""
+import copy
+
 import pytest
 import torch
 
@@ -83,7 +85,7 @@ def test_chunked_prefill_equals_one_shot(mode):
 
 def test_topk_at_least_context_generates_as_dense():
     ref = tiny_hf("llama")
-    m = converted(topk=64)
+    m = hf.convert(copy.deepcopy(ref), dsa_cfg(topk=64))
     prompt = torch.randint(0, HF_VOCAB, (2, PROMPT))
     want = gen(ref, prompt, 40)  # context <= 53 < 64: every row is dense
     assert torch.equal(gen(m, prompt, 40), want)
