@@ -20,7 +20,8 @@ divided by the chunk. Decode: one new token at position P. Positions P = 1K, 2K,
 Prints the CPU, its flags and the measured matmul ceilings (python/cpu_info.py), the memory per
 token of each cache, the tables and the ratios dense/DSA; writes --out/bench_decode.json and
 --plot (docs/cost_curve.png). Both sides run on all threads; every figure is the fastest of
---reps runs (the model's prefill chunks below the last P run once).
+--reps (decode) or --prefill-reps (prefill) runs (the model's prefill chunks between the
+positions run once).
 
   python python/bench_decode.py                       # the full curve, 1K..64K (about 20 min on 2 cores)
   python python/bench_decode.py --max-position 8192 --model-max-position 4096   # a quick look
@@ -91,24 +92,25 @@ def bench_layer_point(P: int, T: int, reps: int) -> dict:
     Kd, Vd = K.transpose(1, 2).contiguous(), V.transpose(1, 2).contiguous()
     mask = None if T == 1 else causal_mask(T, S)
     idx = dsa_ext.indexer_topk(q_idx, k_idx, w, topk)
+    warm = 1 if T == 1 else 0  # a prefill chunk is long enough to need no warm-up run
     with torch.no_grad():
         t = {
-            "indexer_topk": timeit(lambda: dsa_ext.indexer_topk(q_idx, k_idx, w, topk), reps),
-            "sparse_attention": timeit(lambda: dsa_ext.sparse_attention(q, K, V, idx), reps),
+            "indexer_topk": timeit(lambda: dsa_ext.indexer_topk(q_idx, k_idx, w, topk), reps, warm),
+            "sparse_attention": timeit(lambda: dsa_ext.sparse_attention(q, K, V, idx), reps, warm),
             "dsa": timeit(lambda: dsa_ext.sparse_attention(q, K, V, dsa_ext.indexer_topk(q_idx, k_idx, w, topk)),
-                          reps),
+                          reps, warm),
         }
-        dense = {name: timeit(fn, reps) for name, fn in dense_calls(q, Kd, Vd, mask).items()}
+        dense = {name: timeit(fn, reps, warm) for name, fn in dense_calls(q, Kd, Vd, mask).items()}
     best = min(dense, key=dense.get)
     return {"position": P, "T": T, "S": S, **{f"{n}_s": v for n, v in t.items()}, "dense_s": dense[best],
             "dense_variant": best, "dense_candidates_s": dense, "ratio": dense[best] / t["dsa"]}
 
 
-def bench_layer(positions, chunk: int, reps: int):
+def bench_layer(positions, chunk: int, reps: int, prefill_reps: int):
     rows = {"prefill": [], "decode": []}
     for P in positions:
         for kind, T in (("decode", 1), ("prefill", chunk)):
-            r = bench_layer_point(P, T, reps if T == 1 else max(1, reps // 2))
+            r = bench_layer_point(P, T, reps if T == 1 else prefill_reps)
             rows[kind].append(r)
             print(f"layer {kind:>7} P={P:>6}: DSA {1e3 * r['dsa_s'] / T:8.4f} ms/token "
                   f"(indexer_topk {1e3 * r['indexer_topk_s']:.3f} ms, sparse_attention "
@@ -225,17 +227,19 @@ def parse_args(argv=None):
     p.add_argument("--model-max-position", type=int, default=65536,
                    help="the last position P of the whole-model curve (0: no model curve)")
     p.add_argument("--chunk", type=int, default=512, help="new tokens per prefill chunk")
-    p.add_argument("--reps", type=int, default=5, help="timed runs per decode figure (prefill: half as many)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per decode figure")
+    p.add_argument("--prefill-reps", type=int, default=2, help="timed runs per prefill figure")
     p.add_argument("--model-hidden", type=int, default=512, help="the model's hidden size")
     p.add_argument("--model-layers", type=int, default=2, help="the model's layers")
     p.add_argument("--model-heads", type=int, default=8, help="the model's query heads")
     p.add_argument("--model-kv-heads", type=int, default=2, help="the model's kv heads")
     p.add_argument("--model-vocab", type=int, default=1024, help="the model's vocabulary")
+    p.add_argument("--ceiling-n", type=int, default=4096, help="size n of the n x n x n matmuls that measure the ceiling")
     p.add_argument("--out", default="out/bench", help="directory of bench_decode.json")
     p.add_argument("--plot", default="docs/cost_curve.png", help="the figure")
     args = p.parse_args(argv)
-    if args.first_position < 1 or args.chunk < 1 or args.reps < 1:
-        p.error("--first-position, --chunk and --reps: expected >= 1")
+    if min(args.first_position, args.chunk, args.reps, args.prefill_reps) < 1:
+        p.error("--first-position, --chunk, --reps and --prefill-reps: expected >= 1")
     if args.max_position < args.first_position:
         p.error(f"--max-position: expected >= --first-position ({args.first_position}), got {args.max_position}")
     if args.model_max_position and args.model_max_position % args.chunk:
@@ -250,7 +254,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
-    info = machine()
+    info = machine(n=args.ceiling_n)
     print(header(info), flush=True)
     positions = positions_up_to(args.first_position, args.max_position)
     head_dim = args.model_hidden // args.model_heads
@@ -261,14 +265,15 @@ def main(argv=None) -> dict:
     for what, m in memory.items():
         print(f"cache memory per token ({what}, float32): K+V {m['kv']} B, indexer keys {m['indexer']} B "
               f"(+{100 * m['indexer'] / m['kv']:.1f}%; FP8 selection: {m['indexer_fp8']} B)")
-    result = {"machine": info, "config": {**LAYER, "chunk": args.chunk, "reps": args.reps, "dtype": "float32",
+    result = {"machine": info, "config": {**LAYER, "chunk": args.chunk, "reps": args.reps,
+                                          "prefill_reps": args.prefill_reps, "dtype": "float32",
                                           "positions": positions, "model_desc": model_desc},
               "memory_bytes_per_token": memory}
-    result["layer"] = bench_layer(positions, args.chunk, args.reps)
+    result["layer"] = bench_layer(positions, args.chunk, args.reps, args.prefill_reps)
     if args.model_max_position:
         mpos = [P for P in positions if P <= args.model_max_position]
         model = build_model(args, mpos[-1] + args.chunk + 1)
-        result["model"] = {mode: bench_model(model, mode, mpos, args.chunk, max(1, args.reps // 2))
+        result["model"] = {mode: bench_model(model, mode, mpos, args.chunk, args.prefill_reps)
                            for mode in ("dense", "sparse")}
 
     print(f"\n{header(info)}")
