@@ -235,6 +235,9 @@ def parse_args(argv=None):
     p.add_argument("--model-kv-heads", type=int, default=2, help="the model's kv heads")
     p.add_argument("--model-vocab", type=int, default=1024, help="the model's vocabulary")
     p.add_argument("--ceiling-n", type=int, default=4096, help="size n of the n x n x n matmuls that measure the ceiling")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for both sides (0: torch's default, all cores); on a loaded machine one "
+                        "thread avoids the waits of parallel regions for a descheduled thread")
     p.add_argument("--out", default="out/bench", help="directory of bench_decode.json")
     p.add_argument("--plot", default="docs/cost_curve.png", help="the figure")
     args = p.parse_args(argv)
@@ -254,6 +257,8 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine(n=args.ceiling_n)
     print(header(info), flush=True)
     positions = positions_up_to(args.first_position, args.max_position)
