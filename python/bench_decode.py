@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine(n=args.ceiling_n)
+    info = machine(size=args.ceiling_n)
     print(header(info), flush=True)
     positions = positions_up_to(args.first_position, args.max_position)
     head_dim = args.model_hidden // args.model_heads
