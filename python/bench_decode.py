@@ -23,8 +23,9 @@ token of each cache, the tables and the ratios dense/DSA; writes --out/bench_dec
 --reps (decode) or --prefill-reps (prefill) runs (the model's prefill chunks between the
 positions run once).
 
-  python python/bench_decode.py                       # the full curve, 1K..64K (about 20 min on 2 cores)
-  python python/bench_decode.py --max-position 8192 --model-max-position 4096   # a quick look
+  python python/bench_decode.py                       # the full curve, layer and model to 64K
+  python python/bench_decode.py --threads 1 --reps 30 --prefill-reps 2 --model-max-position 8192 \
+      --ceiling-n 2048                                # docs/cost_curve.png (2 min on a shared 2-core CPU)
 """
 from __future__ import annotations
 
