@@ -5,6 +5,10 @@ The attention module computes q, k, v and hands them to its ``core`` submodule, 
 conversion needs: :class:`DenseCore` (plain causal attention) in a dense model, a
 :class:`dsa_ext.nn.DSAAttention` after :func:`convert`. Nothing else changes, so the q/k/v/o
 weights of a dense checkpoint load into the converted model unchanged.
+
+``model(ids, cache=cache)`` with a :class:`dsa_ext.nn.KVCache` runs incrementally: ``ids`` are the
+tokens after the cached ones (a prompt chunk, or one token while decoding), the cache gains their
+keys, values and (DSA layers) indexer keys. :mod:`dsa_ext.generation` generates with it.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import Tensor, nn
 
 from . import ranges
 from .nn import DSAAttention, DSAConfig, dense_causal_attention
+from .nn.cache import KVCache, LayerCache
 
 __all__ = ["DecoderConfig", "Decoder", "DenseCore", "convert"]
 
@@ -59,7 +64,7 @@ class DenseCore(nn.Module):
         super().__init__()
         self.context_parallel = None
 
-    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, key_ranges=None):
+    def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, key_ranges=None, cache=None):
         if self.context_parallel is not None:
             if key_ranges is not None:
                 raise NotImplementedError("DenseCore: key ranges under context parallelism are not supported yet")
@@ -78,13 +83,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * hd, cfg.d_model, bias=False)
         self.core: nn.Module = DenseCore()
 
-    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None, cache: Optional[LayerCache] = None) -> Tensor:
         B, T, _ = x.shape
         hd = self.cfg.head_dim
         q = _rope(self.q_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         k = _rope(self.k_proj(x).view(B, T, -1, hd), positions, self.cfg.rope_theta)
         v = self.v_proj(x).view(B, T, -1, hd)
-        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5, key_ranges=key_ranges)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        out = self.core(q, k, v, hidden_states=x, positions=positions, scale=hd ** -0.5, key_ranges=key_ranges,
+                        cache=cache)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -99,8 +107,8 @@ class Block(nn.Module):
         self.up = nn.Linear(cfg.d_model, hidden, bias=False)
         self.down = nn.Linear(hidden, cfg.d_model, bias=False)
 
-    def forward(self, x: Tensor, positions: Tensor, key_ranges=None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), positions, key_ranges)
+    def forward(self, x: Tensor, positions: Tensor, key_ranges=None, cache: Optional[LayerCache] = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), positions, key_ranges, cache)
         h = self.mlp_norm(x)
         return x + self.down(F.silu(self.gate(h)) * self.up(h))
 
@@ -113,7 +121,11 @@ class Decoder(nn.Module):
     continue the previous one (:func:`dsa_ext.ranges.from_position_ids`), RoPE (the host's and
     the indexers') uses these positions and every attention stays inside its document, so each
     document gives exactly the logits it gives alone. ``key_ranges`` ``(key_start, key_end)``
-    [B, T] int32 overrides the documents (e.g. padding: ``dsa_ext.ranges.from_padding_mask``)."""
+    [B, T] int32 overrides the documents (e.g. padding: ``dsa_ext.ranges.from_padding_mask``).
+
+    Incremental decoding: ``forward(ids, cache=cache)`` with a :class:`~dsa_ext.nn.KVCache`: ``ids``
+    follow the cached tokens, which the cache then holds too (one sequence per row: no packed
+    documents or key ranges with a cache)."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -131,17 +143,23 @@ class Decoder(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
 
-    def forward(self, ids: Tensor, position_ids: Optional[Tensor] = None, key_ranges=None) -> Tensor:
-        """ids [B, T]; position_ids [T] or [B, T] (default arange(T)): ids that restart mark packed
-        documents (each attends within itself, as ``key_ranges`` would say); under context
-        parallelism the global positions of the rank's tokens, ``cp.positions()``, which do not."""
-        positions = torch.arange(ids.shape[1], device=ids.device) if position_ids is None else position_ids
+    def forward(self, ids: Tensor, position_ids: Optional[Tensor] = None, key_ranges=None,
+                cache: Optional[KVCache] = None) -> Tensor:
+        """ids [B, T]; position_ids [T] or [B, T] (default arange(T), after the cached tokens when
+        ``cache`` is given): ids that restart mark packed documents (each attends within itself,
+        as ``key_ranges`` would say); under context parallelism the global positions of the rank's
+        tokens, ``cp.positions()``, which do not."""
+        if cache is not None and (position_ids is not None or key_ranges is not None):
+            raise NotImplementedError("Decoder: position_ids or key_ranges (packed documents, padding) with a "
+                                      "cache are not supported")
+        past = 0 if cache is None else cache.get_seq_length()
+        positions = torch.arange(past, past + ids.shape[1], device=ids.device) if position_ids is None else position_ids
         context_parallel = any(getattr(b.attn.core, "context_parallel", None) is not None for b in self.blocks)
         if key_ranges is None and position_ids is not None and not context_parallel:
             key_ranges = ranges.from_position_ids(position_ids.expand(ids.shape))
         x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x, positions, key_ranges)
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, key_ranges, None if cache is None else cache.layer(i))
         return self.lm_head(self.norm(x))
 
 

@@ -9,8 +9,10 @@ How it hooks in (public transformers APIs only):
   (after the model's own RoPE and norms) and it runs the layer's :class:`DSAAttention` core.
   Dense attention (mode dense/warmup, and unconverted layers) is transformers' own ``sdpa``
   function, so a dense-mode model computes exactly what the original computes;
-- a forward pre-hook on each attention module hands the core the module's input hidden states
-  and position ids (the indexer's input), which the attention function is not given;
+- a forward pre-hook on each attention module hands the core the module's input hidden states,
+  position ids (the indexer's input) and cache, which the attention function is not given;
+- with a cache (``generate()``, chunked prefill), each converted layer's cache layer keeps the
+  indexer keys beside K and V (:mod:`dsa_ext.hf_cache`);
 - each core is a submodule ``dsa`` of its attention module, so ``model.parameters()`` and
   ``state_dict()`` include the indexers (``...self_attn.dsa.indexer.*``).
 
@@ -26,8 +28,9 @@ indexer's top-k, the sparse attention and the indexer loss; the dense attention 
 mask. Padding queries: left-padding ones see no key (output 0 in every mode); right-padding ones
 see the real tokens as transformers' mask makes them (dense/warmup: sdpa's output; sparse: their
 top-k of those tokens). Neither counts in the indexer loss nor in recall, and none gives NaN.
-Limits: modes warmup/sparse need the whole sequence in one forward (no KV cache); sliding-window
-layers are only supported in dense mode.
+Generation: each DSA layer's indexer keys ride in transformers' own cache (:mod:`dsa_ext.hf_cache`).
+Limits: sliding-window layers are only supported in dense mode; a cache filled in dense mode
+cannot continue in warmup or sparse mode.
 """
 from __future__ import annotations
 
@@ -38,7 +41,7 @@ from typing import Optional
 
 from torch import nn
 
-from . import hf_mla, hf_ranges
+from . import hf_cache, hf_mla, hf_ranges
 from .nn import DSAAttention, DSAConfig, LightningIndexer, dsa_modules
 
 __all__ = ["ATTN_NAME", "TESTED_MODEL_TYPES", "register", "convert", "save_pretrained",
@@ -61,12 +64,15 @@ def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
 
-    hidden, positions = module._dsa_inputs
-    module._dsa_inputs = (None, None)  # hold the activations no longer than the call
-    key_ranges = None
+    hidden, positions, cache = module._dsa_inputs
+    module._dsa_inputs = (None, None, None)  # hold the activations no longer than the call
+    key_ranges, store = None, None
     if core.mode != "dense" or core.recall is not None or hf_ranges.is_packed(kwargs):
         if kwargs.get("sliding_window") is not None:
             raise NotImplementedError("DSA modes warmup/sparse do not support sliding-window layers")
+        if cache is not None and (core.mode != "dense" or core.recall is not None):
+            # the indexer keys ride in the layer's cache (dense() sees the cut mask)
+            store, key, value, attention_mask = hf_cache.attach(cache, module.layer_idx, key, value, attention_mask)
         key_ranges, attention_mask = hf_ranges.for_attention(attention_mask, kwargs, query.shape[0],
                                                              query.shape[2], key.shape[2])
 
@@ -76,13 +82,13 @@ def _dsa_attention(module: nn.Module, query, key, value, attention_mask, dropout
                                       scaling=scale, **kwargs)[0]
 
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    return core(q, k, v, hidden, positions, scaling, dense, key_ranges), None
+    return core(q, k, v, hidden, positions, scaling, dense, key_ranges, cache=store), None
 
 
 def _stash_inputs(module: nn.Module, args, kwargs):
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     positions = kwargs.get("position_ids")
-    module._dsa_inputs = (hidden, positions)
+    module._dsa_inputs = (hidden, positions, kwargs.get("cache", kwargs.get("past_key_values")))
 
 
 def register() -> None:
@@ -127,7 +133,7 @@ def convert(model: nn.Module, config: Optional[DSAConfig] = None, allow_untested
     for m in attn:
         ref = m.q_proj.weight
         m.dsa = DSAAttention.from_config(config, hidden_size).to(ref.device, ref.dtype)
-        m._dsa_inputs = (None, None)
+        m._dsa_inputs = (None, None, None)
         m.register_forward_pre_hook(_stash_inputs, with_kwargs=True)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_NAME)

@@ -61,8 +61,8 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 4096, reps: int = 3) -> float:
     return 2 * n**3 / timeit(lambda: a @ b, reps)
 
 
-def machine(all_threads: int | None = None) -> dict:
-    """The CPU, the build and the matmul ceilings at all threads and at one."""
+def machine(all_threads: int | None = None, size: int = 4096) -> dict:
+    """The CPU, the build and the matmul ceilings (size^3) at all threads and at one."""
     all_threads = all_threads or torch.get_num_threads()
     info = {
         **cpu_flags(),
@@ -71,11 +71,12 @@ def machine(all_threads: int | None = None) -> dict:
         "vector_isa": torch.backends.cpu.get_cpu_capability(),
         "dsa_ext_openmp": _C.openmp_version,
         "dsa_ext_bf16_tiles": _C.cpu_bf16_tiles_enabled(),
+        "matmul_n": size,
     }
     for n, tag in ((all_threads, "all"), (1, "1")):
         with threads(n):
             for dtype in (torch.float32, torch.bfloat16):
-                info[f"matmul_{str(dtype)[6:]}_{tag}_flops"] = matmul_ceiling(dtype)
+                info[f"matmul_{str(dtype)[6:]}_{tag}_flops"] = matmul_ceiling(dtype, size)
     return info
 
 
@@ -88,4 +89,4 @@ def header(info: dict) -> str:
                      for dt in ("float32", "bfloat16"))
     return (f"CPU {info['cpu_name']}, {info['threads']} threads, torch {info['torch']} ({info['vector_isa']}); "
             f"{flags}; dsa_ext {dsa_ext.__version__}: {omp}, {tiles}\n"
-            f"matmul ceiling 4096^3, TFLOP/s at {info['threads']} threads (1 thread): {ceil}")
+            f"matmul ceiling {info.get('matmul_n', 4096)}^3, TFLOP/s at {info['threads']} threads (1 thread): {ceil}")

@@ -33,21 +33,27 @@ def host_params(model):
     return [(n, p) for n, p in model.named_parameters() if id(p) not in idx]
 
 
-def hf_families():
+def hf_families(mistral=False):
+    """The converted families with full attention; ``mistral`` adds Mistral, whose layers
+    :func:`tiny_hf` builds without a sliding window (DSA modes refuse windowed layers)."""
     import transformers
 
-    return {
+    families = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
+    if mistral:
+        families["mistral"] = (transformers.MistralConfig, transformers.MistralForCausalLM)
+    return families
 
 
 def tiny_hf(family, tie=False):
-    config_cls, model_cls = hf_families()[family]
+    config_cls, model_cls = hf_families(mistral=True)[family]
+    extra = {"sliding_window": None} if family == "mistral" else {}
     cfg = config_cls(vocab_size=HF_VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                     max_position_embeddings=128, tie_word_embeddings=tie, attn_implementation="sdpa")
+                     max_position_embeddings=128, tie_word_embeddings=tie, attn_implementation="sdpa", **extra)
     # built as from_pretrained(dtype=float64) builds it: float64 weights, float32 RoPE buffers
     m = model_cls._from_config(cfg, dtype=torch.float64).eval()
     with torch.no_grad():

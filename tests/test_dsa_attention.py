@@ -129,10 +129,10 @@ def test_sparse_with_k_at_least_T_is_dense():
     torch.testing.assert_close(core(q, k, v, x), dnn.dense_causal_attention(q, k, v))
 
 
-def test_kv_cache_shapes_are_refused_in_indexed_modes():
+def test_cached_keys_without_the_cache_are_refused_in_indexed_modes():
     q, k, v, x = core_inputs(T=6)
     core = dnn.DSAAttention(dnn.LightningIndexer(20, 2, 8, 4), topk=4, mode="sparse").double()
-    with pytest.raises(NotImplementedError, match="KV cache"):
+    with pytest.raises(ValueError, match="pass the layer's cache"):
         core(q[:, -2:], k, v, x[:, -2:])
 
 

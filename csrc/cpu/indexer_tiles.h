@@ -185,11 +185,16 @@ struct TileRanges {
 };
 
 // Calls fn(s0, ns) for each key tile [s0, s0 + ns) of up to kKeyBlock keys from the hull's first
-// key on, skipping the tiles no row of r sees.
+// key on, skipping the tiles no row of r sees. With parts > 1, only part `part` of those tiles:
+// the hull's tiles cut into `parts` runs in order, so the parts together are the one pass, tile
+// for tile (the same tiles, hence the same scores).
 template <class Fn>
-void for_each_key_tile(const TileRanges& r, const Fn& fn) {
-  for (int64_t s0 = r.hull.begin; s0 < r.hull.end; s0 += kKeyBlock) {
-    const int64_t ns = std::min(kKeyBlock, r.hull.end - s0);
+void for_each_key_tile(const TileRanges& r, const Fn& fn, int64_t part = 0, int64_t parts = 1) {
+  const int64_t tiles = (std::max<int64_t>(0, r.hull.end - r.hull.begin) + kKeyBlock - 1) / kKeyBlock;
+  const int64_t first = r.hull.begin + tiles * part / parts * kKeyBlock;
+  const int64_t last = std::min(r.hull.end, r.hull.begin + tiles * (part + 1) / parts * kKeyBlock);
+  for (int64_t s0 = first; s0 < last; s0 += kKeyBlock) {
+    const int64_t ns = std::min(kKeyBlock, last - s0);
     if (r.any_in(s0, ns)) fn(s0, ns);
   }
 }

@@ -1,7 +1,8 @@
 // CPU topk_indices (over given logits) and indexer_topk (fused: indexer score tiles stream
 // into one running selection per query; [B, T, S] never exists; only the key tiles some query of
 // a block sees are scored). Parallel over rows; the fused kernel deals its query blocks out in
-// zigzag order (under a causal mask their cost grows with t).
+// zigzag order (under a causal mask their cost grows with t), and with fewer query blocks than
+// threads (decode) splits each block's key tiles over the threads.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,10 +31,78 @@ void topk_indices_kernel(const TopkParams& p) {
   });
 }
 
+// Feeds the scores of query block (b, t0, n) against part `part` of `parts` of its key tiles
+// (for_each_key_tile: only tiles some row sees, each row's keys within its range) into one
+// selector per query.
+template <typename scalar_t, typename acc_t>
+void score_block(const IndexerParams& p, IndexerTile<scalar_t>& tile, std::vector<TopkSelector<acc_t>>& selectors,
+                 std::vector<acc_t>& scores, int64_t b, int64_t t0, int64_t n, int64_t part, int64_t parts) {
+  for (auto& s : selectors) s.reset();
+  tile.load_queries(b, t0, n);
+  const TileRanges ranges(p, b, t0, n);
+  for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
+    tile.load_keys(b, s0, ns);
+    tile.compute_dots();
+    for (int64_t t = 0; t < n; ++t) {
+      const Span sp = ranges.span(t, s0, ns);
+      tile.scores(b, t0, t, sp.first, sp.count, scores.data());
+      selectors[t].push(scores.data(), sp.count, s0 + sp.first);
+    }
+  }, part, parts);
+}
+
+// A key range shorter than this many tiles per thread is not worth splitting (merge overhead).
+constexpr int64_t kMinTilesPerPart = 8;
+
+// Parts per query block when there are fewer query blocks than threads (decode: one query over
+// a long cache), else 1.
+int64_t key_parts(const IndexerParams& p, int64_t items) {
+  const int64_t threads = at::get_num_threads();
+  if (items >= threads) return 1;
+  const int64_t tiles = (p.S + kKeyBlock - 1) / kKeyBlock;
+  return std::max<int64_t>(1, std::min((threads + items - 1) / items, tiles / kMinTilesPerPart));
+}
+
+// Few query blocks, many keys (decode): each block's key range is dealt out to `parts` threads
+// in whole key tiles (the tiles, hence the scores, are those of one pass); each part keeps its
+// best k per query, and the parts' candidates merge in position order, which selects exactly
+// what one pass over every key does.
+template <typename scalar_t>
+void indexer_topk_split_kernel(const IndexerParams& p, int64_t topk, int32_t* out, int64_t blocks, int64_t parts) {
+  using acc_t = acc_type<scalar_t>;
+  using Entry = typename TopkSelector<acc_t>::Entry;
+  const int64_t items = p.B * blocks;
+  std::vector<std::vector<Entry>> kept(items * parts * kQueryBlock);  // [item][part][query]
+  parallel_items(0, items * parts, 1, [&](int64_t begin, int64_t end) {
+    IndexerTile<scalar_t> tile(p);
+    std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(topk));
+    std::vector<acc_t> scores(kKeyBlock);
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t item = w / parts, part = w % parts;
+      const int64_t b = item / blocks, t0 = (item % blocks) * kQueryBlock;
+      const int64_t n = std::min(kQueryBlock, p.T - t0);
+      score_block(p, tile, selectors, scores, b, t0, n, part, parts);
+      for (int64_t t = 0; t < n; ++t) selectors[t].take(kept[w * kQueryBlock + t]);
+    }
+  });
+  parallel_items(0, p.B * p.T, 16, [&](int64_t begin, int64_t end) {
+    TopkSelector<acc_t> selector(topk);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / p.T, t = r % p.T;
+      const int64_t item = b * blocks + t / kQueryBlock;
+      selector.reset();
+      for (int64_t part = 0; part < parts; ++part) selector.push(kept[(item * parts + part) * kQueryBlock + t % kQueryBlock]);
+      selector.finish(out + r * topk);
+    }
+  });
+}
+
 template <typename scalar_t>
 void indexer_topk_kernel(const IndexerParams& p, int64_t topk, int32_t* out) {
   using acc_t = acc_type<scalar_t>;
   const int64_t blocks = (p.T + kQueryBlock - 1) / kQueryBlock;
+  const int64_t parts = key_parts(p, p.B * blocks);
+  if (parts > 1) return indexer_topk_split_kernel<scalar_t>(p, topk, out, blocks, parts);
   parallel_items(0, p.B * blocks, 1, [&](int64_t begin, int64_t end) {
     IndexerTile<scalar_t> tile(p);
     std::vector<TopkSelector<acc_t>> selectors(kQueryBlock, TopkSelector<acc_t>(topk));
@@ -41,18 +110,7 @@ void indexer_topk_kernel(const IndexerParams& p, int64_t topk, int32_t* out) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, t0 = zigzag(item % blocks, blocks) * kQueryBlock;
       const int64_t n = std::min(kQueryBlock, p.T - t0);
-      for (auto& s : selectors) s.reset();
-      tile.load_queries(b, t0, n);
-      const TileRanges ranges(p, b, t0, n);
-      for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
-        tile.load_keys(b, s0, ns);
-        tile.compute_dots();
-        for (int64_t t = 0; t < n; ++t) {
-          const Span sp = ranges.span(t, s0, ns);
-          tile.scores(b, t0, t, sp.first, sp.count, scores.data());
-          selectors[t].push(scores.data(), sp.count, s0 + sp.first);
-        }
-      });
+      score_block(p, tile, selectors, scores, b, t0, n, 0, 1);
       for (int64_t t = 0; t < n; ++t) selectors[t].finish(out + (b * p.T + t0 + t) * topk);
     }
   });

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .. import fp8, ops
 from ..conventions import causal_mask, default_attention_scale
+from .cache import append_indexer_keys
 from .config import MODES, DSAConfig
 from .indexer import LightningIndexer
 from .key_ranges import KeyRanges, real_queries, visible_keys
@@ -41,8 +42,9 @@ DenseFn = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 class Selection(NamedTuple):
     """What an indexer made for one attention call: its outputs ``q_idx`` [B,T,Hi,Di], ``k_idx``
-    [B,S,Di], ``w`` [B,T,Hi] (None when the selection is borrowed from another layer) and the
-    top-k ``indices`` [B,T,topk] (None where the mode needs none)."""
+    [B,S,Di], ``w`` [B,T,Hi] (None when the selection is borrowed from another layer; ``k_idx``
+    alone None where an FP8 cache keeps only the e4m3 form of earlier keys) and the top-k
+    ``indices`` [B,T,topk] (None where the mode needs none)."""
     q_idx: Optional[Tensor]
     k_idx: Optional[Tensor]
     w: Optional[Tensor]
@@ -83,6 +85,8 @@ def dense_causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[floa
         return out.transpose(1, 2).masked_fill(blind[..., None], 0.0)
     if S == T:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+    elif T == 1:  # one query at the end sees every key
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     else:
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_mask(T, S, q.device), scale=scale)
     return out.transpose(1, 2)
@@ -109,13 +113,19 @@ class AttachIndexerLoss(torch.autograd.Function):
 class DSAAttention(nn.Module):
     """DSA attention core around a host model's q, k, v. See the module docstring for the modes.
 
-    forward(q, k, v, hidden_states, positions=None, scale=None, dense_fn=None, key_ranges=None)
-      -> [B, T, H, Dv]
+    forward(q, k, v, hidden_states, positions=None, scale=None, dense_fn=None, key_ranges=None,
+            cache=None) -> [B, T, H, Dv]
       q [B,T,H,D] and k [B,S,Hkv,D] after the host's own RoPE, v [B,S,Hkv,Dv]; hidden_states
       [B,S,hidden] the input of the host attention (the indexer's input); positions [S] or [B,S]
       for the indexer RoPE; scale the host's softmax scale (default D**-0.5); dense_fn(q,k,v,scale)
       the host's dense attention (default :func:`dense_causal_attention`); key_ranges
       ``(key_start, key_end)`` [B,T] int32 (:mod:`dsa_ext.ranges`: packed documents, padding).
+      With ``cache`` (incremental decoding, chunked prefill: k and v then hold the host's cached
+      tokens and the T new ones, S >= T), hidden_states [B,T,hidden] and positions [T] or [B,T]
+      are the new tokens' only: the indexer computes their keys, appends them to the layer's
+      indexer-key cache and selects over all S (see :mod:`dsa_ext.nn.cache`). Warm-up mode then
+      gives the dense output; the indexer loss needs the full-precision keys of every token,
+      which an FP8 cache of earlier tokens does not keep.
 
     Key ranges (packed documents, padding) hold in every mode: the top-k, the dense output, the
     warm-up KL target and the top-k KL see only each query's range. ``dense_fn``, when given,
@@ -171,16 +181,20 @@ class DSAAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, hidden_states: Tensor,
                 positions: Optional[Tensor] = None, scale: Optional[float] = None,
-                dense_fn: Optional[DenseFn] = None, key_ranges: Optional[KeyRanges] = None) -> Tensor:
-        selection = self.select(hidden_states, positions, key_ranges=key_ranges)
+                dense_fn: Optional[DenseFn] = None, key_ranges: Optional[KeyRanges] = None,
+                cache=None) -> Tensor:
+        selection = self.select(hidden_states, positions, key_ranges=key_ranges, cache=cache)
         return self.attend(q, k, v, selection, scale, dense_fn, key_ranges)
 
     def select(self, hidden_states: Tensor, positions: Optional[Tensor] = None,
-               q_input: Optional[Tensor] = None, rope=None, key_ranges: Optional[KeyRanges] = None
-               ) -> Optional[Selection]:
+               q_input: Optional[Tensor] = None, rope=None, key_ranges: Optional[KeyRanges] = None,
+               cache=None) -> Optional[Selection]:
         """The indexer's half of :meth:`forward`: its outputs and (sparse mode, or while recall is
         measured) its top-k within ``key_ranges``, or None in dense mode, where the indexer is not
-        run. The other arguments are the indexer's (:meth:`LightningIndexer.forward`)."""
+        run. The arguments are the indexer's (:meth:`LightningIndexer.forward`), and the layer's
+        ``cache`` (see :meth:`forward`), whose indexer keys the selection then covers; the
+        selection's ``k_idx`` is None where an FP8 cache keeps only the e4m3 form of earlier
+        tokens."""
         if self.mode == "dense" and self.recall is None:
             return None
         if self.indexer is None:
@@ -190,12 +204,19 @@ class DSAAttention(nn.Module):
         if self.context_parallel is not None:
             _no_ranges_under_context_parallelism(key_ranges)
             return self.context_parallel.select(self, q_idx, k_idx, w)
+        packed = None
+        if cache is not None:
+            k_idx, packed = append_indexer_keys(cache, k_idx, self.fp8_topk)
         indices = None
         if self.mode == "sparse" or self.recall is not None:
             with torch.no_grad():
-                pick = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
-                indices = pick(q_idx.detach(), k_idx.detach(), w.detach(), self.topk, self.indexer.scale,
-                               **_range_args(key_ranges))
+                q, wd = q_idx.detach(), w.detach()
+                if packed is not None:
+                    indices = fp8.indexer_topk_packed(q, packed, wd, self.topk, self.indexer.scale,
+                                                      **_range_args(key_ranges))
+                else:
+                    pick = fp8.indexer_topk if self.fp8_topk else ops.indexer_topk
+                    indices = pick(q, k_idx.detach(), wd, self.topk, self.indexer.scale, **_range_args(key_ranges))
         return Selection(q_idx, k_idx, w, indices)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, selection: Optional[Selection],
@@ -216,15 +237,18 @@ class DSAAttention(nn.Module):
             _no_ranges_under_context_parallelism(key_ranges)
             return self.context_parallel.attend(self, q, k, v, selection, scale)
         own = selection is not None and selection.q_idx is not None
-        if own and selection.k_idx.shape[1] != k.shape[1]:
-            raise NotImplementedError(
-                f"DSA modes warmup/sparse need the hidden states of every key (got "
-                f"{selection.k_idx.shape[1]} hidden states for {k.shape[1]} keys): a KV cache is "
-                "not supported; use mode 'dense' for cached generation")
+        if own and selection.k_idx is not None and selection.k_idx.shape[1] != k.shape[1]:
+            raise ValueError(
+                f"DSAAttention: {selection.k_idx.shape[1]} indexer keys for {k.shape[1]} attention keys; "
+                "with a KV cache, pass the layer's cache to the core (cache=...) so that it keeps the "
+                "indexer keys of the cached tokens")
         indices = None if selection is None else selection.indices
         if indices is None and (self.mode == "sparse" or self.recall is not None):
             raise ValueError(f"DSAAttention in mode {self.mode!r}: no top-k selection to attend over")
         want_loss = own and self.training and self.mode != "dense" and torch.is_grad_enabled()
+        if want_loss and selection.k_idx is None:
+            raise NotImplementedError("DSAAttention: the indexer loss needs full-precision indexer keys, "
+                                      "which an FP8 indexer-key cache does not keep for earlier tokens")
         real = real_queries(key_ranges, q.shape[1], k.shape[1])
         if self.recall is not None:
             self.recall.add(q, k, scale, indices, self.topk, key_ranges)

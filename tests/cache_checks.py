@@ -1,0 +1,62 @@
+"""What the cache tests of the plain decoder (test_cache.py) and of converted transformers models
+(test_hf_cache.py) share: recording each DSA layer's top-k and indexer keys per call, and the
+step-by-step comparison of cached decoding against uncached full forwards."""
+import contextlib
+
+import torch
+
+from dsa_ext import nn as dnn
+
+
+@contextlib.contextmanager
+def record_selections(model):
+    """Inside the block, every ``select`` of every DSA core appends its Selection to the list
+    yielded, one list per core (in model order)."""
+    cores = dnn.dsa_modules(model)
+    calls = [[] for _ in cores]
+    for core, seen in zip(cores, calls):
+        def select(*args, _orig=core.select, _seen=seen, **kwargs):
+            sel = _orig(*args, **kwargs)
+            _seen.append(sel)
+            return sel
+        core.select = select
+    try:
+        yield calls
+    finally:
+        for core in cores:
+            del core.select
+
+
+def compare_steps(step_cached, full_forward, model, prompt, steps, sparse):
+    """Greedy decoding two ways, compared at every step: ``step_cached(ids)`` feeds the new ids to
+    the model with its cache and returns their logits [B, T, V]; ``full_forward(ids)`` runs the
+    whole sequence uncached. The prompt goes through the cache in one call, then one token a step.
+    Checks, at each step, logits within 1e-10, the same greedy token, and (sparse) the same top-k
+    rows in every layer. Returns the generated sequence."""
+    seqs = prompt
+    new = prompt
+    for step in range(steps + 1):
+        with record_selections(model) as cached_sel:
+            cached = step_cached(new)
+        with record_selections(model) as full_sel:
+            full = full_forward(seqs)
+        T = new.shape[1]
+        torch.testing.assert_close(cached, full[:, -T:], rtol=0, atol=1e-10, msg=f"step {step}: logits")
+        for layer, (c, f) in enumerate(zip(cached_sel, full_sel)):
+            assert len(c) == len(f) == 1
+            if sparse:
+                assert torch.equal(c[0].indices, f[0].indices[:, -T:]), f"step {step}, layer {layer}: top-k"
+            else:
+                assert c[0].indices is None and f[0].indices is None
+        token = cached[:, -1].argmax(-1, keepdim=True)
+        assert torch.equal(token, full[:, -1].argmax(-1, keepdim=True))
+        seqs = torch.cat((seqs, token), dim=1)
+        new = token
+    return seqs
+
+
+def indexer_keys_of_full_forward(model, ids, forward):
+    """The indexer keys [B, S, Di] each DSA layer computes in one uncached forward of ``ids``."""
+    with record_selections(model) as sels:
+        forward(ids)
+    return [s[0].k_idx for s in sels]
