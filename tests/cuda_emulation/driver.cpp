@@ -10,6 +10,7 @@
 #include "cuda/attention/sparse_attention_mma_bwd.cuh"
 #include "cuda/attention/sparse_attention_mma_fwd.cuh"
 #include "cuda/attention/sparse_attention_rowwise.cuh"
+#include "cuda/attention/sparse_attention_split.cuh"
 #include "cuda/indexer/indexer_backward_kernels.cuh"
 #include "cuda/indexer/indexer_logits_kernels.cuh"
 #include "cuda/indexer/indexer_topk_kernels.cuh"
@@ -389,10 +390,29 @@ void run_attention_forward_typed() {
   p.lse = lse.get();
   if (const auto shape = c.kernel_path(nullptr)) {
     if constexpr (sizeof(T) == 2) {
+      // as forward_mma in sparse_attention.cu
       const attn::MmaShape s = *shape;
-      const attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
-      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
+      attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
+      const attn::AttnSplits sp =
+          attn::attention_splits(p, s, static_cast<int>(geti("sm_count")), static_cast<int>(geti("max_splits")));
+      std::printf("attn_splits=%d split_tiles=%d\n", sp.splits, sp.split_tiles);
+      const int64_t rows = p.B * p.T * p.H;
+      std::unique_ptr<float[]> part_out, part_lse;
+      if (sp.splits > 1) {
+        part_out.reset(new float[rows * sp.splits * p.Dv]);
+        part_lse.reset(new float[rows * sp.splits]);
+        a.splits = sp.splits;
+        a.split_tiles = sp.split_tiles;
+        a.part_out = part_out.get();
+        a.part_lse = part_lse.get();
+      }
+      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks * sp.splits), attn::threads_of(s),
                   attn::smem_layout(s, false).bytes, [&] { attn::sparse_attention_fwd_mma_kernel<T>(a); });
+      if (sp.splits > 1) {
+        const attn::CombineArgs m{a.part_out, a.part_lse, p.out, lse.get(), rows, p.Dv, sp.splits};
+        emu::launch(static_cast<unsigned>(attn::combine_blocks(m)), attn::kCombineWarps * 32, 0,
+                    [&] { attn::combine_splits_kernel<T>(m); });
+      }
     }
   } else {
     emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,

@@ -22,10 +22,10 @@ struct BlockTask {
   int rows_valid; // query heads of the block that exist; the rows after them are zero padding
 };
 
-// Blocks are numbered ((b * T + t) * Hkv + kvh) * chunks + chunk: the blocks of one token are
-// neighbours, so the key rows they share are still in L2.
-__device__ __forceinline__ BlockTask block_task(const SparseAttentionParams& p, const MmaShape& s) {
-  int64_t id = blockIdx.x;
+// Tasks are numbered ((b * T + t) * Hkv + kvh) * chunks + chunk: the blocks of one token are
+// neighbours, so the key rows they share are still in L2. `id` is the block's task number
+// (blockIdx.x, or blockIdx.x / splits in a forward split over index slots).
+__device__ __forceinline__ BlockTask block_task(const SparseAttentionParams& p, const MmaShape& s, int64_t id) {
   const int chunk = static_cast<int>(id % s.chunks);
   id /= s.chunks;
   BlockTask task;
