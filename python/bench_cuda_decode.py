@@ -13,7 +13,7 @@ cache, batch 1 and 64, bfloat16.
                  GB/s counts the gathered K (and V unless in K) rows, q and out.
 
 Both paths must agree: the top-k indices exactly (same scores, same tie rule), the attention
-output within bfloat16 rounding. Times are medians of CUDA-event timings after a warm-up.
+output within bfloat16 rounding. Times are medians of --reps CUDA-event timings after a warm-up.
 
 Usage: python python/bench_cuda_decode.py [--json out/decode_bench.json] [--reps N]
 """
@@ -22,32 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import torch
 
 import cli  # python/ (this file's folder) is on sys.path
 import dsa_ext
+from bench_cuda_indexer import time_ms
 
 TOPK = 2048
 SPLIT_ENV = {"indexer_topk": "DSA_EXT_CUDA_TOPK_MAX_SPLITS", "sparse_attn": "DSA_EXT_CUDA_ATTN_MAX_SPLITS"}
-
-
-def time_ms(fn, reps: int) -> float:
-    """Median of `reps` CUDA-event timings of fn, after two warm-up calls."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def split_and_single(op: str, fn, reps: int):
@@ -55,9 +39,9 @@ def split_and_single(op: str, fn, reps: int):
     var = SPLIT_ENV[op]
     old = os.environ.pop(var, None)
     try:
-        split_ms, split_out = time_ms(fn, reps), fn()
+        split_ms, split_out = time_ms(fn, 0.0, reps, reps), fn()
         os.environ[var] = "1"
-        single_ms, single_out = time_ms(fn, reps), fn()
+        single_ms, single_out = time_ms(fn, 0.0, reps, reps), fn()
     finally:
         os.environ.pop(var, None)
         if old is not None:

@@ -15,7 +15,6 @@
 
 #include <cstdint>
 
-#include "cuda/attention/sparse_attention_split.cuh"
 #include "cuda/attention/sparse_attention_tiles.cuh"
 
 namespace dsa {
@@ -184,7 +183,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const float lse = row_sum[h] > 0.f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : -INFINITY;
     if (a.splits > 1) {  // this split's partial row [out_row, split]
       const int64_t part_row = out_row * a.splits + split;
-      store_partial_row<kMaxPairsFwd>(a.part_out + part_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
+      store_tile_row<float, kMaxPairsFwd>(a.part_out + part_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
       if (cw == 0 && quad == 0) a.part_lse[part_row] = lse;
     } else {
       store_tile_row<T, kMaxPairsFwd>(static_cast<T*>(p.out) + out_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);

@@ -1,6 +1,7 @@
-// The forward of sparse_attention split over index slots (decoding shapes, attention_splits in
-// sparse_attention_kernels.h): each split of a row stores its own normalised output and lse in
-// float32, and combine_splits_kernel merges them as a softmax over the union would:
+// The merge of the tensor-core forward's splits over index slots (decoding shapes,
+// attention_splits in sparse_attention_kernels.h): each split of a row has stored its own
+// normalised output and lse in float32 (sparse_attention_mma_fwd.cuh), and combine_splits_kernel
+// merges them as a softmax over the union would:
 //   lse = ln sum_i exp(lse_i),  out = sum_i exp(lse_i - lse) * out_i.
 // A split that saw no valid key has lse_i = -inf and out_i = 0 and weighs nothing; a row whose
 // splits all saw none gets out = 0, lse = -inf, as the unsplit kernel gives it.
@@ -14,25 +15,6 @@
 
 namespace dsa {
 namespace cuda {
-
-// Stores this lane's half h of a forward output tile, times `scale`, into the float32 row `dst`
-// of D elements (D a multiple of 8, dst 8-byte aligned): the partial output of one split.
-template <int kMaxPairs>
-__device__ __forceinline__ void store_partial_row(float* dst, const float (&acc)[2 * kMaxPairs][4], int h, float scale,
-                                                  int pair0, int npairs, int64_t D, int quad) {
-#pragma unroll
-  for (int jp = 0; jp < kMaxPairs; ++jp) {
-    if (jp < npairs) {
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int col = (pair0 + jp) * 16 + half * 8 + 2 * quad;
-        if (col < D)
-          *reinterpret_cast<float2*>(dst + col) =
-              make_float2(acc[2 * jp + half][2 * h] * scale, acc[2 * jp + half][2 * h + 1] * scale);
-      }
-    }
-  }
-}
 
 inline int64_t combine_blocks(const CombineArgs& a) { return ceil_div(a.rows, kCombineWarps); }
 
