@@ -182,8 +182,9 @@ def test_mma_one_stage_when_shared_memory_is_small():
 
 
 def decode_case(B, S, H, Hkv, Dqk, Dv, K, seed, v_in_k=False):
-    """T = 1 inputs as make_case (the first row without any valid index), and a row whose valid
-    indices all sit in its first 40 slots, so that its later splits see nothing."""
+    """T = 1 inputs as make_case for B >= 3 sequences: the first without any valid index, the
+    second with valid indices in its first 40 slots only (its later splits see nothing), the
+    others with valid indices throughout."""
     q, k, v, idx = make_case(B, 1, S, H, Hkv, Dqk, Dv, K, torch.bfloat16, seed, v_in_k=v_in_k)
     idx[1, 0, 40:] = -1
     return q, k, v, idx
@@ -193,19 +194,19 @@ def test_decode_mla_split_over_index_slots():
     # MLA (128 heads on one 576-wide latent, v in k) at T = 1: 2 blocks per sequence, so on 132 SMs
     # the 13 key tiles of K = 400 split 3 ways (5, 5, 3 tiles: tiles / kMinSplitTiles caps it);
     # one row with no valid key (every split empty), one whose later splits are empty
-    case = decode_case(2, 600, 128, 1, 576, 512, 400, seed=31, v_in_k=True)
+    case = decode_case(3, 600, 128, 1, 576, 512, 400, seed=31, v_in_k=True)
     check_forward(*case, "mma", expect="chunks=2", splits=3)
 
 
 @pytest.mark.parametrize("sm_count,max_splits,splits", [
-    (132, 64, 4),   # 8 kv heads x B = 2: 16 blocks, K = 512 (16 tiles) split 4 ways
+    (132, 64, 4),   # 8 kv heads x B = 3: 24 blocks, K = 512 (16 tiles) split 4 ways
     (132, 3, 3),    # DSA_EXT_CUDA_ATTN_MAX_SPLITS=3: 3 splits of 6, 6 and 4 tiles
     (132, 1, 1),    # DSA_EXT_CUDA_ATTN_MAX_SPLITS=1: the unsplit kernel
-    (8, 64, 1),     # 16 blocks already fill 8 SMs: no split
+    (8, 64, 1),     # 24 blocks already fill 8 SMs: no split
 ])
 def test_decode_gqa_split_over_index_slots(sm_count, max_splits, splits):
-    # GQA (32 heads on 8 kv heads, D = 128) at T = 1, B = 2
-    case = decode_case(2, 700, 32, 8, 128, 128, 512, seed=32)
+    # GQA (32 heads on 8 kv heads, D = 128) at T = 1, B = 3
+    case = decode_case(3, 700, 32, 8, 128, 128, 512, seed=32)
     check_forward(*case, "mma", expect="chunks=1", sm_count=sm_count, max_splits=max_splits, splits=splits)
 
 
