@@ -3,7 +3,8 @@
 # network), from the repository root:
 #   1. build dsa_ext._C from source for sm_90 only, in place (build/ is reused when it is kept)
 #   2. run every CUDA test (pytest -m cuda tests)
-#   3. run the CUDA benchmarks (python/bench_cuda_attention.py, one shape per run)
+#   3. run the CUDA benchmarks (python/bench_cuda_attention.py, one shape per run; the indexer;
+#      the decoding shapes, python/bench_cuda_decode.py)
 #   4. print a short summary table, last.
 # Every stage runs under `timeout`; the tests get the time the build leaves, within one deadline
 # that keeps the whole script under 8 minutes. Logs, junit XML and benchmark JSON go to $OUT (or
@@ -19,6 +20,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 DEADLINE=450  # seconds after start by which every stage has ended (+5 s kill grace per stage)
 BENCH_LIMIT=50
+DECODE_LIMIT=30
 declare -A STATUS SECONDS_USED
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, logs to $OUT_DIR/NAME.log
@@ -47,7 +49,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, 
 cat "$OUT_DIR/env.log"
 
 if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY" setup.py build_ext --inplace; then
-  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT - 30)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
+  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT - 30 - DECODE_LIMIT)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
     --junitxml="$OUT_DIR/tests.xml"
   stage bench_mla $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes mla --json "$OUT_DIR/bench_mla.json"
   stage bench_gqa $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes gqa --json "$OUT_DIR/bench_gqa.json"
@@ -57,11 +59,13 @@ if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY"
   # its JSON is not named bench_*.json: the summary below parses those as attention rows
   stage bench_indexer $BENCH_LIMIT "$PY" python/bench_cuda_indexer.py --max-t 4096 --max-seconds 35 \
     --per-op-seconds 0.3 --json "$OUT_DIR/indexer_bench.json"
+  # T = 1: indexer top-k at 32K/128K and sparse attention MLA/GQA, B = 1 and 64 (not bench_*.json either)
+  stage bench_decode $DECODE_LIMIT "$PY" python/bench_cuda_decode.py --reps 10 --json "$OUT_DIR/decode_bench.json"
 fi
 
 echo
 echo "================================ device check summary ================================"
-for name in build tests bench_mla bench_gqa bench_gqa1w bench_indexer; do
+for name in build tests bench_mla bench_gqa bench_gqa1w bench_indexer bench_decode; do
   printf '%-10s %-24s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${SECONDS_USED[$name]:--}"
 done
 "$PY" - "$OUT_DIR" <<'EOF'
@@ -94,4 +98,10 @@ if rows:
         if "dense_ms" in f:
             print(f"  {f['shape']} {f['indices']}: fwd+bwd {(f['dense_ms'] + b['dense_ms']) / (f['ms'] + b['ms']):.2f}x "
                   "faster than dense")
+decode = os.path.join(out, "decode_bench.json")
+if os.path.exists(decode):
+    print(f"decode (T=1, bf16, k=2048) {'shape':<13} {'ms':>8} {'GB/s':>7} {'1 block/row':>11} {'agree':>5}")
+    for r in json.load(open(decode))["rows"]:
+        print(f"  {r['op']:<24} {r['shape']:<13} {r['ms']:>8.3f} {r['gbps']:>7.0f} {r['single_ms']:>9.3f}ms "
+              f"{str(r['same']):>5}")
 EOF

@@ -206,6 +206,8 @@ def test_topk_causal_rows_are_dense(seed):
     (1, 9, 3000, 64, 128, 1),     # k = 1
     (1, 6, 5000, 16, 32, 2048),   # compactions, k larger than most tiles
     (1, 2, 20000, 8, 64, 300),    # few rows: the keys are split across blocks, then merged
+    (1, 1, 131072, 64, 128, 2048),  # decoding, V3.2's indexer: splits merged by a tree of blocks
+    (8, 1, 32768, 64, 128, 2048),   # a decoding batch
     (1, 5, 77, 20, 24, 500),      # k > S
 ])
 @pytest.mark.parametrize("causal", [True, False])
@@ -234,6 +236,25 @@ def test_fused_same_set_as_float64_reference(seed, dtype):
         kth = exact[t, sorted(b, key=lambda s: -exact[t, s].item())[-1]]
         for s in a ^ b:  # only near-ties may swap
             assert abs(exact[t, s] - kth) <= 1e-5 * bound[t, s], (t, s)
+
+
+@pytest.mark.parametrize("B,T,S", [
+    (1, 1, 131072),   # one decoding query over 128K keys: a row's keys split over many blocks, a merge tree
+    (64, 1, 32768),   # a decoding batch: fewer splits, no tree
+    (3, 4, 50000),    # a few queries per sequence (speculative decoding), causal bottom-right
+    (1, 2, 3000),     # k = 2048 of 3000 keys: splits of fewer keys than k
+])
+def test_decode_split_equals_one_block_per_row_and_reference(seed, B, T, S, monkeypatch):
+    """Decoding shapes take the split-and-merge path; DSA_EXT_CUDA_TOPK_MAX_SPLITS=1 forces one
+    block per row. Integer inputs make the scores exact (the float64 reference is then the exact
+    answer) and tie massively across split boundaries: both paths must equal it, ties included."""
+    q, kk, w = inputs(B, T, S, 64, 128, torch.bfloat16, seed=seed + 30, quantized=True)
+    split = dsa_ext.indexer_topk(q, kk, w, 2048, scale=0.125)
+    monkeypatch.setenv("DSA_EXT_CUDA_TOPK_MAX_SPLITS", "1")
+    single = dsa_ext.indexer_topk(q, kk, w, 2048, scale=0.125)
+    ref = reference.indexer_topk(q.double(), kk.double(), w.double(), 2048, 0.125, True)
+    assert torch.equal(single, ref)
+    assert torch.equal(split, ref)
 
 
 def test_fused_peak_memory_is_not_quadratic(seed):

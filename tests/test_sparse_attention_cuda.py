@@ -170,6 +170,32 @@ def test_mla_separate_v(dtype):
     check_against_reference(q, k, v, make_indices(B, T, S, K))
 
 
+@pytest.mark.parametrize("max_splits", [None, "1"], ids=["split", "unsplit"])
+@pytest.mark.parametrize("B,T,H,Hkv,Dqk,Dv", [
+    (1, 1, 128, 1, 576, 512),   # MLA decoding at B = 1: 2 blocks, the index slots split many ways
+    (3, 4, 128, 1, 576, 512),   # a few queries per sequence
+    (1, 1, 32, 8, 128, 128),    # GQA decoding
+    (64, 1, 32, 8, 128, 128),   # a batch whose blocks fill the GPU: no split
+])
+def test_decode_shapes(B, T, H, Hkv, Dqk, Dv, max_splits, monkeypatch):
+    """T = 1 .. 4 queries per sequence over k = 2048 of 4096 keys: the tensor-core forward splits
+    each row's index slots over blocks and merges them (DSA_EXT_CUDA_ATTN_MAX_SPLITS=1: the
+    unsplit kernel). make_indices leaves a row empty (every split of it sees no key) and, for
+    T > 1, a row whose only valid slot is its last (all splits but one empty)."""
+    if max_splits is not None:
+        if not ON_CUDA:
+            pytest.skip("the split cap only steers the CUDA kernels")
+        monkeypatch.setenv("DSA_EXT_CUDA_ATTN_MAX_SPLITS", max_splits)
+    S, K = 4096, 2048
+    q = rand(B, T, H, Dqk, dtype=torch.bfloat16, requires_grad=True)
+    if Hkv == 1 and Dv == 512:  # MLA: v is a view of the latent
+        kv = rand(B, S, 1, Dqk, dtype=torch.bfloat16, requires_grad=True)
+        check_against_reference(q, kv, kv[..., :Dv], make_indices(B, T, S, K), kv=kv)
+    else:
+        k, v = rand(B, S, Hkv, Dqk, dtype=torch.bfloat16), rand(B, S, Hkv, Dv, dtype=torch.bfloat16)
+        check_against_reference(q, k.requires_grad_(), v.requires_grad_(), make_indices(B, T, S, K))
+
+
 @cuda_only
 @pytest.mark.parametrize("smem_limit", [60000, 30000], ids=["one-stage", "small"])
 def test_small_shared_memory(smem_limit, monkeypatch):

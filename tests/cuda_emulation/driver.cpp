@@ -10,9 +10,11 @@
 #include "cuda/attention/sparse_attention_mma_bwd.cuh"
 #include "cuda/attention/sparse_attention_mma_fwd.cuh"
 #include "cuda/attention/sparse_attention_rowwise.cuh"
+#include "cuda/attention/sparse_attention_split.cuh"
 #include "cuda/indexer/indexer_backward_kernels.cuh"
 #include "cuda/indexer/indexer_logits_kernels.cuh"
 #include "cuda/indexer/indexer_topk_kernels.cuh"
+#include "cuda/indexer/indexer_topk_merge.cuh"
 #include "cuda/indexer/select_rows.cuh"
 
 #include <fstream>
@@ -202,23 +204,43 @@ void run_indexer_topk() {
   const IndexerParams& p0 = in.p;
   const int64_t topk = geti("k");
   std::unique_ptr<int32_t[]> out(new int32_t[p0.B * p0.T * topk]);
-  const TopkPlan plan = plan_indexer_topk(p0, topk, static_cast<int>(geti("sm_count")), geti("budget"));
-  std::printf("plan k=%d capacity=%d splits=%d split_len=%ld t_chunk=%ld\n", plan.k, plan.capacity, plan.splits,
-              static_cast<long>(plan.split_len), static_cast<long>(plan.t_chunk));
+  const TopkPlan plan = plan_indexer_topk(
+      p0, topk, TopkLimits{static_cast<int>(geti("sm_count")), geti("budget"), static_cast<int>(geti("max_splits")),
+                           geti("min_split_keys")});
+  const MergeTree& tree = plan.tree;
+  std::printf("plan k=%d capacity=%d splits=%d split_len=%ld t_chunk=%ld merge_levels=%d\n", plan.k, plan.capacity,
+              plan.splits, static_cast<long>(plan.split_len), static_cast<long>(plan.t_chunk), tree.levels);
   const int64_t slots = topk_workspace_slots(p0, plan);
   std::unique_ptr<uint32_t[]> keys(new uint32_t[slots * plan.capacity]);
   std::unique_ptr<int32_t[]> pos(new int32_t[slots * plan.capacity]);
   std::unique_ptr<int32_t[]> counts(new int32_t[slots]);
-  const int cand_cap = topk_select_candidates(plan);
+  // as indexer_topk.cu: the merge tree's two buffer sets
+  const int64_t tree_rows = tree.levels > 0 ? p0.B * plan.t_chunk : 0;
+  std::unique_ptr<uint32_t[]> tree_keys[2];
+  std::unique_ptr<int32_t[]> tree_pos[2], tree_counts[2];
+  for (int i = 0; i < 2; ++i) {
+    tree_keys[i].reset(new uint32_t[tree_rows * tree.most_entries]);
+    tree_pos[i].reset(new int32_t[tree_rows * tree.most_entries]);
+    tree_counts[i].reset(new int32_t[tree_rows * tree.n[1]]);
+  }
+  const int final_cand_cap = merge_select_candidates(tree.n[tree.levels], tree.cap[tree.levels]);
   with_engine(in, [&]<class Tile>(const IndexerParams& p, bool vec16) {
     const auto L = Tile::layout(p, vec16);
     for (int64_t t_begin = 0; t_begin < p.T; t_begin += plan.t_chunk) {
       const TopkWorkspace ws = topk_workspace(p, plan, keys.get(), pos.get(), counts.get(), t_begin);
       emu::launch(static_cast<unsigned>(p.B * ws.q_tiles * plan.splits), kThreads, L.bytes,
                   [&] { indexer_topk_partial_kernel<Tile, decltype(L)>(p, L, ws); });
-      const SplitRows rows{ws, p.T};
-      emu::launch(static_cast<unsigned>(p.B * ws.t_count), kSelectThreads, cand_cap * sizeof(uint32_t),
-                  [&] { select_rows_kernel<SplitRows>(rows, plan.k, topk, out.get(), cand_cap); });
+      const CandidateSet last = run_merge_tree(
+          tree, p.B * ws.t_count, CandidateSet{ws.keys, ws.pos, ws.counts},
+          CandidateSet{tree_keys[0].get(), tree_pos[0].get(), tree_counts[0].get()},
+          CandidateSet{tree_keys[1].get(), tree_pos[1].get(), tree_counts[1].get()},
+          [&](const MergeLevel& m, int64_t blocks, int cand_cap) {
+            emu::launch(static_cast<unsigned>(blocks), kSelectThreads, cand_cap * sizeof(uint32_t),
+                        [&] { merge_level_kernel<>(m, cand_cap); });
+          });
+      const SplitRows rows{final_buffers(ws, tree, last), p.T};
+      emu::launch(static_cast<unsigned>(p.B * ws.t_count), kSelectThreads, final_cand_cap * sizeof(uint32_t),
+                  [&] { select_rows_kernel<SplitRows>(rows, plan.k, topk, out.get(), final_cand_cap); });
     }
   });
   write_file("out.bin", out.get(), p0.B * p0.T * topk);
@@ -377,10 +399,29 @@ void run_attention_forward_typed() {
   p.lse = lse.get();
   if (const auto shape = c.kernel_path(nullptr)) {
     if constexpr (sizeof(T) == 2) {
+      // as forward_mma in sparse_attention.cu
       const attn::MmaShape s = *shape;
-      const attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
-      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks), attn::threads_of(s),
+      attn::FwdArgs a{p, s, static_cast<float>(p.scale) * kLog2eF};
+      const attn::AttnSplits sp =
+          attn::attention_splits(p, s, static_cast<int>(geti("sm_count")), static_cast<int>(geti("max_splits")));
+      std::printf("attn_splits=%d split_tiles=%d\n", sp.splits, sp.split_tiles);
+      const int64_t rows = p.B * p.T * p.H;
+      std::unique_ptr<float[]> part_out, part_lse;
+      if (sp.splits > 1) {
+        part_out.reset(new float[rows * sp.splits * p.Dv]);
+        part_lse.reset(new float[rows * sp.splits]);
+        a.splits = sp.splits;
+        a.split_tiles = sp.split_tiles;
+        a.part_out = part_out.get();
+        a.part_lse = part_lse.get();
+      }
+      emu::launch(static_cast<unsigned>(p.B * p.T * p.Hkv * s.chunks * sp.splits), attn::threads_of(s),
                   attn::smem_layout(s, false).bytes, [&] { attn::sparse_attention_fwd_mma_kernel<T>(a); });
+      if (sp.splits > 1) {
+        const attn::CombineArgs m{a.part_out, a.part_lse, p.out, lse.get(), rows, p.Dv, sp.splits};
+        emu::launch(static_cast<unsigned>(attn::combine_blocks(m)), attn::kCombineWarps * 32, 0,
+                    [&] { attn::combine_splits_kernel<T>(m); });
+      }
     }
   } else {
     emu::launch(static_cast<unsigned>(attn::rowwise_blocks(p)), attn::kRowwiseWarps * 32,

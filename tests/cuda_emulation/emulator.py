@@ -170,10 +170,13 @@ def indexer_case(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, scale: float
 
 
 def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, scale: float,
-                   smem_limit: int = 227 * 1024, min_warps: int = 4) -> tuple[dict, dict]:
+                   smem_limit: int = 227 * 1024, min_warps: int = 4, sm_count: int = 132,
+                   max_splits: int = 64) -> tuple[dict, dict]:
     """meta and tensors of a sparse_attention call; v may be a view of k's storage (MLA). The
-    driver picks the kernels as sparse_attention.cu does (smem_limit, min_warps: what the device
-    or DSA_EXT_CUDA_SMEM_LIMIT / DSA_EXT_CUDA_MIN_WARPS give the host code)."""
+    driver picks the kernels as sparse_attention.cu does (smem_limit, min_warps, sm_count,
+    max_splits: what the device or DSA_EXT_CUDA_SMEM_LIMIT / DSA_EXT_CUDA_MIN_WARPS /
+    DSA_EXT_CUDA_ATTN_MAX_SPLITS give the host code; the forward splits its index slots when
+    the blocks are fewer than sm_count)."""
     qs, q_off = storage_of(q)
     ks, k_off = storage_of(k)
     v_in_k = v.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
@@ -186,7 +189,7 @@ def attention_case(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: t
                 k_head_stride=k.stride(2), v_batch_stride=v.stride(0), v_row_stride=v.stride(1), v_head_stride=v.stride(2), idx_batch_stride=idx.stride(0),
                 idx_row_stride=idx.stride(1), idx_head_stride=idx.stride(2) if idx.dim() == 4 else 0, q_off=q_off, k_off=k_off,
                 v_off=v_off, v_in_k=v_in_k, scale=repr(float(scale)), smem_limit=smem_limit,
-                min_warps=min_warps)
+                min_warps=min_warps, sm_count=sm_count, max_splits=max_splits)
     tensors = {"q": qs, "k": ks, "idx": idx.view(-1)}
     if not v_in_k:
         tensors["v"] = vs

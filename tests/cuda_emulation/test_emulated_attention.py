@@ -43,8 +43,8 @@ def make_case(B, T, S, H, Hkv, Dqk, Dv, K, dtype, seed, v_in_k=False, per_head=F
     return q, k, v, idx.to(torch.int32)
 
 
-def emulate_forward(q, k, v, idx, scale, smem_limit=227 * 1024, min_warps=4):
-    meta, tensors = emulator.attention_case(q, k, v, idx, scale, smem_limit, min_warps)
+def emulate_forward(q, k, v, idx, scale, smem_limit=227 * 1024, min_warps=4, sm_count=132, max_splits=64):
+    meta, tensors = emulator.attention_case(q, k, v, idx, scale, smem_limit, min_warps, sm_count, max_splits)
     meta["op"] = "attn_fwd"
     B, T, H = q.shape[:3]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -98,10 +98,15 @@ def assert_path(log, path, expect=None):
     assert expect is None or expect in line, line
 
 
-def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None, min_warps=4):
+def check_forward(q, k, v, idx, path, smem_limit=227 * 1024, expect=None, min_warps=4, sm_count=132, max_splits=64,
+                  splits=None):
+    """The emulated forward against the reference; splits: the index-slot splits the driver must
+    have taken ("attn_splits=N" line of the tensor-core path). Returns out, lse, scale."""
     scale = q.shape[-1] ** -0.5
-    out, lse, log = emulate_forward(q, k, v, idx, scale, smem_limit, min_warps)
+    out, lse, log = emulate_forward(q, k, v, idx, scale, smem_limit, min_warps, sm_count, max_splits)
     assert_path(log, path, expect)
+    if splits is not None:
+        assert emulator.launched(log, "attn_splits=").split()[0] == f"attn_splits={splits}", log
     ref_out, ref_lse = reference.sparse_attention(q.double(), k.double(), v.double(), idx, scale, return_lse=True)
     low_out, low_lse = reference.sparse_attention(q, k, v, idx, scale, return_lse=True, upcast=False)
     empty = torch.isneginf(ref_lse)
@@ -109,6 +114,11 @@ def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=
     assert out[empty.unsqueeze(-1).expand_as(out)].eq(0).all(), "rows without keys must get out 0"
     assert_within(out, ref_out, low_out, "out")
     assert_within(lse[~empty], ref_lse[~empty], low_lse[~empty], "lse")
+    return out, lse, scale
+
+
+def check(q, k, v, idx, path, smem_limit=227 * 1024, with_grad_lse=True, expect=None, min_warps=4):
+    out, lse, scale = check_forward(q, k, v, idx, path, smem_limit, expect, min_warps)
 
     g = gen(99)
     dout = torch.randn(out.shape, generator=g).to(q.dtype)
@@ -164,6 +174,40 @@ def test_mma_one_stage_when_shared_memory_is_small():
     # backward one stage and 16-row blocks (two chunks per token)
     check(*make_case(1, 2, 70, 32, 1, 128, 128, 64, torch.bfloat16, seed=4), "mma", smem_limit=40 * 1024,
           expect="stages=1")
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: one query per sequence, the forward split over index slots
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_case(B, S, H, Hkv, Dqk, Dv, K, seed, v_in_k=False):
+    """T = 1 inputs as make_case for B >= 3 sequences: the first without any valid index, the
+    second with valid indices in its first 40 slots only (its later splits see nothing), the
+    others with valid indices throughout."""
+    q, k, v, idx = make_case(B, 1, S, H, Hkv, Dqk, Dv, K, torch.bfloat16, seed, v_in_k=v_in_k)
+    idx[1, 0, 40:] = -1
+    return q, k, v, idx
+
+
+def test_decode_mla_split_over_index_slots():
+    # MLA (128 heads on one 576-wide latent, v in k) at T = 1: 2 blocks per sequence, so on 132 SMs
+    # the 13 key tiles of K = 400 split 3 ways (5, 5, 3 tiles: tiles / kMinSplitTiles caps it);
+    # one row with no valid key (every split empty), one whose later splits are empty
+    case = decode_case(3, 600, 128, 1, 576, 512, 400, seed=31, v_in_k=True)
+    check_forward(*case, "mma", expect="chunks=2", splits=3)
+
+
+@pytest.mark.parametrize("sm_count,max_splits,splits", [
+    (132, 64, 4),   # 8 kv heads x B = 3: 24 blocks, K = 512 (16 tiles) split 4 ways
+    (132, 3, 3),    # DSA_EXT_CUDA_ATTN_MAX_SPLITS=3: 3 splits of 6, 6 and 4 tiles
+    (132, 1, 1),    # DSA_EXT_CUDA_ATTN_MAX_SPLITS=1: the unsplit kernel
+    (8, 64, 1),     # 24 blocks already fill 8 SMs: no split
+])
+def test_decode_gqa_split_over_index_slots(sm_count, max_splits, splits):
+    # GQA (32 heads on 8 kv heads, D = 128) at T = 1, B = 3
+    case = decode_case(3, 700, 32, 8, 128, 128, 512, seed=32)
+    check_forward(*case, "mma", expect="chunks=1", sm_count=sm_count, max_splits=max_splits, splits=splits)
 
 
 # ---------------------------------------------------------------------------------------------

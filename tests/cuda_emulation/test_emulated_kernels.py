@@ -193,10 +193,13 @@ def test_logits_long_prefix_chunks():
 # ---------------------------------------------------------------------------------------------
 
 
-def emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count=132, budget=256 << 20, key_start=None,
-                          key_end=None):
+def emulated_indexer_topk(q, k, w, topk, scale, causal, sm_count=132, budget=256 << 20, max_splits=1024,
+                          min_split_keys=1024, key_start=None, key_end=None):
+    """The fused top-k as indexer_topk.cu launches it on a device with sm_count SMs; max_splits and
+    min_split_keys (1024 on a GPU) bound the splits of a row's keys (TopkLimits)."""
     meta, tensors = emulator.indexer_case(q, k, w, scale, causal, key_start=key_start, key_end=key_end)
-    meta.update(op="indexer_topk", k=topk, sm_count=sm_count, budget=budget)
+    meta.update(op="indexer_topk", k=topk, sm_count=sm_count, budget=budget, max_splits=max_splits,
+                min_split_keys=min_split_keys)
     B, T = q.shape[:2]
     out, log = emulator.run(meta, tensors, {"out": (torch.int32, (B, T, topk))})
     return out["out"], log
@@ -227,7 +230,7 @@ def test_indexer_topk_equals_unfused_with_ties(dtype, topk, sm_count, budget):
 def test_indexer_topk_e4m3_equals_unfused():
     q8, k8, ws, ks = fp8_indexer_inputs(1, 6, 300, 8, 32, seed=13)
     meta, tensors = emulator.indexer_case(q8, k8, ws, 0.125, True, k_scale=ks)
-    meta.update(op="indexer_topk", k=40, sm_count=1, budget=256 << 20)
+    meta.update(op="indexer_topk", k=40, sm_count=1, budget=256 << 20, max_splits=1024, min_split_keys=1024)
     got, log = emulator.run(meta, tensors, {"out": (torch.int32, (1, 6, 40))})
     assert emulator.launched(log, "engine=") == engine(torch.float8_e4m3fn, mma=True, vec16=True), log
     logits, _ = emulated_logits(q8, k8, ws, 0.125, True, k_scale=ks)
@@ -235,13 +238,54 @@ def test_indexer_topk_e4m3_equals_unfused():
 
 
 def test_indexer_topk_splits_need_many_keys():
-    # kMinSplitKeys = 4096: S = 8300 allows 2 splits with sm_count large
-    q, k, w = indexer_inputs(1, 2, 8300, 1, 16, torch.bfloat16, seed=11, quantized=True)
+    # kMinSplitKeys = 1024: S = 2100 allows 2 splits with sm_count large
+    q, k, w = indexer_inputs(1, 2, 2100, 1, 16, torch.bfloat16, seed=11, quantized=True)
     got, log = emulated_indexer_topk(q, k, w, 100, 0.5, True, sm_count=64)
-    assert "splits=2" in log, log
+    assert "splits=2 " in log and "merge_levels=0" in log, log
     assert emulator.launched(log, "engine=") == engine(torch.bfloat16, mma=True, vec16=True), log
     ref = reference.indexer_topk(q.double(), k.double(), w.double(), 100, 0.5, True)
     assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("B,T,S,topk,min_split_keys,sm_count,max_splits,plan", [
+    # 66 splits of one key tile, k above a split's 64 keys: merge tree 66 -> 9 -> 2, final select
+    (1, 1, 4200, 100, 1, 17, 1024, "capacity=64 splits=66 split_len=64 t_chunk=1 merge_levels=2"),
+    # 2 x 3 rows (causal: the last 3 positions), 24 splits of 128 keys: each level-1 group keeps
+    # its best 700 of up to 8 x 128 candidates
+    (2, 3, 3000, 700, 64, 132, 1024, "capacity=128 splits=24 split_len=128 t_chunk=3 merge_levels=1"),
+    # topk > S: every visible key, ascending, then -1 padding, through the tree
+    (1, 4, 2500, 3000, 64, 132, 1024, "k=2500 capacity=128 splits=20 split_len=128 t_chunk=4 merge_levels=1"),
+    # 8 splits (no tree): compactions inside a split (capacity 104 < 192 keys) and after its last tile
+    (3, 1, 1500, 40, 128, 132, 1024, "capacity=104 splits=8 split_len=192 t_chunk=1 merge_levels=0"),
+    # DSA_EXT_CUDA_TOPK_MAX_SPLITS=1: one block per row, as for many rows
+    (1, 1, 1500, 40, 1, 132, 1, "capacity=104 splits=1 split_len=1536 t_chunk=1 merge_levels=0"),
+])
+def test_indexer_topk_decode_splits_equal_reference(B, T, S, topk, min_split_keys, sm_count, max_splits, plan):
+    """Decoding shapes (few query rows over many keys, scaled down): a row's keys split over many
+    blocks, candidates merged by the tree and the final selection. Integer inputs make every score
+    exact and tie massively, so equal scores straddle split boundaries: the lower position must win
+    exactly as in one selection over the row."""
+    q, k, w = indexer_inputs(B, T, S, 8, 16, torch.bfloat16, seed=S + topk, quantized=True)
+    scale = 0.125
+    got, log = emulated_indexer_topk(q, k, w, topk, scale, True, sm_count, max_splits=max_splits,
+                                     min_split_keys=min_split_keys)
+    assert plan in emulator.launched(log, "plan "), log
+    ref = reference.indexer_topk(q.double(), k.double(), w.double(), topk, scale, True)
+    assert torch.equal(got, ref), log
+    visible = torch.arange(T) + S - T + 1  # keys each query sees
+    assert torch.equal((got >= 0).sum(-1), visible.clamp(max=topk).expand(B, T)), "padding: -1 after min(topk, visible)"
+
+
+def test_indexer_topk_decode_tree_random_scores_and_float32():
+    # random scores on the bfloat16 tensor cores and on the float32 CUDA-core engine, through a
+    # two-level tree (66 splits), against topk_indices of the same emulated logits
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k, w = indexer_inputs(2, 2, 4200, 4, 32, dtype, seed=21)
+        for causal in (True, False):
+            got, log = emulated_indexer_topk(q, k, w, 150, 0.2, causal, sm_count=132, min_split_keys=1)
+            assert "merge_levels=2" in log, log
+            logits, _ = emulated_logits(q, k, w, 0.2, causal)
+            assert torch.equal(got, reference.topk_indices(logits, 150)), (dtype, causal, log)
 
 
 # ---------------------------------------------------------------------------------------------

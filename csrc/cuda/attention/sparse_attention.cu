@@ -5,7 +5,8 @@
 //     tensor-core kernels, when their tiles fit in shared memory;
 //   - everything else (float32, float64, odd dims, misaligned views): the row-wise kernels.
 // The backward adds dk/dv atomically, or under torch.use_deterministic_algorithms in a fixed order
-// (sparse_attention_deterministic.h).
+// (sparse_attention_deterministic.h). The tensor-core forward of decoding shapes (too few blocks
+// for the GPU) splits each row's index slots and merges the splits (attention_splits).
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,6 +45,42 @@ constexpr double kLog2e = 1.4426950408889634;
 int min_block_warps() {
   const char* env = std::getenv("DSA_EXT_CUDA_MIN_WARPS");
   return env != nullptr ? std::clamp(std::atoi(env), 1, kMaxWarps) : 4;
+}
+
+// Most splits of the forward's index slots (attention_splits): DSA_EXT_CUDA_ATTN_MAX_SPLITS, 1 to
+// time the unsplit kernel on a GPU; read on every call.
+int max_attention_splits() {
+  const char* env = std::getenv("DSA_EXT_CUDA_ATTN_MAX_SPLITS");
+  return env != nullptr ? std::clamp(std::atoi(env), 1, kMaxAttnSplits) : kMaxAttnSplits;
+}
+
+// The tensor-core forward, split over index slots when the blocks would not fill the GPU: float32
+// partials per split, then their merge into out and lse.
+void forward_mma(const char* op, const SparseAttentionCall& c, const MmaShape& s, cudaStream_t stream) {
+  const auto& p = c.p;
+  FwdArgs args{p, s, static_cast<float>(p.scale * kLog2e)};
+  const AttnSplits sp = attention_splits(p, s, sm_count(), max_attention_splits());
+  check_grid(op, p.B * p.T * p.Hkv * s.chunks * sp.splits);
+  const at::ScalarType dtype = c.q.scalar_type();
+  if (sp.splits == 1) {
+    DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_fwd_mma<scalar_t>(args, stream); });
+    return;
+  }
+  const int64_t rows = p.B * p.T * p.H;
+  const auto f32 = c.q.options().dtype(at::kFloat);
+  const at::Tensor part_out = at::empty({rows, sp.splits, p.Dv}, f32);
+  const at::Tensor part_lse = at::empty({rows, sp.splits}, f32);
+  args.splits = sp.splits;
+  args.split_tiles = sp.split_tiles;
+  args.part_out = part_out.data_ptr<float>();
+  args.part_lse = part_lse.data_ptr<float>();
+  const CombineArgs merge{args.part_out, args.part_lse, c.out.data_ptr(), c.lse.data_ptr<float>(), rows, p.Dv,
+                          sp.splits};
+  check_grid(op, ceil_div(rows, kCombineWarps));
+  DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] {
+    launch_fwd_mma<scalar_t>(args, stream);
+    launch_combine_splits<scalar_t>(merge, stream);
+  });
 }
 
 // The tensor-core kernels copy rows in 16-byte pieces: every row must start 16-byte aligned.
@@ -103,9 +140,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cuda(const at::Tensor& q, co
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const at::ScalarType dtype = c.q.scalar_type();
   if (const auto s = tensor_core_shape(c, nullptr, /*backward=*/false)) {
-    check_grid(op, p.B * p.T * p.Hkv * s->chunks);
-    const FwdArgs args{p, *s, static_cast<float>(p.scale * kLog2e)};
-    DSA_DISPATCH_CUDA(dtype, op, DSA_MMA_TYPES, [&] { launch_fwd_mma<scalar_t>(args, stream); });
+    forward_mma(op, c, *s, stream);
   } else {
     check_rowwise(op, c, /*backward=*/false);
     DSA_DISPATCH_CUDA(dtype, op, DSA_ROWWISE_TYPES, [&] { launch_fwd_simple<scalar_t>(p, stream); });

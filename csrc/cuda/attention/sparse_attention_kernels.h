@@ -142,6 +142,50 @@ struct FwdArgs {
   SparseAttentionParams p;
   MmaShape s;
   float scale_log2;  // scale * log2(e): scores live in the exp2 domain
+  // Split over index slots (attention_splits): block (task, split) reads key tiles
+  // split * split_tiles .. + split_tiles - 1 of its row and writes its normalised partial out
+  // and lse (float32, [B, T, H, splits, Dv] and [B, T, H, splits]) instead of out and lse;
+  // combine_splits_kernel (sparse_attention_split.cuh) then merges them. splits = 1: no partials.
+  int splits = 1;
+  int split_tiles = 0;
+  float* part_out = nullptr;
+  float* part_lse = nullptr;
+};
+
+// Forward splits over index slots. Decoding (T = 1 .. 4 per sequence) gives B * T * Hkv * chunks
+// blocks, MLA at B = 1 just 2, each walking all topk / 32 key tiles while the other SMs idle: the
+// slots of a row are then split so that the blocks fill about one wave of sm_count SMs (one
+// block per SM: MLA's tiles take most of an SM's shared memory), each split keeping at least
+// kMinSplitTiles tiles: a split loads its query rows once and writes H * Dv float32 partials per
+// token (MLA: 256 KiB, against 4 tiles' 144 KiB of gathered keys). max_splits caps it (1: no
+// split; DSA_EXT_CUDA_ATTN_MAX_SPLITS on a GPU).
+constexpr int kMaxAttnSplits = 64;
+constexpr int kMinSplitTiles = 4;
+
+struct AttnSplits {
+  int splits, split_tiles;
+};
+
+inline AttnSplits attention_splits(const SparseAttentionParams& p, const MmaShape& s, int sm_count, int max_splits) {
+  const int64_t blocks = p.B * p.T * p.Hkv * s.chunks;
+  const int64_t tiles = ceil_div(p.topk, kKeysPerTile);
+  const int64_t want = std::min<int64_t>({sm_count / std::max<int64_t>(1, blocks), tiles / kMinSplitTiles,
+                                          std::min(max_splits, kMaxAttnSplits)});
+  if (want <= 1) return AttnSplits{1, 0};
+  const int64_t split_tiles = ceil_div(tiles, want);
+  return AttnSplits{static_cast<int>(ceil_div(tiles, split_tiles)), static_cast<int>(split_tiles)};  // no empty split
+}
+
+// The merge of the splits' partials: out = sum_i exp(lse_i - lse) out_i, lse = ln sum_i exp(lse_i),
+// one warp per (b, t, h) row.
+constexpr int kCombineWarps = 4;
+struct CombineArgs {
+  const float* part_out;  // [rows, splits, Dv]
+  const float* part_lse;  // [rows, splits]
+  void* out;              // [rows, Dv] in the input dtype
+  float* lse;             // [rows]
+  int64_t rows, Dv;
+  int splits;
 };
 
 // dk and dv sum over the queries that chose each key. By default the backward kernels add their
@@ -190,6 +234,8 @@ struct SimpleBwdArgs {
 // launcher checks its launch (C10_CUDA_KERNEL_LAUNCH_CHECK).
 template <typename T>
 void launch_fwd_mma(const FwdArgs& a, cudaStream_t stream);
+template <typename T>
+void launch_combine_splits(const CombineArgs& a, cudaStream_t stream);
 template <typename T>
 void launch_fwd_simple(const SparseAttentionParams& p, cudaStream_t stream);
 // delta[b,t,h] = sum_d grad_out * out - grad_lse, in acc_t

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int rw = warp / s.col_warps, cw = warp % s.col_warps;
   const int grp = lane >> 2, quad = lane & 3;
   const int row_a = rw * 16 + grp;  // this lane's rows: row_a and row_a + 8
-  const BlockTask task = block_task(p, s);
+  const BlockTask task = block_task(p, s, blockIdx.x);
 
   const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_batch_stride + task.kvh * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_batch_stride + task.kvh * p.v_head_stride;

@@ -8,7 +8,9 @@
 //   3. O += P V: each warp updates its 16 rows x (pairs_per_warp * 16) output columns, which stay
 //      in registers for the whole key loop.
 // Empty slots (-1, out of range, past K) are masked to -inf; a row that never sees a valid key
-// keeps max -inf, sum 0 and gets out 0, lse -inf.
+// keeps max -inf, sum 0 and gets out 0, lse -inf. Split over index slots (a.splits > 1,
+// decoding), a block walks only its split's key tiles and stores float32 partials that
+// combine_splits_kernel merges (sparse_attention_split.cuh).
 #pragma once
 
 #include <cstdint>
@@ -30,7 +32,8 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int rw = warp / s.col_warps, cw = warp % s.col_warps;
   const int grp = lane >> 2, quad = lane & 3;
   const int row_a = rw * 16 + grp;  // this lane's rows: row_a and row_a + 8
-  const BlockTask task = block_task(p, s);
+  const int split = static_cast<int>(blockIdx.x % a.splits);
+  const BlockTask task = block_task(p, s, blockIdx.x / a.splits);
 
   const T* k_head = static_cast<const T*>(p.k) + task.b * p.k_batch_stride + task.kvh * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + task.b * p.v_batch_stride + task.kvh * p.v_head_stride;
@@ -44,7 +47,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   for (int r = warp; r < s.rows; r += nwarps)
     copy_row_async(q_s + r * L.q_stride * 2, head_row<T>(p.q, p.q_batch_stride, p.q_row_stride, p.q_head_stride, task, r),
                    static_cast<int>(p.Dqk / 8), s.dqk_pad / 8, static_cast<const T*>(p.q), lane);
-  issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, 0, 0);
+  const int all_tiles = static_cast<int>((p.topk + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
+  const int tile0 = a.splits > 1 ? split * a.split_tiles : 0;  // this block's key tiles: tile0 .. tile_end - 1
+  const int tile_end = a.splits > 1 ? min(all_tiles, tile0 + a.split_tiles) : all_tiles;
+  issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, tile0, 0);
   cp_async_commit();
 
   float o[2 * kMaxPairsFwd][4];
@@ -52,16 +58,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
   const int pair0 = cw * s.pairs_per_warp;
   const int npairs = min(s.pairs_per_warp, s.dv_pad / 16 - pair0);  // may be <= 0 for the last warps
-  const int ntiles = static_cast<int>((p.topk + kKeysPerTile - 1) / kKeysPerTile);  // K < 2^31
   // [B, T, H] row of query head head0: the epilogue needs only this, not b, t, head0
   const int64_t out_row0 = (task.b * p.T + task.t) * p.H + task.head0;
   const int rows_valid = task.rows_valid;
 
-  for (int j = 0; j < ntiles; ++j) {
-    const int buf = s.stages == 2 ? (j & 1) : 0;
+  for (int j = tile0; j < tile_end; ++j) {
+    const int buf = s.stages == 2 ? ((j - tile0) & 1) : 0;
     cp_async_wait_all();
     __syncthreads();  // tile j (and Q) visible; every warp is done with tile j - 1
-    if (s.stages == 2 && j + 1 < ntiles) issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, j + 1, buf ^ 1);
+    if (s.stages == 2 && j + 1 < tile_end) issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, j + 1, buf ^ 1);
     cp_async_commit();
     const int* idx = reinterpret_cast<const int*>(smem + L.idx) + buf * kKeysPerTile;
     // A tile of empty slots (the -1 padding of short rows) changes nothing; every warp reads the
@@ -161,7 +166,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
       // 4. O += P V over this warp's column pairs
       accumulate_tile_product<T, kMaxPairsFwd>(o, p_s, L.p_stride, v_s, L.kv_stride, rw, pair0, npairs, lane);
     }
-    if (s.stages == 1 && j + 1 < ntiles) {
+    if (s.stages == 1 && j + 1 < tile_end) {
       __syncthreads();  // the single stage is free again
       issue_key_tile<T>(p, s, L, smem, idx_row, k_head, v_head, j + 1, 0);
       cp_async_commit();
@@ -175,9 +180,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     if (row >= rows_valid) continue;
     const int64_t out_row = out_row0 + row;
     const float inv = row_sum[h] > 0.f ? 1.f / row_sum[h] : 0.f;
-    store_tile_row<T, kMaxPairsFwd>(static_cast<T*>(p.out) + out_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
-    if (cw == 0 && quad == 0)
-      static_cast<float*>(p.lse)[out_row] = row_sum[h] > 0.f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : -INFINITY;
+    const float lse = row_sum[h] > 0.f ? (row_max[h] + log2f(row_sum[h])) * kLn2 : -INFINITY;
+    if (a.splits > 1) {  // this split's partial row [out_row, split]
+      const int64_t part_row = out_row * a.splits + split;
+      store_tile_row<float, kMaxPairsFwd>(a.part_out + part_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
+      if (cw == 0 && quad == 0) a.part_lse[part_row] = lse;
+    } else {
+      store_tile_row<T, kMaxPairsFwd>(static_cast<T*>(p.out) + out_row * p.Dv, o, h, inv, pair0, npairs, p.Dv, quad);
+      if (cw == 0 && quad == 0) static_cast<float*>(p.lse)[out_row] = lse;
+    }
   }
 }
 

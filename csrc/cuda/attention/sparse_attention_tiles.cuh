@@ -22,10 +22,10 @@ struct BlockTask {
   int rows_valid; // query heads of the block that exist; the rows after them are zero padding
 };
 
-// Blocks are numbered ((b * T + t) * Hkv + kvh) * chunks + chunk: the blocks of one token are
-// neighbours, so the key rows they share are still in L2.
-__device__ __forceinline__ BlockTask block_task(const SparseAttentionParams& p, const MmaShape& s) {
-  int64_t id = blockIdx.x;
+// Tasks are numbered ((b * T + t) * Hkv + kvh) * chunks + chunk: the blocks of one token are
+// neighbours, so the key rows they share are still in L2. `id` is the block's task number
+// (blockIdx.x, or blockIdx.x / splits in a forward split over index slots).
+__device__ __forceinline__ BlockTask block_task(const SparseAttentionParams& p, const MmaShape& s, int64_t id) {
   const int chunk = static_cast<int>(id % s.chunks);
   id /= s.chunks;
   BlockTask task;
@@ -126,8 +126,20 @@ __device__ __forceinline__ void accumulate_tile_product(float (&acc)[2 * kMaxPai
   }
 }
 
+// Two adjacent values of an output row: packed in the 16-bit input dtype T, or as float32 (the
+// forward's split partials, sparse_attention_split.cuh).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float a, float b) {
+  *reinterpret_cast<uint32_t*>(dst) = Mma<T>::pack(a, b);
+}
+template <>
+__device__ __forceinline__ void store_pair<float>(float* dst, float a, float b) {
+  *reinterpret_cast<float2*>(dst) = make_float2(a, b);
+}
+
 // Stores this lane's half h (row grp + 8h of the warp's 16) of a register tile, times `scale`,
-// into the row `dst` of D elements: the lane's two adjacent columns of every pair.
+// into the row `dst` of D elements (T: the input dtype, or float): the lane's two adjacent
+// columns of every pair.
 template <typename T, int kMaxPairs>
 __device__ __forceinline__ void store_tile_row(T* dst, const float (&acc)[2 * kMaxPairs][4], int h, float scale,
                                                int pair0, int npairs, int64_t D, int quad) {
@@ -137,9 +149,7 @@ __device__ __forceinline__ void store_tile_row(T* dst, const float (&acc)[2 * kM
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const int col = (pair0 + jp) * 16 + half * 8 + 2 * quad;
-        if (col < D)
-          *reinterpret_cast<uint32_t*>(dst + col) =
-              Mma<T>::pack(acc[2 * jp + half][2 * h] * scale, acc[2 * jp + half][2 * h + 1] * scale);
+        if (col < D) store_pair(dst + col, acc[2 * jp + half][2 * h] * scale, acc[2 * jp + half][2 * h + 1] * scale);
       }
     }
   }

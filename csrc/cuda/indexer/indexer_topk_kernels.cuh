@@ -7,13 +7,16 @@
 //    (global memory, `capacity` entries, kept in position order). When the next tile might not
 //    fit, the block compacts the buffer to its best k (radix select + in-place ordered pass)
 //    and raises the floor to the k-th best key: a later key equal to it sits at a higher
-//    position than every kept one, so it could never win, and is dropped at once.
+//    position than every kept one, so it could never win, and is dropped at once. With more
+//    than one split, a split also compacts after its last tile, so it hands at most k on.
 // 2. select_rows_kernel over SplitRows, one block per query row: the row's split buffers, each
 //    in position order, concatenate into one position-ordered candidate list; the same
 //    selection as topk_indices writes the final ascending positions and the -1 padding.
-// Splits exist to fill the GPU when there are few query rows (decoding-like shapes); with many
-// rows there is one split. The buffers hold B * t_count * splits * capacity (key, position)
-// pairs; t_count is chosen on the host to keep them under a fixed budget.
+//    More than kMergeFanIn splits go through a merge tree first (indexer_topk_merge.cuh).
+// Splits exist to fill the GPU when there are few query rows (decoding: B * T rows of one to a
+// few queries over a long cache); with many rows there is one split. The buffers hold
+// B * t_count * splits * capacity (key, position) pairs, plus the merge tree's; t_count is
+// chosen on the host to keep them under a fixed budget.
 #pragma once
 
 #include <algorithm>
@@ -21,6 +24,7 @@
 
 #include "cuda/indexer/indexer_logits_kernels.cuh"
 #include "cuda/indexer/indexer_tile.cuh"
+#include "cuda/indexer/indexer_topk_merge.cuh"
 #include "cuda/indexer/radix_select.cuh"
 #include "cuda/indexer/select_rows.cuh"
 
@@ -28,8 +32,8 @@ namespace dsa {
 namespace cuda {
 namespace indexer {
 
-constexpr int kMaxSplits = 32;
-constexpr int64_t kMinSplitKeys = 4096;                    // keys per split at least
+constexpr int kMaxKeySplits = 1024;   // splits of one row's keys (a merge tree of 4 levels at most)
+constexpr int64_t kMinSplitKeys = 1024;  // keys per split at least: a split loads its queries once
 constexpr int64_t kWorkspaceBudget = int64_t{256} << 20;   // bytes of candidate buffers per launch
 
 struct TopkWorkspace {
@@ -48,23 +52,36 @@ struct TopkWorkspace {
 struct TopkPlan {
   int k, capacity, splits;
   int64_t split_len, t_chunk;
+  MergeTree tree;  // of the splits' buffers (no levels for at most kMergeFanIn splits)
 };
 
-inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_count,
-                                  int64_t workspace_budget = kWorkspaceBudget) {
+// What a plan may use. sm_count: the device's (launch.h). max_splits caps the splits of a row's
+// keys (1: one block per row, as DSA_EXT_CUDA_TOPK_MAX_SPLITS=1 asks, to compare on a GPU);
+// min_split_keys below kMinSplitKeys lets the emulator's tests split short rows many ways.
+struct TopkLimits {
+  int sm_count;
+  int64_t workspace_budget = kWorkspaceBudget;
+  int max_splits = kMaxKeySplits;
+  int64_t min_split_keys = kMinSplitKeys;
+};
+
+// Splits: enough (batch, query tile, split) blocks for 4 per SM when the rows alone are fewer.
+inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, const TopkLimits& lim) {
   TopkPlan plan{};
   plan.k = static_cast<int>(std::min(topk, p.S));
   const int64_t row_tiles = p.B * ceil_div(p.T, kQueries);
-  const int64_t want_blocks = 4 * int64_t{sm_count};
+  const int64_t want_blocks = 4 * int64_t{lim.sm_count};
   int64_t splits = row_tiles >= want_blocks ? 1 : ceil_div(want_blocks, row_tiles);
-  splits = std::min<int64_t>({splits, kMaxSplits, std::max<int64_t>(1, p.S / kMinSplitKeys)});
+  splits = std::min<int64_t>({splits, std::clamp(lim.max_splits, 1, kMaxKeySplits),
+                              std::max<int64_t>(1, p.S / std::max<int64_t>(1, lim.min_split_keys))});
   plan.split_len = ceil_div(ceil_div(p.S, splits), kKeys) * kKeys;
   plan.splits = static_cast<int>(ceil_div(p.S, plan.split_len));
   // k kept + room for at least k (and at least one tile) more before a compaction is due.
   plan.capacity = static_cast<int>(
       std::min<int64_t>(plan.split_len, int64_t{plan.k} + std::max<int64_t>(plan.k, kKeys)));
-  const int64_t row_bytes = int64_t{plan.splits} * (int64_t{plan.capacity} * 8 + 4);
-  const int64_t rows = std::max<int64_t>(kQueries, workspace_budget / std::max<int64_t>(1, p.B * row_bytes));
+  plan.tree = plan_merge_tree(plan.splits, plan.capacity, plan.k);
+  const int64_t row_bytes = int64_t{plan.splits} * (int64_t{plan.capacity} * 8 + 4) + merge_tree_row_bytes(plan.tree);
+  const int64_t rows = std::max<int64_t>(kQueries, lim.workspace_budget / std::max<int64_t>(1, p.B * row_bytes));
   plan.t_chunk = std::min(p.T, rows / kQueries * kQueries);
   return plan;
 }
@@ -72,11 +89,6 @@ inline TopkPlan plan_indexer_topk(const IndexerParams& p, int64_t topk, int sm_c
 // Slots of a call's candidate buffers: B * t_chunk * splits (keys and pos hold capacity per slot).
 inline int64_t topk_workspace_slots(const IndexerParams& p, const TopkPlan& plan) {
   return p.B * plan.t_chunk * plan.splits;
-}
-
-// Shared-memory candidates of the selection kernel that merges a row's splits.
-inline int topk_select_candidates(const TopkPlan& plan) {
-  return static_cast<int>(std::min<int64_t>(kSelectCandidates, int64_t{plan.splits} * plan.capacity));
 }
 
 // The workspace of the launches for query rows [t_begin, t_begin + t_chunk) (the last chunk may
@@ -94,6 +106,17 @@ inline TopkWorkspace topk_workspace(const IndexerParams& p, const TopkPlan& plan
   ws.t_begin = t_begin;
   ws.t_count = std::min(plan.t_chunk, p.T - t_begin);
   ws.q_tiles = ceil_div(ws.t_count, kQueries);
+  return ws;
+}
+
+// The workspace the final selection reads after the merge tree: `last` (run_merge_tree's result),
+// tree.n[levels] buffers per row of tree.cap[levels] entries; ws itself without levels.
+inline TopkWorkspace final_buffers(TopkWorkspace ws, const MergeTree& tree, const CandidateSet& last) {
+  ws.keys = last.keys;
+  ws.pos = last.pos;
+  ws.counts = last.counts;
+  ws.splits = tree.n[tree.levels];
+  ws.capacity = tree.cap[tree.levels];
   return ws;
 }
 
@@ -147,9 +170,10 @@ __global__ void __launch_bounds__(kThreads, kTileBlocksPerSm)
       if (lane == 0) count[warp] = n;
     }
     __syncthreads();
-    if (i + 1 == tiles) return;
+    const bool last = i + 1 == tiles;
     for (int qi = 0; qi < nq; ++qi) {
-      if (count[qi] + kKeys <= ws.capacity) continue;  // the next tile fits
+      // compact when the next tile might not fit; after the last one, down to k for the merge
+      if (last ? (ws.splits == 1 || count[qi] <= ws.k) : count[qi] + kKeys <= ws.capacity) continue;
       uint32_t* keys = ws.keys + buffer(qi);
       int32_t* pos = ws.pos + buffer(qi);
       const int n = count[qi];
@@ -178,40 +202,11 @@ struct SplitRows {
   TopkWorkspace ws;
   int64_t T_len;  // rows of the output
   struct Shared {
-    int start[kMaxSplits + 1];  // first candidate index of each split; start[splits] = total
+    int start[kMergeFanIn + 1];  // first candidate index of each split; start[splits] = total
   };
-  struct Row {
-    const uint32_t* keys;
-    const int32_t* pos;
-    const int* start;
-    int splits, capacity, n;
-    __device__ int64_t at(int i) const {  // buffer offset of candidate i: the last split starting <= i
-      int lo = 0, hi = splits - 1;
-      while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (start[mid] <= i)
-          lo = mid;
-        else
-          hi = mid - 1;
-      }
-      return int64_t{lo} * capacity + (i - start[lo]);
-    }
-    __device__ uint32_t key(int i) const { return keys[at(i)]; }
-    __device__ int32_t position(int i) const { return pos[at(i)]; }
-  };
-  __device__ Row row(int64_t r, Shared& sh) const {
-    const int64_t first = r * ws.splits;  // r = b * t_count + (t - t_begin)
-    if (threadIdx.x == 0) {
-      int total = 0;
-      for (int j = 0; j < ws.splits; ++j) {
-        sh.start[j] = total;
-        total += ws.counts[first + j];
-      }
-      sh.start[ws.splits] = total;
-    }
-    __syncthreads();
-    return Row{ws.keys + first * ws.capacity, ws.pos + first * ws.capacity, sh.start, ws.splits, ws.capacity,
-               sh.start[ws.splits]};
+  using Row = CandidateBuffers;
+  __device__ Row row(int64_t r, Shared& sh) const {  // r = b * t_count + (t - t_begin)
+    return candidate_buffers(ws.keys, ws.pos, ws.counts, r * ws.splits, ws.splits, ws.capacity, sh.start);
   }
   __device__ int64_t out_row(int64_t r) const {
     return (r / ws.t_count) * T_len + ws.t_begin + r % ws.t_count;
