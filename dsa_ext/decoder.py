@@ -154,7 +154,7 @@ class Decoder(nn.Module):
                                       "cache are not supported")
         past = 0 if cache is None else cache.get_seq_length()
         positions = torch.arange(past, past + ids.shape[1], device=ids.device) if position_ids is None else position_ids
-        context_parallel = any(getattr(b.attn.core, "context_parallel", None) is not None for b in self.blocks)
+        context_parallel = any(getattr(m, "context_parallel", None) is not None for m in self.modules())
         if key_ranges is None and position_ids is not None and not context_parallel:
             key_ranges = ranges.from_position_ids(position_ids.expand(ids.shape))
         x = self.embed(ids)

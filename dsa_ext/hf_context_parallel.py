@@ -43,9 +43,9 @@ def _mla_causal_stand_in(**kwargs):
     """hf_mla's zero-byte causal stand-in, whatever mask function transformers asks for."""
     _refuse_padding(kwargs)
     shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
-    mask = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu")).expand(shape)
-    setattr(mask, hf_mla._CAUSAL, True)
-    return mask
+    one = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    setattr(one, hf_mla._CAUSAL, True)  # on the base, as hf_mla's: the model's views of it share it
+    return one.expand(shape)
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -59,8 +59,10 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     core = getattr(module, "dsa", None)
     if isinstance(core, DSAAttention):
-        hidden, positions = module._dsa_inputs
-        module._dsa_inputs = (None, None)
+        hidden, positions, cache = module._dsa_inputs
+        module._dsa_inputs = (None, None, None)
+        if cache is not None:
+            raise NotImplementedError("context parallelism does not support a KV cache (use_cache=False)")
         return core(q, k, v, hidden, positions, scaling), None
     return module.context_parallel.dense_attention(q, k, v, scaling), None
 

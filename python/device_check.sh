@@ -5,7 +5,8 @@
 #   2. run every CUDA test (pytest -m cuda tests)
 #   3. run the CUDA benchmarks (python/bench_cuda_attention.py, one shape per run; the indexer;
 #      the decoding shapes, python/bench_cuda_decode.py)
-#   4. print a short summary table, last.
+#   4. compute-sanitizer memcheck over one small case per kernel (empty slots, out-of-range input)
+#   5. print a short summary table, last.
 # Every stage runs under `timeout`; the tests get the time the build leaves, within one deadline
 # that keeps the whole script under 8 minutes. Logs, junit XML and benchmark JSON go to $OUT (or
 # ./device_check_out when OUT is not set).
@@ -21,6 +22,7 @@ if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_
 DEADLINE=450  # seconds after start by which every stage has ended (+5 s kill grace per stage)
 BENCH_LIMIT=50
 DECODE_LIMIT=30
+SANITIZER_LIMIT=60
 declare -A STATUS SECONDS_USED
 
 stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, logs to $OUT_DIR/NAME.log
@@ -49,7 +51,7 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs COMMAND under `timeout`, 
 cat "$OUT_DIR/env.log"
 
 if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY" setup.py build_ext --inplace; then
-  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT - 30 - DECODE_LIMIT)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
+  stage tests $((DEADLINE - SECONDS - 3 * BENCH_LIMIT - 30 - DECODE_LIMIT - SANITIZER_LIMIT)) "$PY" -m pytest -q -m cuda tests -p no:cacheprovider --durations=8 \
     --junitxml="$OUT_DIR/tests.xml"
   stage bench_mla $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes mla --json "$OUT_DIR/bench_mla.json"
   stage bench_gqa $BENCH_LIMIT "$PY" python/bench_cuda_attention.py --shapes gqa --json "$OUT_DIR/bench_gqa.json"
@@ -61,11 +63,22 @@ if stage build 190 env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 DSA_EXT_CUDA=1 "$PY"
     --per-op-seconds 0.3 --json "$OUT_DIR/indexer_bench.json"
   # T = 1: indexer top-k at 32K/128K and sparse attention MLA/GQA, B = 1 and 64 (not bench_*.json either)
   stage bench_decode $DECODE_LIMIT "$PY" python/bench_cuda_decode.py --reps 10 --json "$OUT_DIR/decode_bench.json"
+  # memcheck over one small case per kernel family: -1 slots, empty rows, out-of-range indices and
+  # ranges with the checks off (the kernels must treat them as empty, never read them)
+  stage sanitizer $SANITIZER_LIMIT compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+    "$PY" -m pytest -q -x -m cuda -p no:cacheprovider \
+    "tests/test_sparse_attention_cuda.py::test_out_of_range_indices_are_empty_slots_unless_checked" \
+    "tests/test_sparse_attention_cuda.py::test_all_rows_empty_and_empty_shapes" \
+    "tests/test_sparse_attention_cuda.py::test_long_rows_with_empty_tiles" \
+    "tests/test_indexer_cuda.py::test_ranges_are_clamped_unless_checked" \
+    "tests/test_indexer_cuda.py::test_empty_shapes" \
+    "tests/test_indexer_cuda.py::test_topk_causal_rows_are_dense" \
+    "tests/test_indexer_kl_loss_cuda.py::test_matches_cpu_operator"
 fi
 
 echo
 echo "================================ device check summary ================================"
-for name in build tests bench_mla bench_gqa bench_gqa1w bench_indexer bench_decode; do
+for name in build tests bench_mla bench_gqa bench_gqa1w bench_indexer bench_decode sanitizer; do
   printf '%-10s %-24s %5ss\n' "$name" "${STATUS[$name]:-not run}" "${SECONDS_USED[$name]:--}"
 done
 "$PY" - "$OUT_DIR" <<'EOF'

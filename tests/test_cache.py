@@ -53,7 +53,7 @@ def test_chunked_prefill_equals_one_shot(mode):
     ids = torch.randint(0, VOCAB, (2, 29))
     with torch.no_grad():
         one = dnn.KVCache()
-        want = m(ids, one)
+        want = m(ids, cache=one)
         for chunk in (1, 4, 7, 16):
             cache = dnn.KVCache()
             got = torch.cat([m(part, cache=cache) for part in ids.split(chunk, dim=1)], dim=1)
@@ -75,7 +75,7 @@ def test_topk_at_least_context_generates_as_dense():
         cache = dnn.KVCache()
         dense = m(sparse, cache=cache)
         dnn.set_mode(m, "sparse")
-        torch.testing.assert_close(m(sparse, dnn.KVCache()), dense, rtol=0, atol=1e-10)
+        torch.testing.assert_close(m(sparse, cache=dnn.KVCache()), dense, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", ["sparse", "warmup"])

@@ -45,8 +45,8 @@ class Checkpointed(torch.nn.Module):
         super().__init__()
         self.block, self.reentrant = block, reentrant
 
-    def forward(self, x, positions):
-        return checkpoint(self.block, x, positions, use_reentrant=self.reentrant)
+    def forward(self, x, positions, *rest):  # rest: the block's key ranges and cache
+        return checkpoint(self.block, x, positions, *rest, use_reentrant=self.reentrant)
 
 
 def enable_checkpointing(model, reentrant):

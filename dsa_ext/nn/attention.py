@@ -257,7 +257,7 @@ class DSAAttention(nn.Module):
             if want_loss:
                 out = self._attach_loss(out, _mean_over(real, ops.indexer_kl_loss(
                     selection.q_idx, selection.k_idx, selection.w, q.detach(), k.detach(), indices,
-                    self.indexer.scale, scale, True, lse.detach(), **_range_args(key_ranges)), real))
+                    self.indexer.scale, scale, True, lse.detach(), **_range_args(key_ranges))))
             return out
         out = dense_fn(q, k, v, scale)
         if want_loss:
