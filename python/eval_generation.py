@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
         saved = json.load(f)
     corpus = train_data.load_corpus(saved.get("data"), saved.get("tokenizer"))
     args, dsa, base = load_models(opts.run, corpus.vocab_size)
-    windows = train_data.val_windows(corpus.val, opts.windows, args.seq_len)
+    windows = train_data.val_windows(corpus.val, opts.windows, args.seq_len).ids  # one document per window
     dsa_nn.set_mode(dsa, "sparse")
     ppl = {"dsa_sparse": perplexity(dsa, windows)}
     dsa_nn.set_mode(dsa, "dense")

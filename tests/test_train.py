@@ -73,6 +73,15 @@ def test_default_data_run_writes_everything(tmp_path):
     assert "stdlib" in r["data"] and r["vocab_size"] == 256 and r["data_layout"] == {"packed": False}
     for name in ("results.md", "curves.png", "config.json"):
         assert os.path.getsize(tmp_path / name) > 0
+    # the finished run's generation check (python/eval_generation.py): sparse decoding is dense
+    # decoding while every key fits in the top-k
+    cmd = [sys.executable, os.path.join(ROOT, "python", "eval_generation.py"), "--run", str(tmp_path),
+           "--tokens", "24", "--prompts", "2", "--windows", "2"]
+    res = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    g = json.loads((tmp_path / "generation.json").read_text())
+    assert g["generation"]["within_topk_identical"] and g["generation"]["within_topk_tokens"] > 0
+    assert all(math.isfinite(v) and v > 1 for v in g["perplexity"].values())
     for stage in STAGES:
         assert (tmp_path / "ckpt" / f"{stage}.pt").exists()
     table = (tmp_path / "results.md").read_text()
