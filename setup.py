@@ -65,7 +65,8 @@ def _cpu_vector_flags():
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512",
                 "-include", os.path.join(CSRC, "cpu", "avx512_intrinsics.h")]  # GCC 12's false warnings
     if isa == "avx2":
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2",
+                "-include", os.path.join(CSRC, "cpu", "avx512_intrinsics.h")]  # as above (AVX2 and the BF16 tiles)
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
