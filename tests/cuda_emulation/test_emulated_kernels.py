@@ -381,14 +381,20 @@ def test_logits_key_ranges(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["packed", "random"])
-@pytest.mark.parametrize("topk,sm_count,budget", [(40, 1, 256 << 20), (40, 64, 256 << 20), (20, 1, 3000)])
-def test_indexer_topk_key_ranges(kind, topk, sm_count, budget):
-    # S = 8300 allows 2 key splits with many SMs; quantized inputs: exact scores, many ties
+@pytest.mark.parametrize("topk,sm_count,budget,min_split_keys", [
+    (40, 1, 256 << 20, 1024), (40, 64, 256 << 20, 1024), (20, 1, 3000, 1024),
+    (40, 64, 256 << 20, 256),  # decoding's split path: splits of 256 keys, a merge tree, splits wholly outside a range
+])
+def test_indexer_topk_key_ranges(kind, topk, sm_count, budget, min_split_keys):
+    # S = 8300 allows several key splits with many SMs; quantized inputs: exact scores, many ties
     B, T, S = 1, 6, 8300
     q, k, w = indexer_inputs(B, T, S, 8, 16, torch.bfloat16, seed=23, quantized=True)
     ks, ke = emu_ranges(B, T, S, seed=24, kind=kind)
-    got, log = emulated_indexer_topk(q, k, w, topk, 0.125, True, sm_count, budget, key_start=ks, key_end=ke)
+    got, log = emulated_indexer_topk(q, k, w, topk, 0.125, True, sm_count, budget, min_split_keys=min_split_keys,
+                                     key_start=ks, key_end=ke)
     assert emulator.launched(log, "engine=") == engine(torch.bfloat16, mma=True, vec16=True), log
+    if min_split_keys < 1024:
+        assert "merge_levels=0" not in emulator.launched(log, "plan "), log
     ref = reference.indexer_topk(q.double(), k.double(), w.double(), topk, 0.125, True,
                                  key_start=clamped(ks, S), key_end=clamped(ke, S))
     assert torch.equal(got, ref), log
