@@ -16,25 +16,29 @@ Per attention layer each rank (:class:`ContextParallel`):
 
 Every operator call sees a chunk of queries whose keys are the prefix [0, chunk end) of the
 sequence, which is the operators' bottom-right causal alignment: no mask is built and no
-operator changes. Losses are shares: each rank's indexer loss is the sum of its tokens' KL over
-the B * T tokens of the whole batch, so the shares add up over the group to the loss one process
-would compute; the training loop sums parameter gradients over the group (or averages them over
-a data-parallel group that includes it, with the loss scaled by the group size).
+operator changes. Packed documents (key ranges, DESIGN.md section 7) are the local queries'
+``(key_start, key_end)`` in global key positions, sliced per chunk like the queries;
+:meth:`ContextParallel.key_ranges` makes them from the local tokens' position ids. Losses are
+shares: each rank's indexer loss is the sum of its real tokens' KL over the real tokens of the
+whole batch (B * T without key ranges), so the shares add up over the group to the loss one
+process would compute; the training loop sums parameter gradients over the group (or averages
+them over a data-parallel group that includes it, with the loss scaled by the group size).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import fp8, ops
+from . import fp8, ops, ranges
 
 if TYPE_CHECKING:
     from .nn.attention import DSAAttention, Selection
+    from .nn.key_ranges import KeyRanges
 
-__all__ = ["ZigzagLayout", "ContextParallel", "enable", "disable"]
+__all__ = ["ZigzagLayout", "ContextParallel", "enable", "disable", "group_of"]
 
 
 # torch 2.14 renamed all_gather_into_tensor / reduce_scatter_tensor (the old names warn); both
@@ -126,9 +130,16 @@ class ContextParallel:
     ``cp.positions()`` the global positions of the local tokens, which the model must use for its
     RoPE and hand to its DSA cores. :func:`enable` attaches the group to a model's attention cores.
 
+    Packed documents: pass the local tokens' position ids (``cp.shard(position_ids)``, restarting
+    per document) to the model instead; :meth:`key_ranges` turns them into the local queries'
+    key ranges, which the DSA cores then take (``key_ranges=``), like the key ranges of one
+    process but in global key positions.
+
     ``bytes_moved`` counts, per rank, the bytes each collective receives from the other ranks
     (all-gather: (N-1) * max_len rows; reduce-scatter: the same): the communication of a step.
     """
+
+    _REMEMBERED = 8  # forwards whose documents (and counts of real queries) are kept
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         self.group = group if group is not None else dist.group.WORLD
@@ -136,6 +147,11 @@ class ContextParallel:
         self.rank = dist.get_rank(self.group)
         self.layout: Optional[ZigzagLayout] = None
         self.bytes_moved = 0
+        # by tensor identity (the tensor is held, so its id cannot be reused): a forward's
+        # documents per position-ids tensor, and the number of real queries per key_start tensor;
+        # every rank runs the same calls, so every rank misses (and runs the collective) alike
+        self._documents: List[Tuple[Tensor, int, Optional["KeyRanges"]]] = []
+        self._real_counts: List[Tuple[Tensor, Tensor]] = []
 
     # -- the sequence --------------------------------------------------------------------------
 
@@ -147,6 +163,43 @@ class ContextParallel:
 
     def positions(self, device=None) -> Tensor:
         return self._current().positions(device)
+
+    def key_ranges(self, position_ids: Tensor, batch: Optional[int] = None,
+                   cu_seq_lens: Optional[Tensor] = None) -> Optional["KeyRanges"]:
+        """The packed documents of the local tokens: their key ranges ``(key_start, key_end)``,
+        int32 ``[batch, L]`` in global key positions, from their position ids ``[L]`` or
+        ``[B or 1, L]`` (``cp.shard`` of the sequence's; a document begins wherever the position
+        does not continue the previous one, as :func:`dsa_ext.ranges.from_position_ids` says for
+        the whole sequence). None when every row is one document (nothing to confine).
+
+        Where a document begins can depend on the token before a chunk, which another rank holds,
+        so the position ids are all-gathered (8 bytes per token): once per forward, the result
+        being kept for the same tensor (every layer of a forward, and a recomputation under
+        activation checkpointing, pass the same one). A collective: every rank of the group calls
+        it alike. ``cu_seq_lens`` (flash-attn's cumulative document lengths of the whole sequence,
+        as transformers' packed batches carry them), when given, must describe the same documents
+        (ValueError otherwise, on every rank alike: both sides are the whole sequence's)."""
+        pos = position_ids if position_ids.dim() == 2 else position_ids[None]
+        batch = pos.shape[0] if batch is None else batch
+        for held, b, found in self._documents:
+            if held is position_ids and b == batch:
+                return found
+        lay = self._current(pos.shape[1])
+        every = self._gather(pos.long().contiguous(), lay)  # [B or 1, T]
+        start, end = ranges.from_position_ids(every)
+        if cu_seq_lens is not None:
+            _check_same_documents(cu_seq_lens, start)
+        found = None
+        if bool(start.any()):  # a document begins after a row's first token
+            found = tuple(lay.take(r).expand(batch, -1).contiguous() for r in (start, end))
+            # every query of a document is real: the group holds batch * T of them
+            self._remember(self._real_counts, (found[0], torch.tensor(batch * lay.seq_len)))
+        self._remember(self._documents, (position_ids, batch, found))
+        return found
+
+    def _remember(self, memory: list, entry: tuple) -> None:
+        memory.append(entry)
+        del memory[:-self._REMEMBERED]
 
     def _current(self, local_len: Optional[int] = None) -> ZigzagLayout:
         if self.layout is None:
@@ -196,9 +249,11 @@ class ContextParallel:
 
     # -- the attention core under context parallelism -----------------------------------------
 
-    def select(self, core: "DSAAttention", q_idx: Tensor, k_idx: Tensor, w: Tensor) -> "Selection":
+    def select(self, core: "DSAAttention", q_idx: Tensor, k_idx: Tensor, w: Tensor,
+               key_ranges: Optional["KeyRanges"] = None) -> "Selection":
         """DSAAttention.select for local indexer outputs (at global positions): the gathered
-        indexer keys and, where the mode needs it, each local query's top-k over its global prefix."""
+        indexer keys and, where the mode needs it, each local query's top-k over its global prefix
+        (within ``key_ranges``, the local queries' ranges in global key positions)."""
         from .nn.attention import Selection
 
         lay = self._current(q_idx.shape[1])
@@ -208,23 +263,27 @@ class ContextParallel:
             pick = fp8.indexer_topk if core.fp8_topk else ops.indexer_topk
             with torch.no_grad():
                 qd, kd, wd = q_idx.detach(), k_full.detach(), w.detach()
-                indices = torch.cat([pick(qd[:, a:b], kd[:, :end], wd[:, a:b], core.topk, core.indexer.scale)
-                                     for a, b, end in lay.chunks()], dim=1)
+                indices = self._per_chunk(lay, lambda a, b, end: pick(
+                    qd[:, a:b], kd[:, :end], wd[:, a:b], core.topk, core.indexer.scale,
+                    **_chunk_ranges(key_ranges, a, b, end)))
         return Selection(q_idx, k_full, w, indices)
 
-    def dense_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
-        """Causal dense attention of the local queries over the gathered sequence."""
+    def dense_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
+                        key_ranges: Optional["KeyRanges"] = None) -> Tensor:
+        """Causal dense attention of the local queries over the gathered sequence (within
+        ``key_ranges``, as :meth:`select`)."""
         from .nn.attention import dense_causal_attention
 
         lay = self._current(q.shape[1])
         k_full, v_full = self.gather_kv(k, v)
         return self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
-            q[:, a:b], k_full[:, :end], v_full[:, :end], scale))
+            q[:, a:b], k_full[:, :end], v_full[:, :end], scale, _chunk_key_ranges(key_ranges, a, b, end)))
 
     def attend(self, core: "DSAAttention", q: Tensor, k: Tensor, v: Tensor,
-               selection: Optional["Selection"], scale: float) -> Tensor:
+               selection: Optional["Selection"], scale: float, key_ranges: Optional["KeyRanges"] = None) -> Tensor:
         """DSAAttention.attend for local q, k, v [B, L, ...]: modes as the core's, attention over
-        the gathered keys and values, the KL loss share of the local queries attached."""
+        the gathered keys and values (within ``key_ranges``, as :meth:`select`), the KL loss share
+        of the local real queries attached."""
         from .nn.attention import dense_causal_attention
 
         lay = self._current(q.shape[1])
@@ -236,28 +295,83 @@ class ContextParallel:
         want_loss = own and core.training and core.mode != "dense" and torch.is_grad_enabled()
         if core.recall is not None:
             for a, b, end in lay.chunks():
-                core.recall.add(q[:, a:b], k_full[:, :end], scale, indices[:, a:b], core.topk)
+                core.recall.add(q[:, a:b], k_full[:, :end], scale, indices[:, a:b], core.topk,
+                                _chunk_key_ranges(key_ranges, a, b, end))
         if core.mode == "sparse":
             out, lse = ops.sparse_attention(q, k_full, v_full, indices, scale, return_lse=True)
-            if want_loss:
+            if want_loss:  # the indices carry causality and the ranges: one call over every local query
                 per_token = ops.indexer_kl_loss(selection.q_idx, selection.k_idx, selection.w, q.detach(),
                                                 k_full.detach(), indices, core.indexer.scale, scale, True,
-                                                lse.detach())
+                                                lse.detach(), **_chunk_ranges(key_ranges, 0, lay.local_len, lay.seq_len))
         else:
             out = self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
-                q[:, a:b], k_full[:, :end], v_full[:, :end], scale))
+                q[:, a:b], k_full[:, :end], v_full[:, :end], scale, _chunk_key_ranges(key_ranges, a, b, end)))
             if want_loss:
                 kd = k_full.detach()
                 per_token = self._per_chunk(lay, lambda a, b, end: ops.indexer_kl_loss(
                     selection.q_idx[:, a:b], selection.k_idx[:, :end], selection.w[:, a:b], q[:, a:b].detach(),
-                    kd[:, :end], None, core.indexer.scale, scale, True, None))
-        if want_loss:  # this rank's share of the mean over the B * T tokens of the batch
-            out = core._attach_loss(out, per_token.sum() / (per_token.shape[0] * lay.seq_len))
+                    kd[:, :end], None, core.indexer.scale, scale, True, None, **_chunk_ranges(key_ranges, a, b, end)))
+        if want_loss:
+            out = core._attach_loss(out, self._loss_share(per_token, key_ranges, lay))
         return out
+
+    def _loss_share(self, per_token: Tensor, key_ranges: Optional["KeyRanges"], lay: ZigzagLayout) -> Tensor:
+        """This rank's share of the mean of ``per_token`` [B, L] over the real queries of the
+        whole batch (all B * T of them without key ranges)."""
+        if key_ranges is None:
+            return per_token.sum() / (per_token.shape[0] * lay.seq_len)
+        start, end = key_ranges
+        pos = lay.positions(start.device)
+        real = (start <= pos) & (pos < end)  # the query's range holds its own position
+        return (per_token * real).sum() / self._real_count(start, real).clamp_min(1)
+
+    def _real_count(self, start: Tensor, real: Tensor) -> Tensor:
+        """The number of real queries over the group: known for the documents of
+        :meth:`key_ranges`, else summed over the ranks (one all-reduce per key_start tensor)."""
+        for held, count in self._real_counts:
+            if held is start:
+                return count.to(real.device)
+        count = real.sum().to(torch.int64)
+        dist.all_reduce(count, group=self.group)
+        self.bytes_moved += (self.size - 1) * count.element_size()
+        self._remember(self._real_counts, (start, count))
+        return count
 
     @staticmethod
     def _per_chunk(lay: ZigzagLayout, fn) -> Tensor:
         return torch.cat([fn(a, b, end) for a, b, end in lay.chunks()], dim=1)
+
+
+def _chunk_key_ranges(key_ranges: Optional["KeyRanges"], a: int, b: int, end: int) -> Optional["KeyRanges"]:
+    """The key ranges of the local rows [a, b), whose queries see the key prefix [0, end): global
+    key positions cut at ``end`` (the operators take ranges within their keys; the causal mask
+    cuts them there anyway)."""
+    if key_ranges is None:
+        return None
+    return tuple(r[:, a:b].clamp_max(end).contiguous() for r in key_ranges)
+
+
+def _chunk_ranges(key_ranges: Optional["KeyRanges"], a: int, b: int, end: int) -> Dict[str, Tensor]:
+    """The operators' key_start/key_end keyword arguments for the local rows [a, b)."""
+    chunk = _chunk_key_ranges(key_ranges, a, b, end)
+    return {} if chunk is None else {"key_start": chunk[0], "key_end": chunk[1]}
+
+
+def _check_same_documents(cu_seq_lens: Tensor, start: Tensor) -> None:
+    """cu_seq_lens [D + 1] against the documents' first tokens ``start`` [B, T] found from the
+    position ids."""
+    T = start.shape[1]
+    if int(cu_seq_lens[-1]) != T or not torch.equal(ranges.from_cu_seqlens(cu_seq_lens, total=T)[0].to(start.device)
+                                                     .expand_as(start), start):
+        raise ValueError(f"context parallelism: cu_seq_lens {cu_seq_lens.tolist()} and the position ids describe "
+                         f"different documents of the {T}-token sequence (pass the whole sequence's cu_seq_lens "
+                         f"and each rank's share of its position ids, cp.shard(position_ids))")
+
+
+def group_of(model: torch.nn.Module) -> Optional[ContextParallel]:
+    """The context-parallel group :func:`enable` attached to ``model``'s attention, or None."""
+    return next((m.context_parallel for m in model.modules() if getattr(m, "context_parallel", None) is not None),
+                None)
 
 
 def _cores(model: torch.nn.Module):

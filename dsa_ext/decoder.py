@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import ranges
+from . import context_parallel as cp_module, ranges
 from .nn import DSAAttention, DSAConfig, dense_causal_attention
 from .nn.cache import KVCache, LayerCache
 
@@ -66,9 +66,7 @@ class DenseCore(nn.Module):
 
     def forward(self, q, k, v, hidden_states=None, positions=None, scale=None, key_ranges=None, cache=None):
         if self.context_parallel is not None:
-            if key_ranges is not None:
-                raise NotImplementedError("DenseCore: key ranges under context parallelism are not supported yet")
-            return self.context_parallel.dense_attention(q, k, v, scale)
+            return self.context_parallel.dense_attention(q, k, v, scale, key_ranges)
         return dense_causal_attention(q, k, v, scale, key_ranges)
 
 
@@ -147,16 +145,24 @@ class Decoder(nn.Module):
                 cache: Optional[KVCache] = None) -> Tensor:
         """ids [B, T]; position_ids [T] or [B, T] (default arange(T), after the cached tokens when
         ``cache`` is given): ids that restart mark packed documents (each attends within itself,
-        as ``key_ranges`` would say); under context parallelism the global positions of the rank's
-        tokens, ``cp.positions()``, which do not."""
+        as ``key_ranges`` would say). Under context parallelism ids are the rank's tokens
+        (``cp.shard``), the positions default to their global ones (``cp.positions()``), and
+        position ids, when given, are the rank's share of the sequence's (``cp.shard``), whose
+        documents :meth:`~dsa_ext.context_parallel.ContextParallel.key_ranges` finds."""
         if cache is not None and (position_ids is not None or key_ranges is not None):
             raise NotImplementedError("Decoder: position_ids or key_ranges (packed documents, padding) with a "
                                       "cache are not supported")
-        past = 0 if cache is None else cache.get_seq_length()
-        positions = torch.arange(past, past + ids.shape[1], device=ids.device) if position_ids is None else position_ids
-        context_parallel = any(getattr(m, "context_parallel", None) is not None for m in self.modules())
-        if key_ranges is None and position_ids is not None and not context_parallel:
-            key_ranges = ranges.from_position_ids(position_ids.expand(ids.shape))
+        cp = cp_module.group_of(self)
+        if key_ranges is None and position_ids is not None:
+            key_ranges = (ranges.from_position_ids(position_ids.expand(ids.shape)) if cp is None
+                          else cp.key_ranges(position_ids, ids.shape[0]))
+        if position_ids is not None:
+            positions = position_ids
+        elif cp is not None:
+            positions = cp.positions(ids.device)
+        else:
+            past = 0 if cache is None else cache.get_seq_length()
+            positions = torch.arange(past, past + ids.shape[1], device=ids.device)
         x = self.embed(ids)
         for i, block in enumerate(self.blocks):
             x = block(x, positions, key_ranges, None if cache is None else cache.layer(i))

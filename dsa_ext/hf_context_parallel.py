@@ -10,6 +10,13 @@ values. Their mask builders build no mask: with zigzag positions transformers wo
 detect "packed sequences" and build an [L, L] block mask for the local tokens, which means
 nothing here (causality is by global position, inside the group's attention). Padding masks are
 refused.
+
+Packed documents: call the model with each rank's share of the sequence's restarting position
+ids (``cp.shard(position_ids)``, as ``DataCollatorWithFlattening`` makes them for the whole
+sequence). Before each attention layer a hook turns them into the local queries' key ranges
+(:meth:`~dsa_ext.context_parallel.ContextParallel.key_ranges`: one all-gather of the position ids
+per forward), which every DSA mode and the dense layers then keep to. ``cu_seq_lens_q/k`` of the
+whole sequence may come too; they must describe the same documents.
 """
 from __future__ import annotations
 
@@ -57,14 +64,15 @@ def attention(module: nn.Module, query, key, value, attention_mask, dropout: flo
     if dropout:
         raise NotImplementedError("context parallelism has no attention dropout (attention_dropout must be 0)")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    key_ranges = module._dsa_cp_ranges
     core = getattr(module, "dsa", None)
     if isinstance(core, DSAAttention):
         hidden, positions, cache = module._dsa_inputs
         module._dsa_inputs = (None, None, None)
         if cache is not None:
             raise NotImplementedError("context parallelism does not support a KV cache (use_cache=False)")
-        return core(q, k, v, hidden, positions, scaling), None
-    return module.context_parallel.dense_attention(q, k, v, scaling), None
+        return core(q, k, v, hidden, positions, scaling, key_ranges=key_ranges), None
+    return module.context_parallel.dense_attention(q, k, v, scaling, key_ranges), None
 
 
 def register() -> None:
@@ -78,9 +86,24 @@ def register() -> None:
 
 
 def _require_positions(model: nn.Module, args, kwargs) -> None:
-    if kwargs.get("position_ids") is None:
-        raise ValueError("a model under context parallelism needs the global position_ids of its tokens: "
-                         "call it with position_ids=cp.positions()[None]")
+    """Before the model: position ids are there, and cu_seq_lens, if any, agree with them."""
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        raise ValueError("a model under context parallelism needs the position_ids of its tokens: call it with "
+                         "position_ids=cp.positions()[None] (or cp.shard(position_ids) of packed documents)")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
+            raise NotImplementedError("context parallelism: packed inputs need cu_seq_lens_q equal to cu_seq_lens_k")
+        model._dsa_cp.key_ranges(positions, cu_seq_lens=cu_q)  # checks; the layers find the result kept
+
+
+def _stash_key_ranges(module: nn.Module, args, kwargs) -> None:
+    """Before an attention layer: the key ranges of its queries' documents (None: one each)."""
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    positions = kwargs.get("position_ids")  # the model's (its hook requires them), handed to every layer
+    module._dsa_cp_ranges = None if positions is None else module.context_parallel.key_ranges(positions,
+                                                                                              hidden.shape[0])
 
 
 def _attention_modules(model: nn.Module):
@@ -97,10 +120,12 @@ def enable(model: nn.Module, cp) -> None:
         raise NotImplementedError("context parallelism of DeepSeek-V3.2 / GLM-5 needs the converted model "
                                   "(dsa_ext.hf.convert)")
     register()
+    hooks = [model.register_forward_pre_hook(_require_positions, with_kwargs=True)]
     for m in _attention_modules(model):
-        m.context_parallel = cp
+        m.context_parallel, m._dsa_cp_ranges = cp, None
+        hooks.append(m.register_forward_pre_hook(_stash_key_ranges, with_kwargs=True))
+    model._dsa_cp, model._dsa_cp_hooks = cp, hooks
     model._dsa_cp_previous = model.config._attn_implementation
-    model._dsa_cp_hook = model.register_forward_pre_hook(_require_positions, with_kwargs=True)
     model.set_attn_implementation(MLA_ATTN_NAME if mla else ATTN_NAME)
 
 
@@ -109,7 +134,8 @@ def disable(model: nn.Module) -> None:
     if previous is None:
         return
     model.set_attn_implementation(previous)
-    model._dsa_cp_hook.remove()
-    model._dsa_cp_previous = model._dsa_cp_hook = None
+    for hook in model._dsa_cp_hooks:
+        hook.remove()
+    model._dsa_cp_previous = model._dsa_cp_hooks = model._dsa_cp = None
     for m in _attention_modules(model):
-        m.context_parallel = None
+        m.context_parallel = m._dsa_cp_ranges = None

@@ -115,7 +115,9 @@ class IndexerCall(nn.Module):
     def forward(self, hidden_states: Tensor, q_resid: Tensor, position_embeddings, attention_mask=None,
                 position_ids=None, cache=None) -> Tensor:
         key_ranges = None
-        if self.core.mode != "dense" or self.core.recall is not None:
+        if self.core.context_parallel is not None:  # the documents, from the position ids (no mask)
+            key_ranges = self.core.context_parallel.key_ranges(position_ids, hidden_states.shape[0])
+        elif self.core.mode != "dense" or self.core.recall is not None:
             key_ranges = _key_ranges(attention_mask, hidden_states.shape[0])
         self.selection = self.core.select(hidden_states, q_input=q_resid, rope=position_embeddings,
                                           key_ranges=key_ranges)
@@ -167,8 +169,11 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
 
     if core.mode == "dense" and core.recall is None and core.context_parallel is None:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    key_ranges = _key_ranges(attention_mask, query.shape[0])
-    if hf_ranges.is_packed(kwargs):
+    if core.context_parallel is not None:  # the documents, from the position ids (no mask)
+        key_ranges = module._dsa_cp_ranges
+    else:
+        key_ranges = _key_ranges(attention_mask, query.shape[0])
+    if hf_ranges.is_packed(kwargs) and core.context_parallel is None:
         if mask is None:  # the indexer has selected without the documents
             raise NotImplementedError("DSA: packed inputs of this model need position ids that restart per "
                                       "document (as DataCollatorWithFlattening gives) besides cu_seq_lens_q/k: "

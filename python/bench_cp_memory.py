@@ -63,16 +63,16 @@ def worker(rank: int, world: int, init_file: str, args, out_dir: str) -> None:
     model = decoder.convert(decoder.Decoder(cfg), DSAConfig(n_heads=args.indexer_heads, head_dim=args.indexer_dim,
                                                             rope_dim=16, topk=args.topk, mode="sparse"))
     ids = torch.randint(0, 256, (1, args.seq_len + 1))
-    inputs, targets, positions, cp = ids[:, :-1], ids[:, 1:], None, None
-    if world > 1:
+    inputs, targets, cp = ids[:, :-1], ids[:, 1:], None
+    if world > 1:  # the decoder's positions default to the rank's global ones
         cp = context_parallel.enable(model, context_parallel.ContextParallel())
-        inputs, targets, positions = cp.shard(inputs), cp.shard(targets), cp.positions()
+        inputs, targets = cp.shard(inputs), cp.shard(targets)
         dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # peak RSS := current RSS
     before = _status_kib("VmRSS")
     t0 = time.perf_counter()
-    logits = model(inputs, positions)
+    logits = model(inputs)
     F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").div(args.seq_len).backward()
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM")

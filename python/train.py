@@ -184,9 +184,6 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.cp < 1 or world % args.cp:
         p.error(f"--cp {args.cp}: expected a divisor of the number of processes ({world}; world = dp x cp)")
-    if args.pack and args.cp > 1:
-        p.error(f"--pack with --cp {args.cp}: packed documents (key ranges) under context parallelism are "
-                "not supported yet")
     if args.seq_len < 2 * args.cp:
         p.error(f"--seq-len {args.seq_len}: context parallelism over --cp {args.cp} needs >= {2 * args.cp} tokens")
     if args.fsdp and world == 1:
@@ -295,30 +292,39 @@ def logits_of(net: nn.Module, batch: train_data.Batch, env: Env) -> torch.Tensor
     documents: with their positions, which restart per document (both model kinds then keep
     attention inside each document)."""
     ids = batch.ids[:, :-1]
-    if env.cp is not None:
-        return net(env.cp.shard(ids), env.cp.positions(ids.device))
+    if env.cp is not None:  # the rank's share of the tokens, and of their positions when packed
+        local = env.cp.shard(ids)
+        positions = env.cp.positions(ids.device) if batch.positions is None else env.cp.shard(batch.positions[:, :-1])
+        return net(local, positions)
     if batch.positions is None:
         return net(ids)
     return net(ids, batch.positions[:, :-1])
 
 
-def lm_loss(logits: torch.Tensor, batch: train_data.Batch) -> torch.Tensor:
-    """Next-token cross entropy; packed documents: a document's first token is no target (the
-    previous document cannot predict it)."""
+def lm_targets(batch: train_data.Batch) -> torch.Tensor:
+    """The next tokens [B, S]; packed documents: -100 (no target) at a document's first token,
+    which the previous document cannot predict."""
     targets = batch.ids[:, 1:]
     if batch.positions is not None:
         targets = targets.masked_fill(batch.positions[:, 1:] == 0, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    return targets
+
+
+def lm_loss(logits: torch.Tensor, batch: train_data.Batch) -> torch.Tensor:
+    """Next-token cross entropy over the batch's targets."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), lm_targets(batch).flatten(), ignore_index=-100)
 
 
 def lm_forward(net: nn.Module, batch: train_data.Batch, env: Env) -> torch.Tensor:
     """The mean next-token loss of the batch; under context parallelism this rank's share of it
-    (its tokens' losses over all B * S tokens: the shares add up to the loss)."""
+    (its tokens' losses over all the batch's targets: the shares add up to the loss)."""
     logits = logits_of(net, batch, env)
     if env.cp is None:
         return lm_loss(logits, batch)
-    targets = env.cp.shard(batch.ids[:, 1:]).flatten()
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="sum") / batch.ids[:, 1:].numel()
+    targets = lm_targets(batch)
+    local = env.cp.shard(targets).flatten()
+    total = (targets != -100).sum().clamp_min(1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), local, ignore_index=-100, reduction="sum") / total
 
 
 def autocast(env: Env):

@@ -2,7 +2,8 @@
 computes every case once in one process (the reference, on the whole sequence) and once
 context-parallel over the group (its zigzag share of the sequence), and checks that the two agree:
 the same top-k indices, outputs, losses and gradients (summed over the ranks) within 1e-10 in
-float64."""
+float64. Packed cases: documents (key ranges) that the zigzag chunks cut, shorter than topk,
+of one token, and padding-like empty ranges, against the same documents in one process."""
 import os
 import traceback
 from functools import partial
@@ -12,9 +13,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import models
-from dsa_ext import context_parallel, decoder
+from dsa_ext import context_parallel, decoder, ranges
 from dsa_ext.context_parallel import ContextParallel
-from dsa_ext.nn import DSAAttention, DSAConfig, LightningIndexer
+from dsa_ext.nn import DSAAttention, DSAConfig, LightningIndexer, recall_stats
 
 TOL = 1e-10
 
@@ -78,20 +79,89 @@ def core_case(cp, mode, T=37, topk=12, B=2):
     context_parallel.disable(core)
 
 
+def packed_positions(B, T, seed):
+    """Position ids [B, T] of packed documents: random lengths 1..T//2 (so chunk boundaries cut
+    documents and some are shorter than topk), the first document of a row continued from an
+    earlier window (its ids start at 5), and one document past the middle that restarts at 3."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(B):
+        pos, restarted_at_3 = list(range(5, 5 + int(torch.randint(1, T // 2, (1,), generator=g)))), False
+        while len(pos) < T:
+            begin = 3 if len(pos) > T // 2 and not restarted_at_3 and pos[-1] != 2 else 0
+            restarted_at_3 |= begin == 3
+            pos += list(range(begin, begin + int(torch.randint(1, T // 2, (1,), generator=g))))
+        rows.append(pos[:T])
+    return torch.tensor(rows)
+
+
+def packed_core_case(cp, mode, padding=False, T=41, topk=6, B=2):
+    """DSAAttention with key ranges (packed documents, or with ``padding`` ranges that leave some
+    queries empty, which are then not real): indices, outputs, the KL loss over the real queries,
+    recall and every gradient equal one process; the ranges from the local position ids equal
+    the whole sequence's."""
+    torch.manual_seed(4)
+    H, Hkv, D, hid = 4, 2, 8, 16
+    core = DSAAttention(LightningIndexer(hid, 2, 8, 4), topk, mode).double().train()
+    pos = packed_positions(B, T, seed=5)
+    key_ranges = ranges.from_position_ids(pos)
+    if padding:  # right padding of row 0 and left padding of row 1: empty ranges, not real queries
+        mask = torch.ones(B, T, dtype=torch.bool)
+        mask[0, -7:] = False
+        mask[1, :4] = False
+        key_ranges = ranges.intersect(key_ranges, ranges.from_padding_mask(mask))
+    leaves = {"q": torch.randn(B, T, H, D), "k": torch.randn(B, T, Hkv, D), "v": torch.randn(B, T, Hkv, D),
+              "x": torch.randn(B, T, hid)}
+    leaves = {n: t.double().requires_grad_() for n, t in leaves.items()}
+    g = torch.randn(B, T, H, D, dtype=torch.float64)
+    with torch.no_grad(), recall_stats(core) as ref_recall:
+        ref_idx = core.select(leaves["x"], pos, key_ranges=key_ranges).indices
+        core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, key_ranges=key_ranges)
+    ref_out = core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, key_ranges=key_ranges)
+    (ref_out * g).sum().backward()
+    ref_loss = core.last_loss
+    ref_grads = {n: t.grad.clone() for n, t in leaves.items() if t.grad is not None}
+    ref_grads.update({n: p.grad.clone() for n, p in core.named_parameters()})
+    for t in [*leaves.values(), *core.parameters()]:
+        t.grad = None
+
+    context_parallel.enable(core, cp)
+    local = {n: cp.shard(t) for n, t in leaves.items()}
+    local_pos = cp.shard(pos)
+    local_ranges = tuple(cp.shard(r) for r in key_ranges)
+    if not padding:
+        found = cp.key_ranges(local_pos, B)
+        assert all(torch.equal(a, b) for a, b in zip(found, local_ranges)), "documents from local position ids"
+    with torch.no_grad(), recall_stats(core) as got_recall:
+        idx = core.select(local["x"], local_pos, key_ranges=local_ranges).indices
+        core(local["q"], local["k"], local["v"], local["x"], local_pos, key_ranges=local_ranges)
+    assert torch.equal(idx, cp.shard(ref_idx)), f"{mode}: top-k indices differ"
+    close(f"{mode}: recall sums", summed(got_recall.tensor()), ref_recall.tensor())
+    out = core(local["q"], local["k"], local["v"], local["x"], local_pos, key_ranges=local_ranges)
+    (out * cp.shard(g)).sum().backward()
+    close(f"{mode}: output", out, cp.shard(ref_out))
+    close(f"{mode}: indexer loss", summed(core.last_loss), ref_loss)
+    check_grads([*leaves.items(), *core.named_parameters()], ref_grads)
+    context_parallel.disable(core)
+
+
 def lm_share(logits, targets, seq_len):
     """This rank's share of the mean next-token loss over the batch's B * seq_len tokens."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / (targets.shape[0] * seq_len)
 
 
-def model_step_case(cp, build, call, T=29, B=2):
+def model_step_case(cp, build, call, T=29, B=2, packed=False):
     """One training step of a whole model: the LM loss (and the indexer KL attached to the
-    attention outputs), losses and every parameter's gradient (summed over ranks)."""
+    attention outputs), losses and every parameter's gradient (summed over ranks). ``packed``:
+    the tokens are packed documents, given by position ids that restart (each rank gets its
+    share of them)."""
     torch.manual_seed(2)
     model, vocab = build()
     model.train()
     ids = torch.randint(0, vocab, (B, T + 1))
     inputs, targets = ids[:, :-1], ids[:, 1:]
-    ref_logits = call(model, inputs, None)
+    pos = packed_positions(B, T, seed=6) if packed else None
+    ref_logits = call(model, inputs, pos)
     ref_loss = lm_share(ref_logits, targets, T)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -100,7 +170,7 @@ def model_step_case(cp, build, call, T=29, B=2):
 
     context_parallel.enable(model, cp)
     local_in, local_tg = cp.shard(inputs), cp.shard(targets)
-    logits = call(model, local_in, cp.positions())
+    logits = call(model, local_in, cp.shard(pos) if packed else cp.positions())
     loss = lm_share(logits, local_tg, T)
     loss.backward()
     close("logits", logits, cp.shard(ref_logits))
@@ -146,8 +216,41 @@ def hf_model(family, mode, checkpointing=False):
 
 
 def call_hf(model, ids, positions):
-    kw = {} if positions is None else {"position_ids": positions[None]}
+    kw = {} if positions is None else {"position_ids": positions if positions.dim() == 2 else positions[None]}
     return model(input_ids=ids, use_cache=False, **kw).logits
+
+
+def call_hf_cu_seq_lens(model, ids, positions):
+    """Packed documents given twice, as DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+    does: position ids (the rank's share) and the whole sequence's cu_seq_lens."""
+    cp = getattr(model, "_dsa_cp", None)
+    seq_len = positions.shape[-1] if cp is None else cp.layout.seq_len
+    cu = packed_cu_seq_lens(seq_len)
+    return model(input_ids=ids, position_ids=positions, use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                 max_length_q=seq_len, max_length_k=seq_len).logits
+
+
+def packed_cu_seq_lens(seq_len):
+    """The cumulative document lengths of packed_positions(1, seq_len, seed=6)."""
+    begins = ranges.from_position_ids(packed_positions(1, seq_len, seed=6))[0][0].unique()
+    return torch.cat([begins, torch.tensor([seq_len], dtype=begins.dtype)])
+
+
+def cu_seq_lens_mismatch_case(cp, T=29):
+    """cu_seq_lens that disagree with the position ids raise the same ValueError on every rank
+    (both are whole-sequence data after the gather: no rank is left waiting in a collective)."""
+    model, vocab = hf_model("llama", "sparse")()
+    context_parallel.enable(model, cp)
+    ids = cp.shard(torch.randint(0, vocab, (1, T)))
+    cu = torch.tensor([0, 10, T], dtype=torch.int32)
+    try:
+        model(input_ids=ids, position_ids=cp.shard(packed_positions(1, T, seed=6)), use_cache=False,
+              cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    except ValueError as e:
+        assert "describe different documents" in str(e), e
+    else:
+        raise AssertionError("mismatching cu_seq_lens were accepted")
+    context_parallel.disable(model)
 
 
 def fsdp_case(cp, T=29, B=2):
@@ -182,8 +285,8 @@ def fsdp_case(cp, T=29, B=2):
         close(f"fsdp: parameter {name} after one step", p.full_tensor(), want[name].detach())
 
 
-def step(build, call):
-    return partial(model_step_case, build=build, call=call)
+def step(build, call, **kw):
+    return partial(model_step_case, build=build, call=call, **kw)
 
 
 CASES = {
@@ -201,6 +304,21 @@ CASES = {
     "glm_moe_dsa sparse, activation checkpointing": step(hf_model("glm_moe_dsa", "sparse", checkpointing=True),
                                                          call_hf),
     "fsdp2": fsdp_case,
+    "core warmup, packed": partial(packed_core_case, mode="warmup"),
+    "core sparse, packed": partial(packed_core_case, mode="sparse"),
+    "core sparse, packed and padded ranges": partial(packed_core_case, mode="sparse", padding=True),
+    "core warmup, packed and padded ranges": partial(packed_core_case, mode="warmup", padding=True),
+    "decoder unconverted, packed": step(decoder_model("unconverted"), call_decoder, packed=True),
+    "decoder warmup, packed": step(decoder_model("warmup"), call_decoder, packed=True),
+    "decoder sparse, packed": step(decoder_model("sparse"), call_decoder, packed=True),
+    "llama unconverted, packed": step(hf_model("llama", "unconverted"), call_hf, B=1, packed=True),
+    "llama warmup, packed, activation checkpointing": step(hf_model("llama", "warmup", checkpointing=True),
+                                                           call_hf, B=1, packed=True),
+    "llama sparse, packed, cu_seq_lens": step(hf_model("llama", "sparse"), call_hf_cu_seq_lens, B=1, packed=True),
+    "llama, mismatching cu_seq_lens": cu_seq_lens_mismatch_case,
+    "deepseek_v32 sparse, packed": step(hf_model("deepseek_v32", "sparse"), call_hf, B=1, packed=True),
+    "glm_moe_dsa warmup, packed, activation checkpointing": step(
+        hf_model("glm_moe_dsa", "warmup", checkpointing=True), call_hf, B=1, packed=True),
 }
 
 

@@ -2,8 +2,9 @@
 the same top-k indices, outputs, losses and gradients (1e-10, float64) for the DSA core in modes
 warmup and sparse, and for training steps of the plain decoder and a converted transformers
 model (with activation checkpointing), sequence lengths that are not multiples of the rank count,
-top-k larger than a rank's chunks, and FSDP2 over the same ranks. The ranks' code is
-tests/cp_workers.py; the layout is checked here without processes."""
+top-k larger than a rank's chunks, FSDP2 over the same ranks, and packed documents (key ranges)
+that the chunk boundaries cut, for the core, the decoder and transformers models. The ranks'
+code is tests/cp_workers.py; the layout is checked here without processes."""
 import pytest
 import torch
 import torch.multiprocessing as mp

@@ -185,16 +185,20 @@ def test_torchrun_two_processes_gloo(tmp_path, text_dir):
     check_results(results(tmp_path), world=2)
 
 
-@pytest.mark.parametrize("extra", [(), ("--fsdp",)], ids=["ddp", "fsdp2"])
-def test_torchrun_context_parallel_equals_one_process(tmp_path, text_dir, extra):
-    """--cp 2 on 2 processes (each sequence split over both; DDP, or FSDP2 of the model) trains
-    on the same batches as one process and reports the same results, up to float32 rounding."""
+@pytest.mark.parametrize("extra", [(), ("--fsdp",), ("--pack",)], ids=["ddp", "fsdp2", "packed"])
+def test_torchrun_context_parallel_equals_one_process(tmp_path, request, extra):
+    """--cp 2 on 2 processes (each sequence split over both; DDP, or FSDP2 of the model; packed
+    short documents that the split cuts) trains on the same batches as one process and reports
+    the same results, up to float32 rounding."""
+    data = request.getfixturevalue("short_docs" if "--pack" in extra else "text_dir")
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    run(tmp_path / "cp", "--data", text_dir, "--cp", "2", *extra, launcher=launcher)
-    run(tmp_path / "one", "--data", text_dir)
+    run(tmp_path / "cp", "--data", data, "--cp", "2", *extra, launcher=launcher)
+    run(tmp_path / "one", "--data", data, *[a for a in extra if a == "--pack"])
     a, b = results(tmp_path / "one"), results(tmp_path / "cp")
     check_results(b, world=2)
-    assert b["context_parallel"] == 2 and b["data_parallel"] == 1 and b["fsdp"] == bool(extra)
+    assert b["context_parallel"] == 2 and b["data_parallel"] == 1 and b["fsdp"] == ("--fsdp" in extra)
+    assert b["data_layout"] == a["data_layout"] and b["data_layout"]["packed"] == ("--pack" in extra)
+    assert "--pack" not in extra or b["data_layout"]["documents_per_window"] > 1, b["data_layout"]
     for key in ("val_loss_pretrained", "val_loss_dsa_after_warmup", "val_loss_dense", "val_loss_dsa",
                 "recall_init", "recall_warmup", "recall_final"):
         assert b[key] == pytest.approx(a[key], rel=1e-3), key

@@ -202,8 +202,9 @@ class DSAAttention(nn.Module):
                              "layer's selection)")
         q_idx, k_idx, w = self.indexer(hidden_states, positions, q_input=q_input, rope=rope)
         if self.context_parallel is not None:
-            _no_ranges_under_context_parallelism(key_ranges)
-            return self.context_parallel.select(self, q_idx, k_idx, w)
+            if cache is not None:
+                raise NotImplementedError("DSAAttention: a KV cache under context parallelism is not supported")
+            return self.context_parallel.select(self, q_idx, k_idx, w, key_ranges)
         packed = None
         if cache is not None:
             k_idx, packed = append_indexer_keys(cache, k_idx, self.fp8_topk)
@@ -234,8 +235,7 @@ class DSAAttention(nn.Module):
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if self.context_parallel is not None:  # global causality: the host's dense_fn does not apply
-            _no_ranges_under_context_parallelism(key_ranges)
-            return self.context_parallel.attend(self, q, k, v, selection, scale)
+            return self.context_parallel.attend(self, q, k, v, selection, scale, key_ranges)
         own = selection is not None and selection.q_idx is not None
         if own and selection.k_idx is not None and selection.k_idx.shape[1] != k.shape[1]:
             raise ValueError(
@@ -280,12 +280,6 @@ def _mean_over(real: Optional[Tensor], per_token: Tensor) -> Tensor:
     """The mean of ``per_token`` [B, T] over the real queries (``real`` [B, T] bool; None: all),
     0 when there is none."""
     return per_token.mean() if real is None else (per_token * real).sum() / real.sum().clamp_min(1)
-
-
-def _no_ranges_under_context_parallelism(key_ranges: Optional[KeyRanges]) -> None:
-    if key_ranges is not None:
-        raise NotImplementedError("DSAAttention: key ranges (packed or padded batches) under context "
-                                  "parallelism are not supported yet")
 
 
 def _range_args(key_ranges: Optional[KeyRanges]) -> dict:
