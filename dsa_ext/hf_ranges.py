@@ -25,6 +25,7 @@ from .nn.key_ranges import KeyRanges
 __all__ = ["from_mask", "is_packed", "from_packed_kwargs", "for_attention"]
 
 _CACHE = "_dsa_key_ranges"  # attribute of a mask's storage root: its ranges, computed once per forward
+_ANSWER = "_dsa_for_attention"  # attribute of a mask's (or cu_seq_lens_q's) root: for_attention's answers
 
 
 def _root(mask: Tensor) -> Tensor:
@@ -105,7 +106,27 @@ def for_attention(mask: Optional[Tensor], kwargs: dict, batch: int, T: int, S: i
     ``(ranges, mask)``. Ranges come from the mask transformers built (padding, packed position
     ids) and from ``cu_seq_lens_q/k``; when both are there they must agree (ValueError otherwise).
     The mask returned is transformers' own, or, where transformers built none (cu_seq_lens with
-    position ids that do not restart), one made from the documents: ``[batch, 1, T, S]`` bool."""
+    position ids that do not restart), one made from the documents: ``[batch, 1, T, S]`` bool.
+
+    The answer is kept on the mask's storage (or, without a mask, on ``cu_seq_lens_q``'s), which
+    every layer of a forward shares: the reading and the checks, with their device
+    synchronisations, happen once per forward (or per cu_seq_lens tensor), not once per layer."""
+    cu = kwargs.get("cu_seq_lens_q")
+    holder = _root(mask) if mask is not None else (_root(cu) if cu is not None else None)
+    if holder is None and not is_packed(kwargs):
+        return None, None
+    key = (batch, T, S, None if cu is None else cu._version)  # a cu_seq_lens buffer refilled in place: anew
+    for held_cu, held_key, answer in getattr(holder, _ANSWER, ()):
+        if held_cu is cu and held_key == key:
+            return answer
+    answer = _for_attention(mask, kwargs, batch, T, S)
+    if holder is not None:  # the cu tensor is held with the answer: its id cannot be reused meanwhile
+        setattr(holder, _ANSWER, (*getattr(holder, _ANSWER, ()), (cu, key, answer)))
+    return answer
+
+
+def _for_attention(mask: Optional[Tensor], kwargs: dict, batch: int, T: int, S: int
+                   ) -> Tuple[Optional[KeyRanges], Optional[Tensor]]:
     packed = from_packed_kwargs(kwargs, batch, T, S)
     if mask is None:
         if packed is None:

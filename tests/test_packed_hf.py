@@ -153,3 +153,29 @@ def test_cu_seq_lens_alone_keep_documents_apart_in_every_mode():
             dnn.set_mode(m, mode)
             torch.testing.assert_close(m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu).logits, dense,
                                        rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("restart", [True, False], ids=["mask_and_cu_seq_lens", "cu_seq_lens_alone"])
+def test_documents_are_read_once_per_forward(monkeypatch, restart):
+    """The ranges of a packed batch (and the check that the mask and cu_seq_lens agree, a device
+    synchronisation) are worked out once per forward, not in every layer; a new forward works
+    them out again when it has a new mask, or cu_seq_lens alone that are new or refilled."""
+    from dsa_ext import hf_ranges
+
+    calls = []
+    real = hf_ranges._for_attention
+    monkeypatch.setattr(hf_ranges, "_for_attention", lambda *a: calls.append(1) or real(*a))
+    m = converted("llama", "sparse")
+    assert len(dnn.dsa_modules(m)) > 1
+    lengths = (5, 9, 4)
+    ids = torch.randint(0, HF_VOCAB, (1, sum(lengths)))
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    kw = {"position_ids": torch.cat([torch.arange(n) for n in lengths])[None]} if restart else {}
+    m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False, **kw)
+    assert len(calls) == 1
+    m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False, **kw)
+    assert len(calls) == (2 if restart else 1)  # transformers builds a new mask; the same cu_seq_lens alone
+    cu.copy_(torch.tensor([0, 6, 9, sum(lengths)]))  # the same buffer, other documents
+    m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False,
+      **({"position_ids": torch.cat([torch.arange(n) for n in (6, 3, 9)])[None]} if restart else {}))
+    assert len(calls) == (3 if restart else 2)
