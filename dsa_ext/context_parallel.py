@@ -68,6 +68,7 @@ class ZigzagLayout:
             [(bounds[r], bounds[r + 1]), (bounds[2 * size - 1 - r], bounds[2 * size - r])] for r in range(size)]
         self.max_len = max(self.lengths)
         self._rows = {}  # gather_index per device
+        self._positions = {}  # positions per device
 
     @property
     def local_len(self) -> int:
@@ -83,8 +84,12 @@ class ZigzagLayout:
         return out
 
     def positions(self, device=None) -> Tensor:
-        """The global positions of this rank's tokens, int64 [local_len]."""
-        return torch.cat([torch.arange(s, e, device=device) for s, e in self.ranges[self.rank]])
+        """The global positions of this rank's tokens, int64 [local_len] (one tensor per device,
+        shared: read it, do not write it)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        if device not in self._positions:
+            self._positions[device] = torch.cat([torch.arange(s, e, device=device) for s, e in self.ranges[self.rank]])
+        return self._positions[device]
 
     def take(self, x: Tensor, dim: int = 1) -> Tensor:
         """This rank's tokens of the full-sequence tensor ``x`` (length seq_len along ``dim``)."""
@@ -147,11 +152,12 @@ class ContextParallel:
         self.rank = dist.get_rank(self.group)
         self.layout: Optional[ZigzagLayout] = None
         self.bytes_moved = 0
-        # by tensor identity (the tensor is held, so its id cannot be reused): a forward's
-        # documents per position-ids tensor, and the number of real queries per key_start tensor;
-        # every rank runs the same calls, so every rank misses (and runs the collective) alike
-        self._documents: List[Tuple[Tensor, int, Optional["KeyRanges"]]] = []
-        self._real_counts: List[Tuple[Tensor, Tensor]] = []
+        # by tensor identity and version (the tensor is held, so its id cannot be reused): a
+        # forward's documents per position-ids tensor and sequence, and the number of real queries
+        # per key_start tensor; every rank runs the same calls, so every rank misses (and runs
+        # the collective) alike
+        self._documents: List[tuple] = []
+        self._real_counts: List[Tuple[Tensor, int, Tensor]] = []
 
     # -- the sequence --------------------------------------------------------------------------
 
@@ -170,32 +176,44 @@ class ContextParallel:
         int32 ``[batch, L]`` in global key positions, from their position ids ``[L]`` or
         ``[B or 1, L]`` (``cp.shard`` of the sequence's; a document begins wherever the position
         does not continue the previous one, as :func:`dsa_ext.ranges.from_position_ids` says for
-        the whole sequence). None when every row is one document (nothing to confine).
+        the whole sequence). None when every row is one document (nothing to confine), at once
+        for :meth:`positions` itself (or a view of it).
 
         Where a document begins can depend on the token before a chunk, which another rank holds,
-        so the position ids are all-gathered (8 bytes per token): once per forward, the result
-        being kept for the same tensor (every layer of a forward, and a recomputation under
-        activation checkpointing, pass the same one). A collective: every rank of the group calls
-        it alike. ``cu_seq_lens`` (flash-attn's cumulative document lengths of the whole sequence,
-        as transformers' packed batches carry them), when given, must describe the same documents
-        (ValueError otherwise, on every rank alike: both sides are the whole sequence's)."""
+        so other position ids are all-gathered (8 bytes per token): once per forward, the result
+        being kept for the same tensor, unmodified, and sequence (every layer of a forward, and a
+        recomputation under activation checkpointing, pass the same one). A collective: every
+        rank of the group calls it alike. ``cu_seq_lens`` (flash-attn's cumulative document
+        lengths of the whole sequence, as transformers' packed batches carry them), when given,
+        must describe the same documents and cover the sequence (ValueError otherwise, on every
+        rank alike: both sides are the whole sequence's)."""
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]
         batch = pos.shape[0] if batch is None else batch
-        for held, b, found in self._documents:
-            if held is position_ids and b == batch:
-                return found
         lay = self._current(pos.shape[1])
-        every = self._gather(pos.long().contiguous(), lay)  # [B or 1, T]
-        start, end = ranges.from_position_ids(every)
+        if _is_view_of(position_ids, lay.positions(position_ids.device)):
+            found, start = None, torch.zeros(1, lay.seq_len, dtype=torch.int32, device=position_ids.device)
+        else:
+            found, start = self._documents_of(position_ids, pos, batch, lay)
         if cu_seq_lens is not None:
             _check_same_documents(cu_seq_lens, start)
+        return found
+
+    def _documents_of(self, position_ids: Tensor, pos: Tensor, batch: int, lay: ZigzagLayout):
+        """key_ranges' answer and the whole sequence's document starts [B or 1, T], gathered or
+        kept."""
+        key = (lay, batch, position_ids._version)
+        for held, held_key, found, start in self._documents:
+            if held is position_ids and held_key == key:
+                return found, start
+        every = self._gather(pos.long().contiguous(), lay)  # [B or 1, T]
+        start, end = ranges.from_position_ids(every)
         found = None
         if bool(start.any()):  # a document begins after a row's first token
             found = tuple(lay.take(r).expand(batch, -1).contiguous() for r in (start, end))
             # every query of a document is real: the group holds batch * T of them
-            self._remember(self._real_counts, (found[0], torch.tensor(batch * lay.seq_len)))
-        self._remember(self._documents, (position_ids, batch, found))
-        return found
+            self._remember(self._real_counts, (found[0], found[0]._version, torch.tensor(batch * lay.seq_len)))
+        self._remember(self._documents, (position_ids, key, found, start))
+        return found, start
 
     def _remember(self, memory: list, entry: tuple) -> None:
         memory.append(entry)
@@ -328,13 +346,13 @@ class ContextParallel:
     def _real_count(self, start: Tensor, real: Tensor) -> Tensor:
         """The number of real queries over the group: known for the documents of
         :meth:`key_ranges`, else summed over the ranks (one all-reduce per key_start tensor)."""
-        for held, count in self._real_counts:
-            if held is start:
+        for held, version, count in self._real_counts:
+            if held is start and version == start._version:
                 return count.to(real.device)
         count = real.sum().to(torch.int64)
         dist.all_reduce(count, group=self.group)
         self.bytes_moved += (self.size - 1) * count.element_size()
-        self._remember(self._real_counts, (start, count))
+        self._remember(self._real_counts, (start, start._version, count))
         return count
 
     @staticmethod
@@ -355,6 +373,11 @@ def _chunk_ranges(key_ranges: Optional["KeyRanges"], a: int, b: int, end: int) -
     """The operators' key_start/key_end keyword arguments for the local rows [a, b)."""
     chunk = _chunk_key_ranges(key_ranges, a, b, end)
     return {} if chunk is None else {"key_start": chunk[0], "key_end": chunk[1]}
+
+
+def _is_view_of(t: Tensor, base: Tensor) -> bool:
+    return t is base or (t._base is base and t.numel() and t.data_ptr() == base.data_ptr()
+                         and t.shape[-1] == base.shape[0] and t.stride(-1) == 1)
 
 
 def _check_same_documents(cu_seq_lens: Tensor, start: Tensor) -> None:

@@ -85,6 +85,12 @@ def register() -> None:
     AttentionMaskInterface.register(MLA_ATTN_NAME, _mla_causal_stand_in)
 
 
+def _batch_size(args, kwargs) -> Optional[int]:
+    inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    inputs = inputs if inputs is not None else (args[0] if args and torch.is_tensor(args[0]) else None)
+    return None if inputs is None else inputs.shape[0]
+
+
 def _require_positions(model: nn.Module, args, kwargs) -> None:
     """Before the model: position ids are there, and cu_seq_lens, if any, agree with them."""
     positions = kwargs.get("position_ids")
@@ -95,15 +101,18 @@ def _require_positions(model: nn.Module, args, kwargs) -> None:
     if cu_q is not None or cu_k is not None:
         if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):
             raise NotImplementedError("context parallelism: packed inputs need cu_seq_lens_q equal to cu_seq_lens_k")
-        model._dsa_cp.key_ranges(positions, cu_seq_lens=cu_q)  # checks; the layers find the result kept
+        # checks them; the layers then find the documents kept (the same position ids and batch)
+        model._dsa_cp.key_ranges(positions, _batch_size(args, kwargs), cu_seq_lens=cu_q)
 
 
 def _stash_key_ranges(module: nn.Module, args, kwargs) -> None:
     """Before an attention layer: the key ranges of its queries' documents (None: one each)."""
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    positions = kwargs.get("position_ids")  # the model's (its hook requires them), handed to every layer
-    module._dsa_cp_ranges = None if positions is None else module.context_parallel.key_ranges(positions,
-                                                                                              hidden.shape[0])
+    positions = kwargs.get("position_ids")
+    if positions is None:  # the model got them (its hook checks): a layer that does not hand them on
+        raise NotImplementedError(f"context parallelism: {type(module).__name__} is not given position_ids, "
+                                  "which it needs for the documents of its queries")
+    module._dsa_cp_ranges = module.context_parallel.key_ranges(positions, hidden.shape[0])
 
 
 def _attention_modules(model: nn.Module):

@@ -14,6 +14,7 @@ against the mask when both come.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -111,18 +112,22 @@ def for_attention(mask: Optional[Tensor], kwargs: dict, batch: int, T: int, S: i
     The answer is kept on the mask's storage (or, without a mask, on ``cu_seq_lens_q``'s), which
     every layer of a forward shares: the reading and the checks, with their device
     synchronisations, happen once per forward (or per cu_seq_lens tensor), not once per layer."""
-    cu = kwargs.get("cu_seq_lens_q")
-    holder = _root(mask) if mask is not None else (_root(cu) if cu is not None else None)
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    holder = _root(mask) if mask is not None else (_root(cu_q) if cu_q is not None else None)
     if holder is None and not is_packed(kwargs):
         return None, None
-    key = (batch, T, S, None if cu is None else cu._version)  # a cu_seq_lens buffer refilled in place: anew
-    for held_cu, held_key, answer in getattr(holder, _ANSWER, ()):
-        if held_cu is cu and held_key == key:
-            return answer
-    answer = _for_attention(mask, kwargs, batch, T, S)
-    if holder is not None:  # the cu tensor is held with the answer: its id cannot be reused meanwhile
-        setattr(holder, _ANSWER, (*getattr(holder, _ANSWER, ()), (cu, key, answer)))
-    return answer
+    # refilled cu_seq_lens buffers are read anew; the cu tensors are held weakly (the holder may
+    # be one of them: no reference cycle, nothing kept past the batch)
+    kept = getattr(holder, _ANSWER, None)
+    if kept is not None and kept[0] == (batch, T, S) and all(
+            (cu is None and ref is None) or (ref is not None and ref() is cu and version == cu._version)
+            for cu, (ref, version) in zip((cu_q, cu_k), kept[1])):
+        return kept[2], mask if mask is not None else kept[3]
+    key_ranges, used_mask = _for_attention(mask, kwargs, batch, T, S)
+    if holder is not None:  # the latest answer only; transformers' mask itself is not kept
+        cus = tuple((None, None) if cu is None else (weakref.ref(cu), cu._version) for cu in (cu_q, cu_k))
+        setattr(holder, _ANSWER, ((batch, T, S), cus, key_ranges, None if mask is not None else used_mask))
+    return key_ranges, used_mask
 
 
 def _for_attention(mask: Optional[Tensor], kwargs: dict, batch: int, T: int, S: int

@@ -145,6 +145,29 @@ def packed_core_case(cp, mode, padding=False, T=41, topk=6, B=2):
     context_parallel.disable(core)
 
 
+def documents_case(cp, T=23):
+    """cp.key_ranges: the whole sequence's documents for the local position ids; kept for the
+    same tensor (no second gather), found anew when the tensor is refilled in place; none, and no
+    gather, for cp.positions() (one document)."""
+    pos = packed_positions(1, T, seed=7)
+    local = cp.shard(pos).clone()
+    before = cp.bytes_moved
+    assert cp.key_ranges(cp.positions()) is None and cp.key_ranges(cp.positions()[None], 3) is None
+    assert cp.bytes_moved == before, "cp.positions() needs no gather"
+
+    def expect(p, got):
+        want = [cp.shard(r).expand(2, -1) for r in ranges.from_position_ids(p)]
+        assert got is not None and all(torch.equal(a, b) for a, b in zip(got, want)), f"documents of {p.tolist()}"
+
+    got = cp.key_ranges(local, 2)
+    expect(pos, got)
+    moved = cp.bytes_moved
+    assert cp.key_ranges(local, 2) is got and cp.bytes_moved == moved, "kept for the same tensor"
+    other = packed_positions(1, T, seed=8)
+    local.copy_(cp.shard(other))
+    expect(other, cp.key_ranges(local, 2))
+
+
 def lm_share(logits, targets, seq_len):
     """This rank's share of the mean next-token loss over the batch's B * seq_len tokens."""
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum") / (targets.shape[0] * seq_len)
@@ -304,6 +327,7 @@ CASES = {
     "glm_moe_dsa sparse, activation checkpointing": step(hf_model("glm_moe_dsa", "sparse", checkpointing=True),
                                                          call_hf),
     "fsdp2": fsdp_case,
+    "documents of the position ids": documents_case,
     "core warmup, packed": partial(packed_core_case, mode="warmup"),
     "core sparse, packed": partial(packed_core_case, mode="sparse"),
     "core sparse, packed and padded ranges": partial(packed_core_case, mode="sparse", padding=True),

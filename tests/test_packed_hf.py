@@ -179,3 +179,23 @@ def test_documents_are_read_once_per_forward(monkeypatch, restart):
     m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False,
       **({"position_ids": torch.cat([torch.arange(n) for n in (6, 3, 9)])[None]} if restart else {}))
     assert len(calls) == (3 if restart else 2)
+
+
+def test_documents_kept_for_a_forward_do_not_outlive_it():
+    """What for_attention keeps on the mask or on cu_seq_lens holds neither alive: both go with
+    the batch, without waiting for the cycle collector."""
+    import gc
+    import weakref
+
+    m = converted("llama", "sparse")
+    lengths = (5, 9, 4)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    ids = torch.randint(0, HF_VOCAB, (1, sum(lengths)))
+    gone = weakref.ref(cu)
+    gc.disable()
+    try:
+        m(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, use_cache=False)
+        del cu
+        assert gone() is None
+    finally:
+        gc.enable()
