@@ -29,14 +29,8 @@ void indexer_logits_kernel(const IndexerParams& p, acc_type<scalar_t>* logits) {
       const auto row = [&](int64_t t) { return logits + (b * p.T + t0 + t) * p.S; };
       tile.load_queries(b, t0, n);
       const TileRanges ranges(p, b, t0, n);
-      for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
-        tile.load_keys(b, s0, ns);
-        tile.compute_dots();
-        for (int64_t t = 0; t < n; ++t) {
-          const Span sp = ranges.span(t, s0, ns);
-          tile.scores(b, t0, t, sp.first, sp.count, row(t) + s0 + sp.first);
-        }
-      });
+      score_key_tiles(
+          tile, ranges, b, t0, n, [&](int64_t t, int64_t s) { return row(t) + s; }, [](int64_t, int64_t, int64_t) {});
       for (int64_t t = 0; t < n; ++t) {  // every key outside the row's range (all of an empty row's)
         const KeyRange r = ranges.row[t];
         std::fill(row(t), row(t) + r.begin, neg_inf<acc_t>());

@@ -199,4 +199,22 @@ void for_each_key_tile(const TileRanges& r, const Fn& fn, int64_t part = 0, int6
   }
 }
 
+// The scores of query block (b, t0, n), loaded in `tile`, against the key tiles some row sees
+// (part `part` of `parts`, as for_each_key_tile): per tile and row t, the scores of the row's
+// visible keys [s, s + count) of the tile go to dest(t, s), which then done(t, s, count) takes.
+template <typename scalar_t, class Dest, class Done>
+void score_key_tiles(IndexerTile<scalar_t>& tile, const TileRanges& ranges, int64_t b, int64_t t0, int64_t n,
+                     const Dest& dest, const Done& done, int64_t part = 0, int64_t parts = 1) {
+  for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
+    tile.load_keys(b, s0, ns);
+    tile.compute_dots();
+    for (int64_t t = 0; t < n; ++t) {
+      const Span sp = ranges.span(t, s0, ns);
+      const int64_t s = s0 + sp.first;
+      tile.scores(b, t0, t, sp.first, sp.count, dest(t, s));
+      done(t, s, sp.count);
+    }
+  }, part, parts);
+}
+
 }  // namespace dsa::cpu

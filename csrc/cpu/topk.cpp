@@ -32,23 +32,16 @@ void topk_indices_kernel(const TopkParams& p) {
 }
 
 // Feeds the scores of query block (b, t0, n) against part `part` of `parts` of its key tiles
-// (for_each_key_tile: only tiles some row sees, each row's keys within its range) into one
+// (score_key_tiles: only tiles some row sees, each row's keys within its range) into one
 // selector per query.
 template <typename scalar_t, typename acc_t>
 void score_block(const IndexerParams& p, IndexerTile<scalar_t>& tile, std::vector<TopkSelector<acc_t>>& selectors,
                  std::vector<acc_t>& scores, int64_t b, int64_t t0, int64_t n, int64_t part, int64_t parts) {
   for (auto& s : selectors) s.reset();
   tile.load_queries(b, t0, n);
-  const TileRanges ranges(p, b, t0, n);
-  for_each_key_tile(ranges, [&](int64_t s0, int64_t ns) {
-    tile.load_keys(b, s0, ns);
-    tile.compute_dots();
-    for (int64_t t = 0; t < n; ++t) {
-      const Span sp = ranges.span(t, s0, ns);
-      tile.scores(b, t0, t, sp.first, sp.count, scores.data());
-      selectors[t].push(scores.data(), sp.count, s0 + sp.first);
-    }
-  }, part, parts);
+  score_key_tiles(
+      tile, TileRanges(p, b, t0, n), b, t0, n, [&](int64_t, int64_t) { return scores.data(); },
+      [&](int64_t t, int64_t s, int64_t count) { selectors[t].push(scores.data(), count, s); }, part, parts);
 }
 
 // A key range shorter than this many tiles per thread is not worth splitting (merge overhead).
