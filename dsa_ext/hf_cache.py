@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["IndexerStore", "attach"]
+__all__ = ["IndexerStore", "attach", "indexed_layer"]
 
 
 class IndexerStore:
@@ -34,7 +34,9 @@ class IndexerStore:
         return int(self.layer.get_seq_length())
 
 
-def _indexed_layer(cache, layer_idx: int):
+def indexed_layer(cache, layer_idx: int):
+    """Layer ``layer_idx`` of ``cache`` as a layer that keeps indexer keys: itself when it does
+    (DeepSeek-V3.2's and GLM-5's caches), else swapped in place for the indexed kind of it."""
     from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer, StaticIndexedLayer, StaticLayer
 
     layer = cache.layers[layer_idx]
@@ -57,7 +59,7 @@ def attach(cache, layer_idx: int, key: torch.Tensor, value: torch.Tensor,
     """Layer ``layer_idx`` of the transformers ``cache`` as the DSA core's store, and the key,
     value [B, Hkv, S', D] and attention mask [..., S'] the attention function received, cut to
     the S tokens the layer holds (a static cache hands over its whole buffers)."""
-    store = IndexerStore(_indexed_layer(cache, layer_idx))
+    store = IndexerStore(indexed_layer(cache, layer_idx))
     held = store.get_seq_length()
     if isinstance(mask, torch.Tensor):
         mask = mask[..., :held]

@@ -19,7 +19,11 @@ as for the other families. Public transformers APIs only:
   these models always ask for; other masks (padding, packed documents from position ids that
   restart) are sdpa's, and the key ranges read off them (:mod:`dsa_ext.hf_ranges`) bound the
   indexer's top-k, the sparse attention and the indexer loss in every mode;
-- a forward hook on ``kv_a_layernorm`` hands the attention function the layer's kv latent.
+- a forward pre-hook on ``kv_b_proj`` hands the attention function the kv latent of every key
+  (the cached tokens' too: the model expands the latents its cache returns through it);
+- with a ``DynamicCache`` (generation), the indexer keys ride in the model's own cache layers
+  (``DynamicIndexedLayer``, where transformers' indexer kept its own), so modes warmup and sparse
+  decode incrementally as the other families do (:mod:`dsa_ext.hf_cache`).
 
 **Sparse attention runs in MLA's absorbed (MQA) form**: one key per token, the 576-wide latent
 ``[kv_a_layernorm(c_kv), k_rope]`` (kv_lora_rank + qk_rope_head_dim) shared by all heads, V its
@@ -51,7 +55,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import hf_ranges
+from . import hf_cache, hf_ranges
 from .nn import DSAAttention, DSAConfig, LightningIndexer, Selection
 
 __all__ = ["MODEL_TYPES", "ATTN_NAME", "IndexerCall", "convert", "attention", "causal_mask_builder", "absorbed_qkv",
@@ -107,20 +111,23 @@ class IndexerCall(nn.Module):
     :meth:`~dsa_ext.nn.DSAAttention.select` and keeps the selection for the attention function
     (:meth:`take`). Holds no weights: they are the core's (``self_attn.dsa.indexer``)."""
 
-    def __init__(self, core: DSAAttention):
+    def __init__(self, core: DSAAttention, layer_idx: int):
         super().__init__()
         object.__setattr__(self, "core", core)  # not a submodule: the weights appear once, under .dsa
+        self.layer_idx = layer_idx
         self.selection: Optional[Selection] = None
 
     def forward(self, hidden_states: Tensor, q_resid: Tensor, position_embeddings, attention_mask=None,
                 position_ids=None, cache=None) -> Tensor:
-        key_ranges = None
+        key_ranges, store = None, None
         if self.core.context_parallel is not None:  # the documents, from the position ids (no mask)
             key_ranges = self.core.context_parallel.key_ranges(position_ids, hidden_states.shape[0])
         elif self.core.mode != "dense" or self.core.recall is not None:
+            if cache is not None:  # the model updated the layer's K/V cache before calling its indexer
+                store = _indexer_store(cache, self.layer_idx)
             key_ranges = _key_ranges(attention_mask, hidden_states.shape[0])
         self.selection = self.core.select(hidden_states, q_input=q_resid, rope=position_embeddings,
-                                          key_ranges=key_ranges)
+                                          key_ranges=key_ranges, cache=store)
         if self.selection is None or self.selection.indices is None:
             return torch.empty(*hidden_states.shape[:2], 0, dtype=torch.int32, device=hidden_states.device)
         return self.selection.indices
@@ -131,8 +138,18 @@ class IndexerCall(nn.Module):
         return selection
 
 
-def _keep_latent(attn: nn.Module, norm: nn.Module, args, output: Tensor) -> None:
-    attn._dsa_latent = output
+def _indexer_store(cache, layer_idx: int) -> "hf_cache.IndexerStore":
+    """Layer ``layer_idx`` of the model's cache as the core's indexer-key store."""
+    layer = cache.layers[layer_idx]
+    if hasattr(layer, "max_cache_len"):
+        raise NotImplementedError("DSA modes warmup/sparse of DeepSeek-V3.2 / GLM-5 decode with a DynamicCache; "
+                                  f"got a {type(layer).__name__} (a static cache)")
+    return hf_cache.IndexerStore(hf_cache.indexed_layer(cache, layer_idx))
+
+
+def _keep_latent(attn: nn.Module, proj: nn.Module, args) -> None:
+    """kv_b_proj's input: the normalised kv latents [B, 1, S, r] of every key, cached ones too."""
+    attn._dsa_latent = args[0][:, 0]
 
 
 def absorbed_qkv(module: nn.Module, query: Tensor, key: Tensor, latent: Tensor):
@@ -179,10 +196,6 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
                                       "document (as DataCollatorWithFlattening gives) besides cu_seq_lens_q/k: "
                                       "the model builds its indexer's mask from the position ids")
         hf_ranges.for_attention(mask, kwargs, query.shape[0], query.shape[2], key.shape[2])  # raises if they differ
-    if query.shape[2] != key.shape[2]:
-        raise NotImplementedError(f"DSA mode {core.mode!r} needs the whole sequence in one forward "
-                                  f"({query.shape[2]} queries, {key.shape[2]} keys): a KV cache is not "
-                                  "supported; use mode 'dense' for cached generation")
     if selection is None:  # a shared layer: the selection is the previous full layer's
         selection = Selection(None, None, None, indices if indices is not None and indices.shape[-1] else None)
     if core.mode != "sparse":
@@ -213,9 +226,9 @@ def convert(model: nn.Module, config: Optional[DSAConfig] = None) -> nn.Module:
             _INTERLEAVED_INDEXER_ROPE[model_type])
         attn.dsa = DSAAttention(indexer, config.topk, config.mode, config.fp8_topk, config.loss_coeff)
         if own is not None:
-            attn.indexer = IndexerCall(attn.dsa)
+            attn.indexer = IndexerCall(attn.dsa, attn.layer_idx)
         attn._dsa_latent = None
-        attn.kv_a_layernorm.register_forward_hook(partial(_keep_latent, attn))
+        attn.kv_b_proj.register_forward_pre_hook(partial(_keep_latent, attn))
     model.set_attn_implementation(ATTN_NAME)
     model.dsa_config = config
     return model

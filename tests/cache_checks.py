@@ -32,7 +32,7 @@ def compare_steps(step_cached, full_forward, model, prompt, steps, sparse):
     the model with its cache and returns their logits [B, T, V]; ``full_forward(ids)`` runs the
     whole sequence uncached. The prompt goes through the cache in one call, then one token a step.
     Checks, at each step, logits within 1e-10, the same greedy token, and (sparse) the same top-k
-    rows in every layer. Returns the generated sequence."""
+    rows in every layer with an indexer. Returns the generated sequence."""
     seqs = prompt
     new = prompt
     for step in range(steps + 1):
@@ -43,7 +43,9 @@ def compare_steps(step_cached, full_forward, model, prompt, steps, sparse):
         T = new.shape[1]
         torch.testing.assert_close(cached, full[:, -T:], rtol=0, atol=1e-10, msg=f"step {step}: logits")
         for layer, (c, f) in enumerate(zip(cached_sel, full_sel)):
-            assert len(c) == len(f) == 1
+            assert len(c) == len(f) <= 1, f"step {step}, layer {layer}: selections {len(c)} vs {len(f)}"
+            if not f:  # a core without an indexer (GLM-5's shared layers) attends over another's selection
+                continue
             if sparse:
                 assert torch.equal(c[0].indices, f[0].indices[:, -T:]), f"step {step}, layer {layer}: top-k"
             else:

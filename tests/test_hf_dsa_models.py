@@ -2,7 +2,8 @@
 sparse mode the converted model is the unconverted one (logits, host gradients, the selected
 keys), its indexer scores as transformers' and DeepSeek's formulas, the modes, loss, recall and
 training helpers work as for the other families, checkpoints round-trip under transformers'
-names, dense mode generates with a cache, and what is not supported is refused."""
+names, every mode generates with a DynamicCache as an uncached forward does, and what is not
+supported is refused."""
 import copy
 import importlib
 import math
@@ -209,20 +210,71 @@ def test_save_load_round_trip(family, tmp_path):
         torch.testing.assert_close(again(ids).logits, want, rtol=1e-12, atol=1e-13)
 
 
+def generate(m, prompt, n, **kw):
+    """``m.generate`` of exactly n greedy tokens (no end-of-sequence token)."""
+    m.generation_config.eos_token_id = None
+    kw = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": n, "do_sample": False, "pad_token_id": 0, **kw}
+    with torch.no_grad():
+        return m.generate(prompt, **kw)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_dense_mode_generates_with_a_cache_and_sparse_mode_refuses_one(family):
-    """Greedy generate() in dense mode (KV cache) gives transformers' tokens with every key
-    selected. Cached warm-up/sparse modes are not implemented yet: a clear error (forward-only
-    equivalence above until they are)."""
+def test_dense_mode_generates_with_a_cache(family):
+    """Greedy generate() in dense mode (KV cache) gives transformers' tokens with every key selected."""
     ref = tiny_hf_dsa(family, index_topk=64)
     m = hf.convert(copy.deepcopy(ref), dnn.DSAConfig(topk=4, mode="dense"))
     prompt = torch.randint(0, HF_VOCAB, (2, 7))
-    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generate(m, prompt, 6), generate(ref, prompt, 6))
+
+
+@pytest.mark.parametrize("mode", ["sparse", "warmup"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decoding_equals_uncached_forward_at_every_step(family, mode):
+    """Modes sparse and warm-up decode through the model's own DynamicCache (the indexer keys in
+    its DynamicIndexedLayers, the latents of the cached keys through kv_b_proj): at every step
+    the top-k of every layer with an indexer and the logits (1e-10) of an uncached forward over
+    the whole sequence, and generate() gives the uncached tokens. No MoE layer: transformers'
+    router scores in float32, whose rounding depends on the rows per call."""
+    from cache_checks import compare_steps
+
+    m = hf.convert(tiny_hf_dsa(family, index_topk=64, moe=False), dnn.DSAConfig(topk=4, mode=mode)).eval()
+    prompt = torch.randint(0, HF_VOCAB, (2, 7))
+    cache = transformers.DynamicCache(config=m.config)
     with torch.no_grad():
-        assert torch.equal(m.generate(prompt, **kw), ref.generate(prompt, **kw))
-        dnn.set_mode(m, "sparse")
-        with pytest.raises(NotImplementedError, match="KV cache"):
-            m.generate(prompt, **kw)
+        seqs = compare_steps(lambda ids: m(ids, cache=cache, use_cache=True).logits,
+                             lambda ids: m(ids, use_cache=False).logits, m, prompt, 16, mode == "sparse")
+    assert torch.equal(generate(m, prompt, 16), seqs[:, :-1])
+    assert torch.equal(generate(m, prompt, 16, use_cache=False), seqs[:, :-1])
+    own = [layer for layer, core in zip(cache.layers, dnn.dsa_modules(m)) if core.indexer is not None]
+    assert own and all(layer.indexer_keys.shape[1] == seqs.shape[1] - 1 for layer in own)
+
+
+def test_left_padded_batch_generates_as_its_rows_alone():
+    """Left padding in cached sparse generation: each row generates what it generates alone."""
+    m = hf.convert(tiny_hf_dsa("deepseek_v32", index_topk=64, moe=False), dnn.DSAConfig(topk=4)).eval()
+    prompt = torch.randint(1, HF_VOCAB, (2, 9))
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    prompt[0, :3] = 0
+    both = generate(m, prompt, 10, attention_mask=mask)
+    for row, pad in ((0, 3), (1, 0)):
+        assert torch.equal(both[row, -10:], generate(m, prompt[row:row + 1, pad:], 10)[0, -10:]), f"row {row}"
+
+
+def test_what_the_cache_cannot_do_is_refused():
+    """A static cache in warm-up/sparse mode, and a cache filled in dense mode (no indexer keys)
+    continued in sparse mode: clear errors."""
+    m = hf.convert(tiny_hf_dsa("deepseek_v32", index_topk=64, moe=False), dnn.DSAConfig(topk=4)).eval()
+    prompt = torch.randint(0, HF_VOCAB, (1, 7))
+    with pytest.raises(NotImplementedError, match="static cache"):
+        generate(m, prompt, 3, cache_implementation="static")
+    cache = transformers.DynamicCache(config=m.config)
+    dnn.set_mode(m, "dense")
+    with torch.no_grad():
+        m(prompt, cache=cache, use_cache=True)
+    dnn.set_mode(m, "sparse")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="cannot continue"):
+        m(prompt[:, :1], cache=cache, use_cache=True)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
