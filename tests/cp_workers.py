@@ -39,46 +39,6 @@ def check_grads(named_params, ref_grads):
             close(f"grad {name}", summed(p.grad), ref_grads[name])
 
 
-def core_case(cp, mode, T=37, topk=12, B=2):
-    """DSAAttention alone: q, k, v, hidden states as leaves; objective <out, g> + the attached KL.
-    T=37 is not a multiple of 2N; topk=12 is larger than a rank's chunks (37 / 2N tokens)."""
-    torch.manual_seed(1)
-    H, Hkv, D, hid = 4, 2, 8, 16
-    core = DSAAttention(LightningIndexer(hid, 2, 8, 4), topk, mode).double().train()
-    leaves = {"q": torch.randn(B, T, H, D), "k": torch.randn(B, T, Hkv, D), "v": torch.randn(B, T, Hkv, D),
-              "x": torch.randn(B, T, hid)}
-    leaves = {n: t.double().requires_grad_() for n, t in leaves.items()}
-    g = torch.randn(B, T, H, D, dtype=torch.float64)
-    with torch.no_grad():
-        ref_idx = core.select(leaves["x"]).indices if mode == "sparse" else None
-    ref_out = core(leaves["q"], leaves["k"], leaves["v"], leaves["x"])
-    (ref_out * g).sum().backward()
-    ref_loss = core.last_loss
-    ref_grads = {n: t.grad.clone() for n, t in leaves.items() if t.grad is not None}
-    ref_grads.update({n: p.grad.clone() for n, p in core.named_parameters()})
-    for t in [*leaves.values(), *core.parameters()]:
-        t.grad = None
-
-    context_parallel.enable(core, cp)
-    local = {n: cp.shard(t) for n, t in leaves.items()}
-    pos = cp.positions()
-    if mode == "sparse":
-        with torch.no_grad():
-            idx = core.select(local["x"], pos).indices
-        assert torch.equal(idx, cp.shard(ref_idx)), f"{mode}: top-k indices differ"
-    bytes_before = cp.bytes_moved
-    out = core(local["q"], local["k"], local["v"], local["x"], pos)
-    (out * cp.shard(g)).sum().backward()
-    lay = cp.layout
-    row = (8 + Hkv * 2 * D) * 8  # a token's indexer key (Di 8), k and v, in float64
-    assert cp.bytes_moved - bytes_before == 2 * (cp.size - 1) * B * lay.max_len * row, \
-        f"{mode}: bytes moved {cp.bytes_moved - bytes_before}"
-    close(f"{mode}: output", out, cp.shard(ref_out))
-    close(f"{mode}: indexer loss", summed(core.last_loss), ref_loss)
-    check_grads([*leaves.items(), *core.named_parameters()], ref_grads)
-    context_parallel.disable(core)
-
-
 def packed_positions(B, T, seed):
     """Position ids [B, T] of packed documents: random lengths 1..T//2 (so chunk boundaries cut
     documents and some are shorter than topk), the first document of a row continued from an
@@ -95,29 +55,34 @@ def packed_positions(B, T, seed):
     return torch.tensor(rows)
 
 
-def packed_core_case(cp, mode, padding=False, T=41, topk=6, B=2):
-    """DSAAttention with key ranges (packed documents, or with ``padding`` ranges that leave some
-    queries empty, which are then not real): indices, outputs, the KL loss over the real queries,
-    recall and every gradient equal one process; the ranges from the local position ids equal
-    the whole sequence's."""
-    torch.manual_seed(4)
+def core_case(cp, mode, T=37, topk=12, B=2, layout=None):
+    """DSAAttention alone: q, k, v, hidden states as leaves; objective <out, g> + the attached KL;
+    the top-k indices and recall sums of a measured forward too. T=37 is not a multiple of 2N;
+    topk=12 is larger than a rank's chunks (37 / 2N tokens). ``layout`` "packed": documents of
+    restarting position ids (key ranges; the ranges found from the local position ids must be
+    the whole sequence's), "padded": those with padding-like empty ranges (queries that are not
+    real). Bytes moved: the formula of docs/context_parallel.md."""
+    torch.manual_seed(1)
     H, Hkv, D, hid = 4, 2, 8, 16
     core = DSAAttention(LightningIndexer(hid, 2, 8, 4), topk, mode).double().train()
-    pos = packed_positions(B, T, seed=5)
-    key_ranges = ranges.from_position_ids(pos)
-    if padding:  # right padding of row 0 and left padding of row 1: empty ranges, not real queries
-        mask = torch.ones(B, T, dtype=torch.bool)
-        mask[0, -7:] = False
-        mask[1, :4] = False
-        key_ranges = ranges.intersect(key_ranges, ranges.from_padding_mask(mask))
+    pos, kw = None, {}
+    if layout is not None:
+        pos = packed_positions(B, T, seed=5)
+        key_ranges = ranges.from_position_ids(pos)
+        if layout == "padded":  # right padding of row 0, left padding of row 1
+            mask = torch.ones(B, T, dtype=torch.bool)
+            mask[0, -7:] = False
+            mask[1, :4] = False
+            key_ranges = ranges.intersect(key_ranges, ranges.from_padding_mask(mask))
+        kw = {"key_ranges": key_ranges}
     leaves = {"q": torch.randn(B, T, H, D), "k": torch.randn(B, T, Hkv, D), "v": torch.randn(B, T, Hkv, D),
               "x": torch.randn(B, T, hid)}
     leaves = {n: t.double().requires_grad_() for n, t in leaves.items()}
     g = torch.randn(B, T, H, D, dtype=torch.float64)
     with torch.no_grad(), recall_stats(core) as ref_recall:
-        ref_idx = core.select(leaves["x"], pos, key_ranges=key_ranges).indices
-        core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, key_ranges=key_ranges)
-    ref_out = core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, key_ranges=key_ranges)
+        ref_idx = core.select(leaves["x"], pos, **kw).indices
+        core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, **kw)
+    ref_out = core(leaves["q"], leaves["k"], leaves["v"], leaves["x"], pos, **kw)
     (ref_out * g).sum().backward()
     ref_loss = core.last_loss
     ref_grads = {n: t.grad.clone() for n, t in leaves.items() if t.grad is not None}
@@ -127,18 +92,24 @@ def packed_core_case(cp, mode, padding=False, T=41, topk=6, B=2):
 
     context_parallel.enable(core, cp)
     local = {n: cp.shard(t) for n, t in leaves.items()}
-    local_pos = cp.shard(pos)
-    local_ranges = tuple(cp.shard(r) for r in key_ranges)
-    if not padding:
+    local_pos = cp.positions() if layout is None else cp.shard(pos)
+    if layout is not None:
+        kw = {"key_ranges": tuple(cp.shard(r) for r in kw["key_ranges"])}
+    if layout == "packed":
         found = cp.key_ranges(local_pos, B)
-        assert all(torch.equal(a, b) for a, b in zip(found, local_ranges)), "documents from local position ids"
+        assert all(torch.equal(a, b) for a, b in zip(found, kw["key_ranges"])), "documents from local position ids"
     with torch.no_grad(), recall_stats(core) as got_recall:
-        idx = core.select(local["x"], local_pos, key_ranges=local_ranges).indices
-        core(local["q"], local["k"], local["v"], local["x"], local_pos, key_ranges=local_ranges)
+        idx = core.select(local["x"], local_pos, **kw).indices
+        core(local["q"], local["k"], local["v"], local["x"], local_pos, **kw)
     assert torch.equal(idx, cp.shard(ref_idx)), f"{mode}: top-k indices differ"
     close(f"{mode}: recall sums", summed(got_recall.tensor()), ref_recall.tensor())
-    out = core(local["q"], local["k"], local["v"], local["x"], local_pos, key_ranges=local_ranges)
+    bytes_before = cp.bytes_moved
+    out = core(local["q"], local["k"], local["v"], local["x"], local_pos, **kw)
     (out * cp.shard(g)).sum().backward()
+    row = (8 + Hkv * 2 * D) * 8  # a token's indexer key (Di 8), k and v, in float64
+    count = 0 if layout is None else 8  # the number of real queries of caller-built ranges, summed
+    assert cp.bytes_moved - bytes_before == (cp.size - 1) * (2 * B * cp.layout.max_len * row + count), \
+        f"{mode}: bytes moved {cp.bytes_moved - bytes_before}"
     close(f"{mode}: output", out, cp.shard(ref_out))
     close(f"{mode}: indexer loss", summed(core.last_loss), ref_loss)
     check_grads([*leaves.items(), *core.named_parameters()], ref_grads)
@@ -328,10 +299,10 @@ CASES = {
                                                          call_hf),
     "fsdp2": fsdp_case,
     "documents of the position ids": documents_case,
-    "core warmup, packed": partial(packed_core_case, mode="warmup"),
-    "core sparse, packed": partial(packed_core_case, mode="sparse"),
-    "core sparse, packed and padded ranges": partial(packed_core_case, mode="sparse", padding=True),
-    "core warmup, packed and padded ranges": partial(packed_core_case, mode="warmup", padding=True),
+    "core warmup, packed": partial(core_case, mode="warmup", layout="packed"),
+    "core sparse, packed": partial(core_case, mode="sparse", layout="packed"),
+    "core sparse, packed and padded ranges": partial(core_case, mode="sparse", layout="padded"),
+    "core warmup, packed and padded ranges": partial(core_case, mode="warmup", layout="padded"),
     "decoder unconverted, packed": step(decoder_model("unconverted"), call_decoder, packed=True),
     "decoder warmup, packed": step(decoder_model("warmup"), call_decoder, packed=True),
     "decoder sparse, packed": step(decoder_model("sparse"), call_decoder, packed=True),
