@@ -266,6 +266,22 @@ def build_hf_dsa_model(args, vocab_size: int) -> nn.Module:
     return model_cls(cfg)
 
 
+def _has_own_indexer(model: nn.Module) -> bool:
+    """A transformers DSA model (DeepSeek-V3.2, GLM-5), which has indexers of its own (and MoE
+    layers)."""
+    from dsa_ext import hf_mla
+
+    return isinstance(model, HFCausalLM) and model.hf.config.model_type in hf_mla.MODEL_TYPES
+
+
+def unconverted_names(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A state dict under the unconverted model's names (a converted DeepSeek-V3.2 / GLM-5 keeps
+    its indexer weights under ``self_attn.dsa.indexer``; other models: unchanged)."""
+    from dsa_ext import hf_mla
+
+    return hf_mla.checkpoint_state_dict(state)
+
+
 def dsa_config(args, mode: str) -> dsa_nn.DSAConfig:
     return dsa_nn.DSAConfig(n_heads=args.indexer_heads, head_dim=args.indexer_dim,
                             rope_dim=args.rope_dim, topk=args.topk, mode=mode, loss_coeff=args.kl_weight)
@@ -430,7 +446,7 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
     if not rec["history"]:
         rec["history"].append({"step": 0, "tokens": 0, **st.evaluate()})
     trainable = [p for p in st.model.parameters() if p.requires_grad]
-    net = train_parallel.wrap(st.model, env)
+    net = train_parallel.wrap(st.model, env, find_unused=_has_own_indexer(st.model))
     # DDP/FSDP average over all ranks; a context-parallel rank's losses are shares of its sequences'
     dsa_nn.set_loss_scale(st.model, env.cp_size)
     for g in st.optimizer.param_groups:
@@ -554,9 +570,14 @@ def main(argv=None) -> Dict:
         return lambda: {"val_loss": val_loss(model, val, env)}
 
     def prepare(model, state=None, mode=None):
-        """A stage's model: loaded from state, converted to DSA in mode, context-parallel, sharded."""
+        """A stage's model: loaded from state, converted to DSA in mode, context-parallel, sharded.
+        Context parallelism splits the attention of DSA cores, so transformers' own DSA models run
+        their dense stages converted in mode dense (the same attention: their indexer selects
+        every key there)."""
         if state is not None:
             model.load_state_dict(state)
+        if mode is None and env.cp is not None and _has_own_indexer(model):
+            mode = "dense"
         if mode is not None:
             convert(model, args, mode)
         if env.cp is not None:
@@ -575,7 +596,7 @@ def main(argv=None) -> Dict:
         stages["pretrain"] = run_stage(Stage(
             "pretrain", dense, adamw(dsa_nn.param_groups(dense, args.lr, weight_decay=args.weight_decay), args.lr),
             args.pretrain_steps, lm_step, cosine(args.pretrain_steps), eval_loss(dense)), args, env, corpus, progress)
-    dense_state = train_parallel.full_state(dense, env)
+    dense_state = unconverted_names(train_parallel.full_state(dense, env))
     val_pretrained = val_loss(dense, val, env)
     del dense
 

@@ -83,13 +83,16 @@ def setup_env(device_arg: str, cp: int = 1, fsdp: bool = False) -> Env:
     return env
 
 
-def wrap(model: nn.Module, env: Env) -> nn.Module:
+def wrap(model: nn.Module, env: Env, find_unused: bool = False) -> nn.Module:
     """The module a stage trains through: DDP over the world (the model itself when alone).
-    Under FSDP2 the model was sharded when built (:func:`shard`) and is its own wrapper."""
+    Under FSDP2 the model was sharded when built (:func:`shard`) and is its own wrapper.
+    ``find_unused``: some parameters may get no gradient in a step (MoE experts no token chose,
+    an indexer that does not run in dense stages), which DDP must then look for."""
     if env.world == 1 or env.fsdp:
         return model
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        find_unused_parameters=find_unused)
 
 
 def shard(model: nn.Module, layers, env: Env) -> nn.Module:
