@@ -152,6 +152,11 @@ def _keep_latent(attn: nn.Module, proj: nn.Module, args) -> None:
     attn._dsa_latent = args[0][:, 0]
 
 
+def _drop_latent(attn: nn.Module, args, output) -> None:
+    """After the layer, whether it returned or raised: the latent is not held on."""
+    attn._dsa_latent = None
+
+
 def absorbed_qkv(module: nn.Module, query: Tensor, key: Tensor, latent: Tensor):
     """MLA's absorbed (MQA) form of one layer's attention inputs. query [B,H,T,nope+rope] and key
     [B,H,S,nope+rope] as transformers hands them over, latent [B,S,r] the normalised kv latent.
@@ -186,6 +191,8 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
 
     if core.mode == "dense" and core.recall is None and core.context_parallel is None:
         return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    if core.context_parallel is not None and key.shape[2] != query.shape[2]:
+        raise NotImplementedError("context parallelism does not support a KV cache (use_cache=False)")
     if core.context_parallel is not None:  # the documents, from the position ids (no mask)
         key_ranges = module._dsa_cp_ranges
     else:
@@ -229,6 +236,7 @@ def convert(model: nn.Module, config: Optional[DSAConfig] = None) -> nn.Module:
             attn.indexer = IndexerCall(attn.dsa, attn.layer_idx)
         attn._dsa_latent = None
         attn.kv_b_proj.register_forward_pre_hook(partial(_keep_latent, attn))
+        attn.register_forward_hook(_drop_latent, always_call=True)
     model.set_attn_implementation(ATTN_NAME)
     model.dsa_config = config
     return model

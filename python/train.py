@@ -574,8 +574,8 @@ def main(argv=None) -> Dict:
         Context parallelism splits the attention of DSA cores, so transformers' own DSA models run
         their dense stages converted in mode dense (the same attention: their indexer selects
         every key there)."""
-        if state is not None:
-            model.load_state_dict(state)
+        if state is not None:  # (a dense checkpoint of such a model written under --cp: converted names)
+            model.load_state_dict(unconverted_names(state))
         if mode is None and env.cp is not None and _has_own_indexer(model):
             mode = "dense"
         if mode is not None:

@@ -107,7 +107,7 @@ def core_case(cp, mode, T=37, topk=12, B=2, layout=None):
     out = core(local["q"], local["k"], local["v"], local["x"], local_pos, **kw)
     (out * cp.shard(g)).sum().backward()
     row = (8 + Hkv * 2 * D) * 8  # a token's indexer key (Di 8), k and v, in float64
-    count = 0 if layout is None else 8  # the number of real queries of caller-built ranges, summed
+    count = 0 if layout is None else 8  # the int64 all-reduce of the real queries' count (caller-built ranges)
     assert cp.bytes_moved - bytes_before == (cp.size - 1) * (2 * B * cp.layout.max_len * row + count), \
         f"{mode}: bytes moved {cp.bytes_moved - bytes_before}"
     close(f"{mode}: output", out, cp.shard(ref_out))

@@ -268,6 +268,7 @@ def test_what_the_cache_cannot_do_is_refused():
     prompt = torch.randint(0, HF_VOCAB, (1, 7))
     with pytest.raises(NotImplementedError, match="static cache"):
         generate(m, prompt, 3, cache_implementation="static")
+    assert all(a._dsa_latent is None for a in hf_mla._attention_modules(m)), "a refused call holds its latent"
     cache = transformers.DynamicCache(config=m.config)
     dnn.set_mode(m, "dense")
     with torch.no_grad():
