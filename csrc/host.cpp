@@ -60,6 +60,25 @@ at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx) {
   return w.to(score_dtype(q_idx.scalar_type())).contiguous();
 }
 
+namespace {
+
+// The scoring inputs of an indexer forward whose inputs (dims d) and key ranges passed the checks.
+IndexerScoring indexer_scoring(const char* op, const IndexerDims& d, const at::Tensor& q_idx, const at::Tensor& k_idx,
+                               const at::Tensor& w, std::optional<double> scale, bool causal,
+                               const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& key_start,
+                               const std::optional<at::Tensor>& key_end) {
+  IndexerScoring s;
+  s.q = last_dim_contiguous(q_idx);
+  s.k = last_dim_contiguous(k_idx);
+  s.w = score_weights(w, q_idx);
+  s.p = indexer_params(d, s.q, s.k, s.w, indexer_scale(d, scale), causal);
+  s.k_scale = with_key_scale(s.p, k_scale);
+  s.ranges = with_key_ranges(op, s.p, key_start, key_end);
+  return s;
+}
+
+}  // namespace
+
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          std::optional<double> scale, bool causal,
                                          const std::optional<at::Tensor>& k_scale,
@@ -68,15 +87,8 @@ IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tens
   const char* op = "dsa.indexer_logits";
   const auto d = check_indexer_forward_inputs(op, q_idx, k_idx, w, causal, k_scale);
   check_key_ranges(op, key_start, key_end, q_idx, d);
-  IndexerLogitsCall c;
-  c.q = last_dim_contiguous(q_idx);
-  c.k = last_dim_contiguous(k_idx);
-  c.w = score_weights(w, q_idx);
-  c.logits = at::empty({d.B, d.T, d.S}, q_idx.options().dtype(score_dtype(q_idx.scalar_type())));
-  c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
-  c.k_scale = with_key_scale(c.p, k_scale);
-  c.ranges = with_key_ranges(op, c.p, key_start, key_end);
-  return c;
+  return {indexer_scoring(op, d, q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end),
+          at::empty({d.B, d.T, d.S}, q_idx.options().dtype(score_dtype(q_idx.scalar_type())))};
 }
 
 IndexerLogitsBwdCall prepare_indexer_logits_backward(const at::Tensor& grad_logits, const at::Tensor& q_idx,
@@ -130,16 +142,8 @@ IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& 
   check_key_ranges(op, key_start, key_end, q_idx, d);
   check_topk(op, topk);
   check_row_length(op, "k_idx", d.S);
-  IndexerTopkCall c;
-  c.q = last_dim_contiguous(q_idx);
-  c.k = last_dim_contiguous(k_idx);
-  c.w = score_weights(w, q_idx);
-  c.out = at::empty({d.B, d.T, topk}, q_idx.options().dtype(at::kInt));
-  c.p = indexer_params(d, c.q, c.k, c.w, indexer_scale(d, scale), causal);
-  c.k_scale = with_key_scale(c.p, k_scale);
-  c.ranges = with_key_ranges(op, c.p, key_start, key_end);
-  c.topk = topk;
-  return c;
+  return {indexer_scoring(op, d, q_idx, k_idx, w, scale, causal, k_scale, key_start, key_end),
+          at::empty({d.B, d.T, topk}, q_idx.options().dtype(at::kInt)), topk};
 }
 
 namespace {

@@ -40,10 +40,16 @@ KeyRanges with_key_ranges(const char* op, IndexerParams& p, const std::optional<
 // w in the score dtype, contiguous: it is small ([B, T, Hi]) and every kernel reads it per row.
 at::Tensor score_weights(const at::Tensor& w, const at::Tensor& q_idx);
 
-struct IndexerLogitsCall {
-  at::Tensor q, k, w, k_scale, logits;
+// What every indexer forward scores with: q, k with stride-1 last dims, w in the score dtype,
+// k's FP8 scales and the key ranges (each undefined where absent), and the params block over them.
+struct IndexerScoring {
+  at::Tensor q, k, w, k_scale;
   KeyRanges ranges;
   IndexerParams p;
+};
+
+struct IndexerLogitsCall : IndexerScoring {
+  at::Tensor logits;
 };
 IndexerLogitsCall prepare_indexer_logits(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
                                          std::optional<double> scale, bool causal,
@@ -68,10 +74,8 @@ struct TopkCall {
 };
 TopkCall prepare_topk(const at::Tensor& logits, int64_t topk);
 
-struct IndexerTopkCall {
-  at::Tensor q, k, w, k_scale, out;
-  KeyRanges ranges;
-  IndexerParams p;
+struct IndexerTopkCall : IndexerScoring {
+  at::Tensor out;
   int64_t topk;
 };
 IndexerTopkCall prepare_indexer_topk(const at::Tensor& q_idx, const at::Tensor& k_idx, const at::Tensor& w,
