@@ -26,16 +26,18 @@ them over a data-parallel group that includes it, with the loss scaled by the gr
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import fp8, ops, ranges
+from .nn.attention import Selection, _range_args, dense_causal_attention
+from .nn.key_ranges import real_queries
 
 if TYPE_CHECKING:
-    from .nn.attention import DSAAttention, Selection
+    from .nn.attention import DSAAttention
     from .nn.key_ranges import KeyRanges
 
 __all__ = ["ZigzagLayout", "ContextParallel", "enable", "disable", "group_of"]
@@ -190,10 +192,12 @@ class ContextParallel:
         pos = position_ids if position_ids.dim() == 2 else position_ids[None]
         batch = pos.shape[0] if batch is None else batch
         lay = self._current(pos.shape[1])
-        if _is_view_of(position_ids, lay.positions(position_ids.device)):
-            found, start = None, torch.zeros(1, lay.seq_len, dtype=torch.int32, device=position_ids.device)
-        else:
-            found, start = self._documents_of(position_ids, pos, batch, lay)
+        if _is_view_of(position_ids, lay.positions(position_ids.device)):  # one document
+            if cu_seq_lens is not None:
+                _check_same_documents(cu_seq_lens, torch.zeros(1, lay.seq_len, dtype=torch.int32,
+                                                                device=position_ids.device))
+            return None
+        found, start = self._documents_of(position_ids, pos, batch, lay)
         if cu_seq_lens is not None:
             _check_same_documents(cu_seq_lens, start)
         return found
@@ -211,7 +215,7 @@ class ContextParallel:
         if bool(start.any()):  # a document begins after a row's first token
             found = tuple(lay.take(r).expand(batch, -1).contiguous() for r in (start, end))
             # every query of a document is real: the group holds batch * T of them
-            self._remember(self._real_counts, (found[0], found[0]._version, torch.tensor(batch * lay.seq_len)))
+            self._remember(self._real_counts, (found[0], found[0]._version, batch * lay.seq_len))
         self._remember(self._documents, (position_ids, key, found, start))
         return found, start
 
@@ -236,8 +240,11 @@ class ContextParallel:
 
     def _gather(self, x: Tensor, lay: ZigzagLayout) -> Tensor:
         B, L, feat = x.shape[0], x.shape[1], x.shape[2:]
-        pad = x.new_zeros(B, lay.max_len, *feat)
-        pad[:, :L] = x
+        if L == lay.max_len:
+            pad = x.contiguous()
+        else:
+            pad = x.new_zeros(B, lay.max_len, *feat)
+            pad[:, :L] = x
         buf = x.new_empty(lay.size * B, lay.max_len, *feat)  # rank r's rows: buf[r*B:(r+1)*B]
         _all_gather(buf, pad, group=self.group)
         self.bytes_moved += (lay.size - 1) * pad.numel() * pad.element_size()
@@ -272,8 +279,6 @@ class ContextParallel:
         """DSAAttention.select for local indexer outputs (at global positions): the gathered
         indexer keys and, where the mode needs it, each local query's top-k over its global prefix
         (within ``key_ranges``, the local queries' ranges in global key positions)."""
-        from .nn.attention import Selection
-
         lay = self._current(q_idx.shape[1])
         k_full = self.gather(k_idx)
         indices = None
@@ -283,27 +288,22 @@ class ContextParallel:
                 qd, kd, wd = q_idx.detach(), k_full.detach(), w.detach()
                 indices = self._per_chunk(lay, lambda a, b, end: pick(
                     qd[:, a:b], kd[:, :end], wd[:, a:b], core.topk, core.indexer.scale,
-                    **_chunk_ranges(key_ranges, a, b, end)))
+                    **_range_args(_chunk_key_ranges(key_ranges, a, b, end))))
         return Selection(q_idx, k_full, w, indices)
 
     def dense_attention(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None,
                         key_ranges: Optional["KeyRanges"] = None) -> Tensor:
         """Causal dense attention of the local queries over the gathered sequence (within
         ``key_ranges``, as :meth:`select`)."""
-        from .nn.attention import dense_causal_attention
-
         lay = self._current(q.shape[1])
         k_full, v_full = self.gather_kv(k, v)
-        return self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
-            q[:, a:b], k_full[:, :end], v_full[:, :end], scale, _chunk_key_ranges(key_ranges, a, b, end)))
+        return self._dense_chunks(lay, q, k_full, v_full, scale, key_ranges)
 
     def attend(self, core: "DSAAttention", q: Tensor, k: Tensor, v: Tensor,
                selection: Optional["Selection"], scale: float, key_ranges: Optional["KeyRanges"] = None) -> Tensor:
         """DSAAttention.attend for local q, k, v [B, L, ...]: modes as the core's, attention over
         the gathered keys and values (within ``key_ranges``, as :meth:`select`), the KL loss share
         of the local real queries attached."""
-        from .nn.attention import dense_causal_attention
-
         lay = self._current(q.shape[1])
         k_full, v_full = self.gather_kv(k, v)
         own = selection is not None and selection.q_idx is not None
@@ -320,15 +320,15 @@ class ContextParallel:
             if want_loss:  # the indices carry causality and the ranges: one call over every local query
                 per_token = ops.indexer_kl_loss(selection.q_idx, selection.k_idx, selection.w, q.detach(),
                                                 k_full.detach(), indices, core.indexer.scale, scale, True,
-                                                lse.detach(), **_chunk_ranges(key_ranges, 0, lay.local_len, lay.seq_len))
+                                                lse.detach(), **_range_args(key_ranges))
         else:
-            out = self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
-                q[:, a:b], k_full[:, :end], v_full[:, :end], scale, _chunk_key_ranges(key_ranges, a, b, end)))
+            out = self._dense_chunks(lay, q, k_full, v_full, scale, key_ranges)
             if want_loss:
                 kd = k_full.detach()
                 per_token = self._per_chunk(lay, lambda a, b, end: ops.indexer_kl_loss(
                     selection.q_idx[:, a:b], selection.k_idx[:, :end], selection.w[:, a:b], q[:, a:b].detach(),
-                    kd[:, :end], None, core.indexer.scale, scale, True, None, **_chunk_ranges(key_ranges, a, b, end)))
+                    kd[:, :end], None, core.indexer.scale, scale, True, None,
+                    **_range_args(_chunk_key_ranges(key_ranges, a, b, end))))
         if want_loss:
             out = core._attach_loss(out, self._loss_share(per_token, key_ranges, lay))
         return out
@@ -338,22 +338,28 @@ class ContextParallel:
         whole batch (all B * T of them without key ranges)."""
         if key_ranges is None:
             return per_token.sum() / (per_token.shape[0] * lay.seq_len)
-        start, end = key_ranges
-        pos = lay.positions(start.device)
-        real = (start <= pos) & (pos < end)  # the query's range holds its own position
-        return (per_token * real).sum() / self._real_count(start, real).clamp_min(1)
+        real = real_queries(key_ranges, lay.local_len, lay.seq_len, lay.positions(key_ranges[0].device))
+        return (per_token * real).sum() / self._real_count(key_ranges[0], real)
 
-    def _real_count(self, start: Tensor, real: Tensor) -> Tensor:
-        """The number of real queries over the group: known for the documents of
-        :meth:`key_ranges`, else summed over the ranks (one all-reduce per key_start tensor)."""
+    def _real_count(self, start: Tensor, real: Tensor):
+        """The number of real queries over the group, at least 1: known for the documents of
+        :meth:`key_ranges` (an int), else summed over the ranks (one all-reduce per key_start
+        tensor; a tensor on real's device)."""
         for held, version, count in self._real_counts:
             if held is start and version == start._version:
-                return count.to(real.device)
+                return count
         count = real.sum().to(torch.int64)
         dist.all_reduce(count, group=self.group)
         self.bytes_moved += (self.size - 1) * count.element_size()
+        count = count.clamp_min(1)
         self._remember(self._real_counts, (start, start._version, count))
         return count
+
+    def _dense_chunks(self, lay: ZigzagLayout, q: Tensor, k_full: Tensor, v_full: Tensor, scale: Optional[float],
+                      key_ranges: Optional["KeyRanges"]) -> Tensor:
+        """Dense causal attention of each local chunk over its key prefix (within its ranges)."""
+        return self._per_chunk(lay, lambda a, b, end: dense_causal_attention(
+            q[:, a:b], k_full[:, :end], v_full[:, :end], scale, _chunk_key_ranges(key_ranges, a, b, end)))
 
     @staticmethod
     def _per_chunk(lay: ZigzagLayout, fn) -> Tensor:
@@ -367,12 +373,6 @@ def _chunk_key_ranges(key_ranges: Optional["KeyRanges"], a: int, b: int, end: in
     if key_ranges is None:
         return None
     return tuple(r[:, a:b].clamp_max(end).contiguous() for r in key_ranges)
-
-
-def _chunk_ranges(key_ranges: Optional["KeyRanges"], a: int, b: int, end: int) -> Dict[str, Tensor]:
-    """The operators' key_start/key_end keyword arguments for the local rows [a, b)."""
-    chunk = _chunk_key_ranges(key_ranges, a, b, end)
-    return {} if chunk is None else {"key_start": chunk[0], "key_end": chunk[1]}
 
 
 def _is_view_of(t: Tensor, base: Tensor) -> bool:

@@ -39,6 +39,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .conventions import causal_mask
+
 __all__ = ["from_cu_seqlens", "from_position_ids", "position_ids_from_cu_seqlens", "from_padding_mask",
            "sliding_window", "intersect", "visible_mask"]
 
@@ -246,5 +248,5 @@ def visible_mask(key_start: Optional[Tensor], key_end: Optional[Tensor], S: int,
     if key_end is not None:
         mask &= s < key_end.long()[..., None]
     if causal:
-        mask &= s <= (torch.arange(T, device=like.device) + (S - T))[:, None]
+        mask &= causal_mask(T, S, like.device)
     return mask

@@ -31,11 +31,13 @@ def visible_keys(key_ranges: Optional[KeyRanges], T: int, S: int, device) -> Ten
     return visible_mask(key_ranges[0], key_ranges[1], S, causal=True)
 
 
-def real_queries(key_ranges: Optional[KeyRanges], T: int, S: int) -> Optional[Tensor]:
+def real_queries(key_ranges: Optional[KeyRanges], T: int, S: int,
+                 positions: Optional[Tensor] = None) -> Optional[Tensor]:
     """``[B, T]`` bool, True where the query's range holds its own position; None without ranges
-    (every query is real)."""
+    (every query is real). The queries' positions among the S keys are ``t + S - T`` (bottom-right)
+    unless ``positions`` [T] says otherwise (context parallelism: a rank's zigzag chunks)."""
     if key_ranges is None:
         return None
     start, end = key_ranges
-    pos = torch.arange(T, device=start.device) + (S - T)
+    pos = torch.arange(T, device=start.device) + (S - T) if positions is None else positions
     return (start <= pos) & (pos < end)
