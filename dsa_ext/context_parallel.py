@@ -219,6 +219,14 @@ class ContextParallel:
         self._remember(self._documents, (position_ids, key, found, start))
         return found, start
 
+    def any_rank(self, flag: Tensor) -> bool:
+        """Whether ``flag`` (a bool scalar tensor) is true on some rank of the group (one 4-byte
+        all-reduce): for a decision that every rank must take alike."""
+        t = flag.to(torch.int32).reshape(1)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self.bytes_moved += (self.size - 1) * t.element_size()
+        return bool(t.item())
+
     def _remember(self, memory: list, entry: tuple) -> None:
         memory.append(entry)
         del memory[:-self._REMEMBERED]

@@ -34,25 +34,13 @@ ATTN_NAME = "dsa_cp"
 MLA_ATTN_NAME = "dsa_mla_cp"
 
 
-def _refuse_padding(kwargs) -> None:
-    mask = kwargs.get("attention_mask")
-    if mask is not None and not bool(mask.all()):
-        raise NotImplementedError("context parallelism supports causal sequences without padding; "
-                                  "got a padding mask")
-
-
 def _no_mask(**kwargs):
-    _refuse_padding(kwargs)
     return None
 
 
 def _mla_causal_stand_in(**kwargs):
     """hf_mla's zero-byte causal stand-in, whatever mask function transformers asks for."""
-    _refuse_padding(kwargs)
-    shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
-    one = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu"))
-    setattr(one, hf_mla._CAUSAL, True)  # on the base, as hf_mla's: the model's views of it share it
-    return one.expand(shape)
+    return hf_mla.causal_stand_in(**kwargs)
 
 
 def attention(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -97,6 +85,10 @@ def _require_positions(model: nn.Module, args, kwargs) -> None:
     if positions is None:
         raise ValueError("a model under context parallelism needs the position_ids of its tokens: call it with "
                          "position_ids=cp.positions()[None] (or cp.shard(position_ids) of packed documents)")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and model._dsa_cp.any_rank(~mask.bool().all()):  # every rank refuses alike
+        raise NotImplementedError("context parallelism supports causal sequences without padding; "
+                                  "got a padding mask")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None or cu_k is not None:
         if cu_q is None or cu_k is None or not torch.equal(cu_q, cu_k):

@@ -76,8 +76,12 @@ def causal_mask_builder(**kwargs):
     if kwargs.get("mask_function") is not causal_mask_function:
         return sdpa_mask(**kwargs)
     mask = sdpa_mask(**{**kwargs, "allow_is_causal_skip": True})
-    if mask is not None:
-        return mask
+    return mask if mask is not None else causal_stand_in(**kwargs)
+
+
+def causal_stand_in(**kwargs) -> Tensor:
+    """The zero-byte [B, 1, T, S] stand-in for a purely causal mask, from a mask function's keyword
+    arguments: a view of one element, marked as such."""
     shape = (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])
     one = torch.ones((), dtype=torch.bool, device=kwargs.get("device", "cpu"))
     setattr(one, _CAUSAL, True)  # views of the stand-in (the model hands its indexer mask[:, 0]) share it
@@ -195,14 +199,15 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
         raise NotImplementedError("context parallelism does not support a KV cache (use_cache=False)")
     if core.context_parallel is not None:  # the documents, from the position ids (no mask)
         key_ranges = module._dsa_cp_ranges
-    else:
-        key_ranges = _key_ranges(attention_mask, query.shape[0])
-    if hf_ranges.is_packed(kwargs) and core.context_parallel is None:
+    elif hf_ranges.is_packed(kwargs):
         if mask is None:  # the indexer has selected without the documents
             raise NotImplementedError("DSA: packed inputs of this model need position ids that restart per "
                                       "document (as DataCollatorWithFlattening gives) besides cu_seq_lens_q/k: "
                                       "the model builds its indexer's mask from the position ids")
-        hf_ranges.for_attention(mask, kwargs, query.shape[0], query.shape[2], key.shape[2])  # raises if they differ
+        # the mask's ranges, checked against cu_seq_lens (raises if they differ)
+        key_ranges, _ = hf_ranges.for_attention(mask, kwargs, query.shape[0], query.shape[2], key.shape[2])
+    else:
+        key_ranges = _key_ranges(attention_mask, query.shape[0])
     if selection is None:  # a shared layer: the selection is the previous full layer's
         selection = Selection(None, None, None, indices if indices is not None and indices.shape[-1] else None)
     if core.mode != "sparse":

@@ -279,6 +279,25 @@ def fsdp_case(cp, T=29, B=2):
         close(f"fsdp: parameter {name} after one step", p.full_tensor(), want[name].detach())
 
 
+def padding_refused_case(cp, T=29):
+    """A padding mask that only rank 0's share holds is refused on every rank alike (a rank-local
+    refusal would leave the others waiting in the first all-gather)."""
+    model, vocab = hf_model("llama", "sparse")()
+    context_parallel.enable(model, cp)
+    ids = cp.shard(torch.randint(0, vocab, (1, T)))
+    mask = torch.ones_like(ids)
+    if cp.rank == 0:
+        mask[0, 0] = 0
+    try:
+        model(input_ids=ids, attention_mask=mask, position_ids=cp.positions()[None], use_cache=False)
+    except NotImplementedError as e:
+        assert "without padding" in str(e), e
+    else:
+        raise AssertionError("a padding mask was accepted")
+    model(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=cp.positions()[None], use_cache=False)
+    context_parallel.disable(model)
+
+
 def step(build, call, **kw):
     return partial(model_step_case, build=build, call=call, **kw)
 
@@ -311,6 +330,7 @@ CASES = {
                                                            call_hf, B=1, packed=True),
     "llama sparse, packed, cu_seq_lens": step(hf_model("llama", "sparse"), call_hf_cu_seq_lens, B=1, packed=True),
     "llama, mismatching cu_seq_lens": cu_seq_lens_mismatch_case,
+    "llama, padding on one rank": padding_refused_case,
     "deepseek_v32 sparse, packed": step(hf_model("deepseek_v32", "sparse"), call_hf, B=1, packed=True),
     "glm_moe_dsa warmup, packed, activation checkpointing": step(
         hf_model("glm_moe_dsa", "warmup", checkpointing=True), call_hf, B=1, packed=True),

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 #include "cuda/common/ceil_div.cuh"
 #include "cuda/indexer/radix_select.cuh"
@@ -101,6 +103,11 @@ inline MergeTree plan_merge_tree(int splits, int capacity, int k) {
     t.n[l + 1] = static_cast<int>(ceil_div(t.n[l], kMergeFanIn));
     t.cap[l + 1] = static_cast<int>(std::min<int64_t>(k, int64_t{std::min(kMergeFanIn, t.n[l])} * t.cap[l]));
     t.most_entries = std::max(t.most_entries, int64_t{t.n[l + 1]} * t.cap[l + 1]);
+  }
+  // the final select holds one start per remaining buffer in kMergeFanIn + 1 slots
+  if (t.n[t.levels] > kMergeFanIn) {
+    throw std::invalid_argument("dsa.indexer_topk: " + std::to_string(splits) + " key splits need more than " +
+                                std::to_string(kMaxMergeLevels) + " merge levels");
   }
   return t;
 }
