@@ -474,7 +474,8 @@ def run_stage(st: Stage, args, env: Env, corpus: train_data.Corpus, progress: Pr
         rec["train_time_s"] += time.perf_counter() - t0
         rec["tokens"] += per_rank * env.dp_size * args.seq_len
         rec["step"] = step + 1
-        logs = {k: float(env.cp_sum(v.detach())) for k, v in losses.items()}
+        # the step's logged losses: one collective and one device sync for all of them
+        logs = dict(zip(losses, env.cp_sum(torch.stack([v.detach().float() for v in losses.values()])).tolist()))
         rec["done"] = rec["step"] == st.steps
         evaluated = rec["step"] % args.eval_every == 0 or rec["done"]
         if evaluated:

@@ -64,3 +64,25 @@ def indexer_keys_of_full_forward(model, ids, forward):
     with record_selections(model) as sels:
         forward(ids)
     return [s[0].k_idx for s in sels]
+
+
+def hf_generate(m, prompt, n, **kw):
+    """A transformers model's ``generate`` of exactly n tokens (no end-of-sequence token), greedy
+    unless kw say otherwise."""
+    m.generation_config.eos_token_id = None
+    kw = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": n, "do_sample": False, "pad_token_id": 0, **kw}
+    with torch.no_grad():
+        return m.generate(prompt, **kw)
+
+
+def check_left_padded_rows(m, vocab, prompt_len, pad, n):
+    """A batch of two prompts, row 0 left-padded by ``pad`` tokens, generates in each row what
+    that row's prompt generates alone (the padding outside every query's key range)."""
+    prompt = torch.randint(1, vocab, (2, prompt_len))
+    mask = torch.ones_like(prompt)
+    mask[0, :pad] = 0
+    prompt[0, :pad] = 0
+    both = hf_generate(m, prompt, n, attention_mask=mask)
+    for row, skip in ((0, pad), (1, 0)):
+        alone = hf_generate(m, prompt[row:row + 1, skip:], n)
+        assert torch.equal(both[row, -n:], alone[0, -n:]), f"row {row}"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from cache_checks import compare_steps, indexer_keys_of_full_forward
+from cache_checks import check_left_padded_rows, compare_steps, hf_generate as gen, indexer_keys_of_full_forward
 from dsa_ext import fp8
 from dsa_ext import nn as dnn
 from models import HF_VOCAB, dsa_cfg, hf_families, tiny_hf
@@ -21,14 +21,6 @@ PROMPT = 13  # longer than TOPK
 
 def converted(family="llama", mode="sparse", topk=TOPK, **kw):
     return hf.convert(tiny_hf(family), dsa_cfg(topk=topk, mode=mode, **kw))
-
-
-def gen(m, prompt, n, **kw):
-    """``m.generate`` of exactly n tokens (no end-of-sequence token), greedy unless kw say otherwise."""
-    m.generation_config.eos_token_id = None
-    kw = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": n, "do_sample": False, "pad_token_id": 0, **kw}
-    with torch.no_grad():
-        return m.generate(prompt, **kw)
 
 
 @pytest.mark.parametrize("mode", ["sparse", "warmup"])
@@ -142,12 +134,4 @@ def test_cache_filled_in_dense_mode_cannot_continue_sparse():
 def test_left_padded_batch_generates_as_its_rows_alone(mode):
     """Left padding in cached generation: the padding is outside every query's key range (the
     indexer's top-k, the sparse attention), so each row generates what it generates alone."""
-    m = converted(mode=mode)
-    prompt = torch.randint(1, HF_VOCAB, (2, PROMPT))
-    mask = torch.ones_like(prompt)
-    mask[0, :4] = 0
-    prompt[0, :4] = 0
-    both = gen(m, prompt, 12, attention_mask=mask)
-    for row, pad in ((0, 4), (1, 0)):
-        alone = gen(m, prompt[row:row + 1, pad:], 12)
-        assert torch.equal(both[row, -12:], alone[0, -12:]), f"row {row}"
+    check_left_padded_rows(converted(mode=mode), HF_VOCAB, PROMPT, 4, 12)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cache_checks import check_left_padded_rows, compare_steps, hf_generate as generate
 from dsa_ext import nn as dnn
 from dsa_ext import reference
 from indexer_formulas import deepseek_scores
@@ -210,14 +211,6 @@ def test_save_load_round_trip(family, tmp_path):
         torch.testing.assert_close(again(ids).logits, want, rtol=1e-12, atol=1e-13)
 
 
-def generate(m, prompt, n, **kw):
-    """``m.generate`` of exactly n greedy tokens (no end-of-sequence token)."""
-    m.generation_config.eos_token_id = None
-    kw = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": n, "do_sample": False, "pad_token_id": 0, **kw}
-    with torch.no_grad():
-        return m.generate(prompt, **kw)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dense_mode_generates_with_a_cache(family):
     """Greedy generate() in dense mode (KV cache) gives transformers' tokens with every key selected."""
@@ -235,8 +228,6 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(family, mode):
     the top-k of every layer with an indexer and the logits (1e-10) of an uncached forward over
     the whole sequence, and generate() gives the uncached tokens. No MoE layer: transformers'
     router scores in float32, whose rounding depends on the rows per call."""
-    from cache_checks import compare_steps
-
     m = hf.convert(tiny_hf_dsa(family, index_topk=64, moe=False), dnn.DSAConfig(topk=4, mode=mode)).eval()
     prompt = torch.randint(0, HF_VOCAB, (2, 7))
     cache = transformers.DynamicCache(config=m.config)
@@ -252,13 +243,7 @@ def test_cached_decoding_equals_uncached_forward_at_every_step(family, mode):
 def test_left_padded_batch_generates_as_its_rows_alone():
     """Left padding in cached sparse generation: each row generates what it generates alone."""
     m = hf.convert(tiny_hf_dsa("deepseek_v32", index_topk=64, moe=False), dnn.DSAConfig(topk=4)).eval()
-    prompt = torch.randint(1, HF_VOCAB, (2, 9))
-    mask = torch.ones_like(prompt)
-    mask[0, :3] = 0
-    prompt[0, :3] = 0
-    both = generate(m, prompt, 10, attention_mask=mask)
-    for row, pad in ((0, 3), (1, 0)):
-        assert torch.equal(both[row, -10:], generate(m, prompt[row:row + 1, pad:], 10)[0, -10:]), f"row {row}"
+    check_left_padded_rows(m, HF_VOCAB, 9, 3, 10)
 
 
 def test_what_the_cache_cannot_do_is_refused():

@@ -117,6 +117,27 @@ def test_pack_trains_on_packed_documents(tmp_path, short_docs, arch):
     assert r["config"]["pack"] is True and "packed documents" in (tmp_path / "results.md").read_text()
 
 
+def test_packed_batch_trains_each_document_alone():
+    """What --pack hands the model and the loss, in process: the logits of a packed window's
+    documents are each document's alone, and a document's first token is no target."""
+    sys.path.insert(0, os.path.join(ROOT, "python"))
+    import torch
+
+    import train
+    import train_data
+    import train_parallel
+    from dsa_ext import decoder
+
+    torch.manual_seed(0)
+    model = decoder.Decoder(decoder.DecoderConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2)).double()
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    batch = train_data.Batch(torch.randint(0, 32, (1, 13)), positions)
+    logits = train.logits_of(model, batch, train_parallel.Env(0, 1, torch.device("cpu")))
+    for a, b in ((0, 3), (3, 8), (8, 12)):
+        torch.testing.assert_close(logits[:, a:b], model(batch.ids[:, a:b]), rtol=0, atol=1e-12)
+    assert torch.equal(train.lm_targets(batch) == -100, positions[:, 1:] == 0)
+
+
 def test_document_positions_restart_per_document_and_window():
     sys.path.insert(0, os.path.join(ROOT, "python"))
     import numpy as np
