@@ -23,20 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import tempfile
-import time
 
 MIB = 2 ** 20
 # the shapes of the design note's table: per token, bfloat16 (2 bytes)
 SHAPES = {"MLA (576-dim latent, V = its first 512 dims)": 576, "GQA (Hkv 8, D 128: k and v)": 2 * 8 * 128}
 INDEXER_KEY = 128  # Di of V3.2's indexer
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
 
 
 def formula_bytes(seq_len: int, ranks: int, batch: int, layers: int, row_bytes: int) -> int:
@@ -51,6 +44,7 @@ def worker(rank: int, world: int, init_file: str, args, out_dir: str) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    import peak_memory
     from dsa_ext import context_parallel, decoder
     from dsa_ext.nn import DSAConfig
 
@@ -68,17 +62,15 @@ def worker(rank: int, world: int, init_file: str, args, out_dir: str) -> None:
         cp = context_parallel.enable(model, context_parallel.ContextParallel())
         inputs, targets = cp.shard(inputs), cp.shard(targets)
         dist.barrier()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # peak RSS := current RSS
-    before = _status_kib("VmRSS")
-    t0 = time.perf_counter()
-    logits = model(inputs)
-    F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").div(args.seq_len).backward()
-    seconds = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    def step():
+        logits = model(inputs)
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").div(args.seq_len).backward()
+
+    m = peak_memory.measure(step)
+    before, rise = m["rss_before_bytes"] / 1024, m["peak_extra_bytes"] / 1024
     row = (args.indexer_dim + 2 * args.kv_heads * (args.d_model // args.heads)) * 4  # float32
     result = {"rank": rank, "ranks": world, "local_tokens": inputs.shape[1], "rss_before_mib": before / 1024,
-              "peak_mib": peak / 1024, "rise_mib": (peak - before) / 1024, "seconds": seconds,
+              "peak_mib": (before + rise) / 1024, "rise_mib": rise / 1024, "seconds": m["wall_s"],
               "bytes_counted": cp.bytes_moved if cp else 0,
               "bytes_formula": formula_bytes(args.seq_len, world, 1, args.layers, 2 * row)}
     with open(os.path.join(out_dir, f"{world}_{rank}.json"), "w") as f:
@@ -124,9 +116,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=256, help="keys each query keeps")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the ranks")
     args = p.parse_args()
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "131072":  # glibc reads it at start: re-run with it set
-        os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # glibc reads it at start: the spawned ranks do
     import torch
 
     import cpu_info
